@@ -1,0 +1,2755 @@
+#!/usr/bin/python3
+"""abssctl: run several Actual Budget sync servers on one Debian host, one safe command at a time.
+
+abssctl installs ``@actual-app/sync-server`` versions side by side and gives every instance its own
+port, data directory, systemd unit and nginx HTTPS vhost. It is one file, standard library only.
+
+Sections (``grep -n '^# [0-9]' abssctl.py``):
+    0   header
+    1   constants and errors
+    2   output and utilities
+    3   paths and configuration
+    4   files, locks, state
+    5   process runner
+    6   templates
+    7a  provider: systemd            7b  provider: nginx
+    8a  plans, steps, undo           8b  operations: host and state
+    9   CLI wiring
+    10  main
+
+Exit codes:
+    0    ok (dry runs and no-ops included)
+    2    bad input: usage, validation, not found, already exists, declined, needs --yes
+    3    host: missing tool, permission, disk, lock timeout, corrupt state, checksum mismatch
+    4    a provider failed: npm, systemd, nginx, openssl, tar/zstd, the health gate
+    70   internal error (a bug; rerun with --debug and report it)
+    130  interrupted (Ctrl-C, SIGTERM, SIGHUP), after the undo has run
+"""
+# SPDX-License-Identifier: MIT
+
+# ============================================================================
+# 0. Header
+# ============================================================================
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import os
+import re
+import sys
+
+__version__ = "0.1.0"
+
+if sys.version_info < (3, 11):  # pragma: no cover - the zipapp's __main__ gates older ones first
+    sys.exit("abssctl needs Python 3.11 or newer, not " + sys.version.split()[0])
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+    from typing import Any, NoReturn
+
+__all__ = ["main", "__version__", "TEMPLATE_NAMES", "STEP_OBSERVERS", "AbssctlError", "ExitCode"]
+
+# ============================================================================
+# 1. Constants and errors
+# ============================================================================
+
+class ExitCode(enum.IntEnum):
+    """Process exit statuses; nothing exits 1."""
+
+    OK = 0
+    USAGE = 2         # bad input, not found, already exists, declined, would prompt without --yes
+    HOST = 3          # the host is not as needed: tool, permission, disk, lock timeout, corrupt state
+    PROVIDER = 4      # what we drive failed: npm, systemd, nginx, openssl, tar, the health gate
+    INTERNAL = 70     # a bug (sysexits EX_SOFTWARE), so scripts never mistake it for a provider failure
+    INTERRUPTED = 130
+
+
+class AbssctlError(Exception):
+    """A failure we planned for: a message, an optional hint and JSON details; no traceback."""
+
+    exit_code = ExitCode.PROVIDER
+
+    def __init__(self, message: str, *, hint: str | None = None, why: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.details = dict(details or {})
+        if why:
+            self.details["why"] = why
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+
+class UsageError(AbssctlError):
+    """Bad input: a flag, a name, a value."""
+
+    exit_code = ExitCode.USAGE
+
+
+class NotFound(UsageError):
+    """The named target does not exist."""
+
+
+class AlreadyExists(UsageError):
+    """The target exists with different settings."""
+
+
+class Conflict(UsageError):
+    """The state changed while we waited, or two things claim one resource."""
+
+
+class Declined(UsageError):
+    """The user answered no."""
+
+
+class NeedsConfirmation(UsageError):
+    """We would prompt, but there is no terminal and no --yes."""
+
+
+class HostError(AbssctlError):
+    """The host is not as needed."""
+
+    exit_code = ExitCode.HOST
+
+
+class MissingTool(HostError):
+    """A program we drive is not installed."""
+
+
+class PermissionDenied(HostError):
+    """We may not read or write where we must."""
+
+
+class DiskFull(HostError):
+    """Not enough free space."""
+
+
+class LockTimeout(HostError):
+    """Another abssctl holds a lock we need."""
+
+
+class CorruptState(HostError):
+    """A state file cannot be trusted."""
+
+
+class ChecksumMismatch(HostError):
+    """An archive or file does not match its recorded checksum."""
+
+
+class Incompatible(HostError):
+    """A bundle was built for another node ABI, arch or libc."""
+
+
+class ProviderError(AbssctlError):
+    """npm, systemctl, nginx, openssl or tar failed."""
+
+    exit_code = ExitCode.PROVIDER
+
+
+class HealthGateFailed(ProviderError):
+    """An instance did not become healthy in time."""
+
+
+class Interrupted(AbssctlError):
+    """Ctrl-C, SIGTERM or SIGHUP (raised by main() and the signal handlers)."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+class InternalError(AbssctlError):
+    """Any unexpected exception: a bug."""
+
+    exit_code = ExitCode.INTERNAL
+
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+RESERVED_NAMES = frozenset({"current", "versions", "backups", "all", "default"})
+ACCOUNT_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+SEMVER_RE = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?$")
+BACKUP_ID_RE = re.compile(r"^\d{8}-\d{6}-[a-z][a-z0-9-]{0,31}-[0-9a-f]{4}$")
+SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/+-]+$")
+MAX_VERSION_LEN = 64
+
+REGISTRY_SCHEMA = 1
+OPSLOG_SCHEMA = 1
+JOURNAL_SCHEMA = 1
+REGISTRY_FILES = ("instances", "ports", "versions")
+SECRET_KEY_RE = re.compile(r"password|secret|token|key_material", re.IGNORECASE)
+
+
+def unit_name(name: str) -> str:
+    """The systemd unit of an instance."""
+    return f"abssctl-{name}.service"
+
+
+def vhost_name(name: str) -> str:
+    """The nginx vhost file name of an instance."""
+    return f"abssctl-{name}.conf"
+
+
+def instance_lock_name(name: str) -> str:
+    """The lock file of an instance, in run_dir."""
+    return f"instance-{name}.lock"
+
+
+# ============================================================================
+# 2. Output and utilities
+# ============================================================================
+
+
+class Result:
+    """What a handler hands to emit(): JSON fields, text lines, warnings and the change flag."""
+
+    __slots__ = ("data", "text", "warnings", "changed", "ok", "error")
+
+    def __init__(self, data: dict[str, Any] | None = None, text: Sequence[str] = (), *,
+                 warnings: Sequence[str] = (), changed: bool | None = None) -> None:
+        self.data = dict(data or {})
+        self.text = list(text)
+        self.warnings = list(warnings)
+        self.changed = changed
+        self.ok = True
+        self.error: AbssctlError | None = None
+
+
+class Output:
+    """The only writer to stdout and stderr: results, progress, warnings, prompts."""
+
+    PROGRESS_EVERY = 2.0
+
+    def __init__(self, *, json_mode: bool, quiet: bool, debug: bool, color: bool,
+                 stdout: Any, stderr: Any) -> None:
+        self.json = json_mode
+        self.quiet = quiet
+        self.debug = debug
+        self.color = color
+        self.stdout = stdout
+        self.stderr = stderr
+        self.warnings: list[str] = []
+        self._last_tick = 0.0
+
+    def _paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def progress(self, message: str, *, tick: bool = False) -> None:
+        """A progress line on stderr; ``tick`` lines are rate-limited to one every 2 s."""
+        if self.quiet:
+            return
+        if tick:
+            import time
+            now = time.monotonic()
+            if now - self._last_tick < self.PROGRESS_EVERY:
+                return
+            self._last_tick = now
+        print(f"abssctl: {message}", file=self.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        """A warning: printed on stderr now and carried in the JSON document."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            print(f"abssctl: {self._paint('warning', '33')}: {message}", file=self.stderr, flush=True)
+
+    def debug_line(self, message: str) -> None:
+        if self.debug:
+            print(f"abssctl: debug: {message}", file=self.stderr, flush=True)
+
+    def ask(self, question: str, choices: str) -> str:
+        """Print a prompt on stderr and read one answer line from stdin."""
+        print(question, file=self.stderr)
+        print(choices + " ", end="", file=self.stderr, flush=True)
+        line = sys.stdin.readline()
+        return line.strip()
+
+    def write_json(self, doc: dict[str, Any]) -> None:
+        json.dump(doc, self.stdout, sort_keys=True, indent=2)
+        self.stdout.write("\n")
+        self.stdout.flush()
+
+    def write_lines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            print(line, file=self.stdout)
+        self.stdout.flush()
+
+    def error(self, exc: AbssctlError) -> None:
+        print(f"abssctl: {self._paint('error', '31')}: {exc.message}", file=self.stderr)
+        why = exc.details.get("why")
+        if why:
+            print(f"  why: {why}", file=self.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=self.stderr)
+        self.stderr.flush()
+
+
+def emit(out: Output, result: Result) -> None:
+    """Render a Result: one JSON document, or text lines, on stdout."""
+    if out.json:
+        doc: dict[str, Any] = {"ok": result.ok, **result.data}
+        if result.changed is not None:
+            doc["changed"] = result.changed
+            doc["warnings"] = sorted(set(out.warnings) | set(result.warnings))
+        if result.error is not None:
+            doc["error"] = error_doc(result.error)
+        out.write_json(doc)
+        return
+    for warning in result.warnings:
+        out.warn(warning)
+    out.write_lines(result.text)
+
+
+def error_doc(exc: AbssctlError) -> dict[str, Any]:
+    """The ``error`` object of the JSON envelope."""
+    return {"kind": exc.kind, "message": exc.message, "hint": exc.hint,
+            "details": _jsonable(exc.details)}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """Left-aligned text columns; empty values show as '-'."""
+    cells = [[("-" if c in (None, "") else str(c)) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*headers).rstrip()] + [fmt.format(*r).rstrip() for r in cells]
+
+
+def utc_now() -> float:
+    import time
+    return time.time()
+
+
+def rfc3339(ts: float, *, millis: bool = False) -> str:
+    """UTC RFC 3339 with a ``Z``."""
+    import time
+    base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    if millis:
+        base += f".{int(ts * 1000) % 1000:03d}"
+    return base + "Z"
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def elapsed(seconds: float) -> str:
+    """``[2m41s]``-style elapsed time."""
+    s = int(seconds)
+    return f"{s // 60}m{s % 60:02d}s"
+
+
+# -- validators -----------------------------------------------------------------
+
+def validate_name(value: str) -> str:
+    """An instance name: ^[a-z][a-z0-9-]{0,31}$, no trailing '-', not reserved."""
+    if not NAME_RE.match(value) or value.endswith("-"):
+        raise UsageError(f"invalid instance name {value!r}",
+                         hint="use 1-32 characters: a-z first, then a-z, 0-9 or '-', not ending in '-'")
+    if value in RESERVED_NAMES:
+        raise UsageError(f"instance name {value!r} is reserved",
+                         hint="reserved names: " + ", ".join(sorted(RESERVED_NAMES)))
+    return value
+
+
+def validate_account(value: str, what: str) -> str:
+    """A Unix user or group name."""
+    if not ACCOUNT_RE.match(value):
+        raise UsageError(f"invalid {what} name {value!r}",
+                         hint="use 1-32 characters from a-z, 0-9, '_' and '-', starting with a letter or '_'")
+    return value
+
+
+def validate_fqdn(value: str) -> str:
+    """An RFC 1123 host name, lower-cased, one trailing dot stripped."""
+    domain = value.lower()
+    if domain.endswith("."):
+        domain = domain[:-1]
+    labels = domain.split(".")
+    ok = (0 < len(domain) <= 253 and len(labels) >= 2
+          and all(LABEL_RE.match(label) for label in labels) and not labels[-1].isdigit())
+    if not ok:
+        raise UsageError(f"invalid domain {value!r}",
+                         hint="give a fully qualified name such as budget.example.org "
+                              "(letters, digits and '-', no port, path or wildcard; IDNs in xn-- form)")
+    return domain
+
+
+def validate_port(value: str | int, base: int = 1, top: int = 65535) -> int:
+    """A TCP port within [base, top]."""
+    try:
+        port = int(value, 10) if isinstance(value, str) else int(value)
+    except ValueError:
+        raise UsageError(f"invalid port {value!r}", hint=f"give a number from {base} to {top}") from None
+    if not base <= port <= top:
+        raise UsageError(f"port {port} is outside {base}-{top}",
+                         hint="pick a port inside [ports] base..max, or change that range")
+    return port
+
+
+def validate_version(value: str, *, allow_latest: bool = True) -> str:
+    """A strict SemVer 2.0.0 version (no 'v', range, tag or +build), or 'latest'."""
+    if allow_latest and value == "latest":
+        return value
+    if len(value) > MAX_VERSION_LEN or not SEMVER_RE.match(value):
+        raise UsageError(f"invalid version {value!r}",
+                         hint="give an exact version such as 26.9.0 or 26.9.0-nightly.20261120"
+                              + (", or latest" if allow_latest else ""))
+    return value
+
+
+def semver_key(version: str) -> tuple[Any, ...]:
+    """A sort key giving SemVer precedence: numeric parts, then prereleases before the release."""
+    m = SEMVER_RE.match(version)
+    if not m:
+        return (-1, -1, -1, ())
+    major, minor, patch, pre = m.groups()
+    if pre is None:
+        pre_key: tuple[Any, ...] = ((2, ""),)     # a release sorts after all its prereleases
+    else:
+        pre_key = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
+        pre_key = ((1, pre_key),)
+    return (int(major), int(minor), int(patch), pre_key)
+
+
+def validate_backup_id(value: str) -> str:
+    """A backup id: YYYYMMDD-HHMMSS-<name>-<4 hex>."""
+    if not BACKUP_ID_RE.match(value):
+        raise UsageError(f"invalid backup id {value!r}",
+                         hint="ids look like 20261126-101500-alice-3f9a; see abssctl backup list")
+    return value
+
+
+def bounded_int(value: str, what: str, low: int, high: int) -> int:
+    """An integer flag value within [low, high]."""
+    try:
+        n = int(value, 10)
+    except ValueError:
+        raise UsageError(f"{what} must be a whole number, not {value!r}") from None
+    if not low <= n <= high:
+        raise UsageError(f"{what} must be between {low} and {high}, not {n}")
+    return n
+
+
+def redact_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Replace the values of secret-looking keys with '<redacted>'."""
+    return {k: ("<redacted>" if SECRET_KEY_RE.search(k) else v) for k, v in args.items()}
+
+
+# ============================================================================
+# 3. Paths and configuration
+# ============================================================================
+
+DEFAULT_CONFIG = "/etc/abssctl/config.toml"
+
+# section -> key -> (type, default, comment). Types: path, str, int, float, bool, list, argv, size.
+CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
+    "paths": {
+        "install_root": ("path", "/srv/abssctl/versions", "server versions, one tree each"),
+        "instance_root": ("path", "/srv/abssctl/instances", "one directory per instance"),
+        "backup_root": ("path", "/srv/abssctl/backups", "backup archives and their index"),
+        "state_dir": ("path", "/var/lib/abssctl", "registries and intent journals"),
+        "log_dir": ("path", "/var/log/abssctl", "operations.jsonl and abssctl.log"),
+        "run_dir": ("path", "/run/abssctl", "lock files"),
+        "templates_dir": ("path", "/etc/abssctl/templates", "template overrides"),
+        "tls_dir": ("path", "/etc/abssctl/tls", "per-instance certificates and keys"),
+        "systemd_unit_dir": ("path", "/etc/systemd/system", "where units are written"),
+        "nginx_sites_available": ("path", "/etc/nginx/sites-available", "where vhosts are written"),
+        "nginx_sites_enabled": ("path", "/etc/nginx/sites-enabled", "where vhosts are enabled"),
+    },
+    "service": {
+        "user": ("str", "actual-sync", "the unprivileged user every server runs as"),
+        "group": ("str", "actual-sync", "its group; registries are readable by it"),
+    },
+    "ports": {
+        "base": ("int", 5006, "lowest port handed to an instance"),
+        "max": ("int", 5999, "highest port handed to an instance"),
+        "bind": ("str", "127.0.0.1", "address the servers listen on"),
+    },
+    "nginx": {
+        "http_port": ("int", 80, "port of the redirect to HTTPS"),
+        "https_port": ("int", 443, "port of the HTTPS vhosts"),
+        "client_max_body_size": ("size", "50M", "must cover the server's 50 MB sync upload limit"),
+        "server_name_suffix": ("str", "", "instances default to <name>.<suffix>"),
+        "block_internal": ("bool", True, "deny /metrics and /info except from loopback"),
+    },
+    "npm": {
+        "package": ("str", "@actual-app/sync-server", "the npm package of the server"),
+        "registry": ("str", "", "empty: npm's own configuration"),
+        "allow_scripts": ("list", ["better-sqlite3", "bcrypt", "argon2"],
+                          "native modules whose install scripts must run"),
+    },
+    "tls": {
+        "default_source": ("str", "system", "system, self-signed or custom"),
+        "system_cert": ("path", "/etc/ssl/private/cert.pem", "the host certificate (TurnKey layout)"),
+        "system_key": ("path", "/etc/ssl/private/cert.key", "the host key"),
+    },
+    "backups": {
+        "compression": ("str", "auto", "auto, zstd, gzip or none"),
+        "keep": ("int", 10, "backups kept per instance by prune"),
+    },
+    "health": {
+        "timeout": ("float", 90.0, "seconds the health gate waits"),
+        "interval": ("float", 0.5, "seconds between health polls"),
+    },
+    "locks": {
+        "timeout": ("float", 30.0, "seconds to wait for a lock"),
+    },
+    "commands": {
+        "systemctl": ("argv", ["systemctl"], "argv prefix"),
+        "journalctl": ("argv", ["journalctl"], "argv prefix"),
+        "nginx": ("argv", ["nginx"], "argv prefix"),
+        "nginx_reload": ("argv", ["systemctl", "reload", "nginx"], "full argv"),
+        "node": ("argv", ["node"], "argv prefix"),
+        "npm": ("argv", ["npm"], "argv prefix"),
+        "openssl": ("argv", ["openssl"], "argv prefix"),
+        "zstd": ("argv", ["zstd"], "argv prefix"),
+        "useradd": ("argv", ["useradd"], "argv prefix"),
+        "groupadd": ("argv", ["groupadd"], "argv prefix"),
+    },
+}
+
+CHOICES = {
+    ("tls", "default_source"): ("system", "self-signed", "custom"),
+    ("backups", "compression"): ("auto", "zstd", "gzip", "none"),
+}
+SIZE_RE = re.compile(r"^[1-9][0-9]{0,5}[kKmMgG]?$")
+RANGES = {
+    ("ports", "base"): (1, 65535), ("ports", "max"): (1, 65535),
+    ("nginx", "http_port"): (1, 65535), ("nginx", "https_port"): (1, 65535),
+    ("backups", "keep"): (1, 1000), ("health", "timeout"): (1, 3600),
+    ("health", "interval"): (0.01, 60), ("locks", "timeout"): (0, 86400),
+}
+
+
+class Config:
+    """The effective configuration: values[section][key] and where each came from."""
+
+    __slots__ = ("path", "path_exists", "values", "sources", "unknown")
+
+    def __init__(self, path: str, path_exists: bool, values: dict[str, dict[str, Any]],
+                 sources: dict[str, str], unknown: list[str]) -> None:
+        self.path = path
+        self.path_exists = path_exists
+        self.values = values
+        self.sources = sources
+        self.unknown = unknown
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values[section][key]
+
+    def command(self, name: str) -> list[str]:
+        return list(self.values["commands"][name])
+
+
+class ConfigProblem:
+    """One invalid value: its key, source and what is wrong."""
+
+    __slots__ = ("key", "source", "message")
+
+    def __init__(self, key: str, source: str, message: str) -> None:
+        self.key, self.source, self.message = key, source, message
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.source}): {self.message}"
+
+
+def _coerce(section: str, key: str, kind: str, raw: Any, from_env: bool) -> Any:
+    """Type one value by the schema; raise ValueError with a reason."""
+    if kind in ("path", "str", "size"):
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a string, got {type(raw).__name__}")
+        if kind == "path" and not SAFE_PATH_RE.match(raw):
+            raise ValueError(f"{raw!r} is not an absolute path made of A-Z a-z 0-9 . _ / + -")
+        if kind == "path" and ("/../" in raw + "/" or "/./" in raw + "/"):
+            raise ValueError(f"{raw!r} must not contain '.' or '..' components")
+        if kind == "size" and not SIZE_RE.match(raw):
+            raise ValueError(f"{raw!r} is not an nginx size such as 50M")
+        choices = CHOICES.get((section, key))
+        if choices and raw not in choices:
+            raise ValueError(f"{raw!r} is not one of {', '.join(choices)}")
+        return raw
+    if kind == "bool":
+        if from_env and isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on", "0", "false",
+                                                                 "no", "off"):
+            return raw.lower() in ("1", "true", "yes", "on")
+        if not isinstance(raw, bool):
+            raise ValueError(f"expected true or false, got {raw!r}")
+        return raw
+    if kind in ("int", "float"):
+        value: float
+        if from_env and isinstance(raw, str):
+            try:
+                value = int(raw, 10) if kind == "int" else float(raw)
+            except ValueError:
+                raise ValueError(f"expected a number, got {raw!r}") from None
+        elif isinstance(raw, bool) or not isinstance(raw, (int, float)) or (
+                kind == "int" and not isinstance(raw, int)):
+            raise ValueError(f"expected {'an integer' if kind == 'int' else 'a number'}, got {raw!r}")
+        else:
+            value = raw
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number, got {raw!r}")
+        low, high = RANGES.get((section, key), (float("-inf"), float("inf")))
+        if not low <= value <= high:
+            raise ValueError(f"{value} is outside {low}-{high}")
+        return float(value) if kind == "float" else int(value)
+    if kind in ("list", "argv"):
+        if from_env and isinstance(raw, str):
+            text = raw.strip()
+            if text.startswith("["):
+                try:
+                    raw = json.loads(text)
+                except ValueError:
+                    raise ValueError("is not a valid JSON array") from None
+            else:
+                raw = [w for w in re.split(r"[,\s]+", text) if w]
+        if not isinstance(raw, list) or not all(isinstance(w, str) and w for w in raw):
+            raise ValueError("expected a list of non-empty strings")
+        if kind == "argv" and not raw:
+            raise ValueError("expected at least the program name")
+        if any("\n" in w or "\0" in w for w in raw):
+            raise ValueError("must not contain newlines or NUL")
+        return list(raw)
+    raise ValueError(f"unknown type {kind}")  # pragma: no cover - schema bug
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"cannot parse {path}: {exc}", hint="fix the TOML syntax, then run abssctl config check") from None
+    except PermissionError:
+        raise PermissionDenied(f"cannot read {path}: permission denied") from None
+    except IsADirectoryError:
+        raise UsageError(f"config file {path} is a directory") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"cannot parse {path}: not UTF-8 text") from None
+
+
+def load_config(path_flag: str | None, environ: Mapping[str, str],
+                flags: Mapping[str, Any]) -> tuple[Config, list[ConfigProblem]]:
+    """Defaults, then the file, then ABSSCTL_* env, then flags: the one place precedence lives."""
+    path = path_flag or environ.get("ABSSCTL_CONFIG") or DEFAULT_CONFIG
+    explicit = bool(path_flag or environ.get("ABSSCTL_CONFIG"))
+    values = {s: {k: (list(v[1]) if isinstance(v[1], list) else v[1]) for k, v in keys.items()}
+              for s, keys in CONFIG_SCHEMA.items()}
+    sources = {f"{s}.{k}": "default" for s, keys in CONFIG_SCHEMA.items() for k in keys}
+    problems: list[ConfigProblem] = []
+    unknown: list[str] = []
+    exists = os.path.exists(path)
+    if not exists and explicit:
+        raise UsageError(f"config file {path} does not exist",
+                         hint="pass an existing file with --config, or run abssctl init to write one")
+    if exists:
+        doc = _read_toml(path)
+        for section, keys in doc.items():
+            if section not in CONFIG_SCHEMA or not isinstance(keys, dict):
+                unknown.append(f"{section} (in {path})")
+                continue
+            for key, raw in keys.items():
+                _apply_value(values, sources, problems, unknown, section, key, raw, f"file:{path}", False)
+    for name in sorted(environ):
+        if not name.startswith("ABSSCTL_") or name == "ABSSCTL_CONFIG":
+            continue
+        section, sep, key = name[len("ABSSCTL_"):].lower().partition("__")
+        if not sep:
+            unknown.append(f"{name} (environment)")
+            continue
+        _apply_value(values, sources, problems, unknown, section, key, environ[name], f"env:{name}", True)
+    for dotted, raw in flags.items():
+        section, key = dotted.split(".")
+        flag = "--" + key.replace("_", "-") if section != "locks" else "--lock-timeout"
+        _apply_value(values, sources, problems, unknown, section, key, raw, f"flag:{flag}", False)
+    _cross_check(values, sources, problems)
+    return Config(path, exists, values, sources, unknown), problems
+
+
+def _apply_value(values: dict[str, dict[str, Any]], sources: dict[str, str], problems: list[ConfigProblem],
+                 unknown: list[str], section: str, key: str, raw: Any, source: str, from_env: bool) -> None:
+    spec = CONFIG_SCHEMA.get(section, {}).get(key)
+    if spec is None:
+        where = source.partition(":")[2] if source.startswith("env:") else f"{section}.{key} in {source[5:]}"
+        unknown.append(where if source.startswith("env:") else where)
+        return
+    try:
+        values[section][key] = _coerce(section, key, spec[0], raw, from_env)
+        sources[f"{section}.{key}"] = source
+    except ValueError as exc:
+        problems.append(ConfigProblem(f"{section}.{key}", source, str(exc)))
+
+
+def _cross_check(values: dict[str, dict[str, Any]], sources: dict[str, str],
+                 problems: list[ConfigProblem]) -> None:
+    ports = values["ports"]
+    if ports["base"] > ports["max"]:
+        problems.append(ConfigProblem("ports.base", sources["ports.base"],
+                                      f"{ports['base']} is above ports.max ({ports['max']})"))
+    for key in ("user", "group"):
+        if not ACCOUNT_RE.match(values["service"][key]):
+            problems.append(ConfigProblem(f"service.{key}", sources[f"service.{key}"],
+                                          f"{values['service'][key]!r} is not a valid account name"))
+    if not re.match(r"^[0-9a-fA-F:.]+$", values["ports"]["bind"]):
+        problems.append(ConfigProblem("ports.bind", sources["ports.bind"], "must be an IP address"))
+
+
+def config_error(problems: Sequence[ConfigProblem]) -> UsageError:
+    """One UsageError naming every invalid key and its source."""
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return UsageError(f"invalid configuration: {first}{more}",
+                      hint="fix the value, then run abssctl config check",
+                      details={"problems": [{"key": p.key, "source": p.source, "message": p.message}
+                                            for p in problems]})
+
+
+class Paths:
+    """Every host path abssctl uses, derived from [paths]."""
+
+    def __init__(self, config: Config) -> None:
+        p = config.values["paths"]
+        self.config_file = config.path
+        self.config_dir = os.path.dirname(config.path)
+        self.install_root = p["install_root"]
+        self.instance_root = p["instance_root"]
+        self.backup_root = p["backup_root"]
+        self.state_dir = p["state_dir"]
+        self.log_dir = p["log_dir"]
+        self.run_dir = p["run_dir"]
+        self.templates_dir = p["templates_dir"]
+        self.tls_dir = p["tls_dir"]
+        self.unit_dir = p["systemd_unit_dir"]
+        self.sites_available = p["nginx_sites_available"]
+        self.sites_enabled = p["nginx_sites_enabled"]
+        self.registry_dir = os.path.join(self.state_dir, "registry")
+        self.journal_dir = os.path.join(self.state_dir, "journal")
+        self.backup_index = os.path.join(self.backup_root, "backups.json")
+        self.oplog = os.path.join(self.log_dir, "operations.jsonl")
+        self.textlog = os.path.join(self.log_dir, "abssctl.log")
+        self.current = os.path.join(self.install_root, "current")
+
+    def registry(self, name: str) -> str:
+        return os.path.join(self.registry_dir, f"{name}.json")
+
+    def lock(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def instance_dir(self, name: str) -> str:
+        return os.path.join(self.instance_root, name)
+
+    def unit_file(self, name: str) -> str:
+        return os.path.join(self.unit_dir, unit_name(name))
+
+    def vhost_file(self, name: str) -> str:
+        return os.path.join(self.sites_available, vhost_name(name))
+
+    def vhost_link(self, name: str) -> str:
+        return os.path.join(self.sites_enabled, vhost_name(name))
+
+
+def config_template(config: Config) -> str:
+    """A commented config.toml listing every key with its default."""
+    lines = ["# abssctl configuration. Every key is shown with its built-in default, commented out.",
+             "# Precedence: command-line flags > ABSSCTL_<SECTION>__<KEY> environment > this file >",
+             "# defaults. Check changes with: abssctl config check", ""]
+    for section, keys in CONFIG_SCHEMA.items():
+        lines.append(f"[{section}]")
+        for key, (_kind, default, comment) in keys.items():
+            lines.append(f"# {comment}")
+            lines.append(f"# {key} = {_toml_value(default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)
+
+
+# ============================================================================
+# 4. Files, locks, state
+# ============================================================================
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or create inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: str, mode: int) -> None:
+    """Create ``path`` (mode ``mode``) and any missing parents (0755), whatever the umask."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        ensure_dir(parent, 0o755)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    os.chmod(path, mode)
+
+
+def atomic_write(path: str, data: bytes, *, mode: int = 0o644, uid: int = -1, gid: int = -1,
+                 tag: str = "") -> None:
+    """Write ``data`` so readers see the old file or the new one, never half of either."""
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".abssctl-tmp-{tag or os.getpid()}-{base}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            if uid != -1 or gid != -1:
+                os.fchown(fd, uid, gid)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(directory)
+
+
+def read_json_file(path: str) -> Any:
+    """Parse a JSON file; a missing file reads as None; bad JSON raises CorruptState."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        raise PermissionDenied(f"cannot read {path}: permission denied",
+                               hint="run as root, or as a member of the service group") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptState(f"{path} is not valid JSON ({exc})",
+                           hint=f"restore it from {path}.prev, or run abssctl init --rebuild-state") from None
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this PID exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LockHolder:
+    """What a lock file says about the process that took it."""
+
+    __slots__ = ("pid", "command", "op_id", "mode", "acquired_at", "host")
+
+    def __init__(self, doc: Mapping[str, Any]) -> None:
+        self.pid = int(doc.get("pid") or 0)
+        self.command = str(doc.get("command") or "?")
+        self.op_id = str(doc.get("op_id") or "")
+        self.mode = str(doc.get("mode") or "")
+        self.acquired_at = float(doc.get("acquired_at") or 0.0)
+        self.host = str(doc.get("host") or "")
+
+    def describe(self, now: float) -> str:
+        if not pid_alive(self.pid):
+            return "an unknown process (the recorded holder is gone)"
+        return f"pid {self.pid} ({self.command}, {int(max(0, now - self.acquired_at))} s)"
+
+
+def read_lock_holder(path: str) -> LockHolder | None:
+    """The metadata inside a lock file, or None."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4096)
+        doc = json.loads(raw) if raw.strip() else None
+    except (OSError, ValueError):
+        return None
+    return LockHolder(doc) if isinstance(doc, dict) else None
+
+
+def lock_state(path: str) -> str:
+    """free, held, stale (metadata names a dead PID, flock free) or held-unknown."""
+    import fcntl
+    holder = read_lock_holder(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return "free"
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "held" if holder and pid_alive(holder.pid) else "held-unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    return "stale" if holder and holder.pid and not pid_alive(holder.pid) else "free"
+
+
+class FileLock:
+    """An flock on a file that is never deleted (deleting it would let a waiter lock a dead inode)."""
+
+    def __init__(self, path: str, *, shared: bool = False) -> None:
+        self.path = path
+        self.shared = shared
+        self.fd: int | None = None
+
+    def acquire(self, timeout: float, meta: Mapping[str, Any], on_wait: Callable[[str], None]) -> float:
+        """Take the lock within ``timeout`` seconds; returns the seconds waited."""
+        import fcntl
+        import random
+        import time
+        ensure_dir(os.path.dirname(self.path), 0o755)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        started = time.monotonic()
+        delay, told = 0.05, False
+        flag = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        while True:
+            try:
+                fcntl.flock(fd, flag)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                holder = read_lock_holder(self.path)
+                who = holder.describe(time.time()) if holder else "an unknown process"
+                if waited >= timeout:
+                    os.close(fd)
+                    raise LockTimeout(f"{self.path} is held by {who}",
+                                      hint="wait for it to finish, or raise --lock-timeout",
+                                      details={"lock": self.path, "holder": holder and {
+                                          "pid": holder.pid, "command": holder.command,
+                                          "op_id": holder.op_id}}) from None
+                if waited >= 1.0 and not told:
+                    on_wait(f"waiting for lock held by {who}")
+                    told = True
+                time.sleep(min(delay * (0.75 + random.random() / 2), max(0.0, timeout - waited)))
+                delay = min(delay * 2, 0.5)
+        self.fd = fd
+        if not self.shared:
+            self._note(meta)
+        return time.monotonic() - started
+
+    def _note(self, meta: Mapping[str, Any]) -> None:
+        assert self.fd is not None
+        data = json.dumps(dict(meta), sort_keys=True).encode() + b"\n"
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)       # closing drops the flock; the file stays
+            self.fd = None
+
+
+class Registry:
+    """One JSON document with schema_version, edited under a short flock and written atomically."""
+
+    def __init__(self, path: str, key: str, *, lock_path: str, gid: Callable[[], int],
+                 mode: int = 0o640) -> None:
+        self.path = path
+        self.key = key
+        self.lock_path = lock_path
+        self._gid = gid
+        self.mode = mode
+
+    def empty(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"schema_version": REGISTRY_SCHEMA, self.key: {}}
+        if self.key == "versions":
+            doc.update({"package": None, "current": None})
+        return doc
+
+    def load(self) -> dict[str, Any]:
+        """The document; a missing file reads as empty."""
+        doc = read_json_file(self.path)
+        if doc is None:
+            return self.empty()
+        hint = f"restore it from {self.path}.prev, or run abssctl init --rebuild-state"
+        if not isinstance(doc, dict) or not isinstance(doc.get(self.key), dict):
+            raise CorruptState(f"{self.path} does not hold a {self.key} registry", hint=hint)
+        schema = doc.get("schema_version")
+        if not isinstance(schema, int) or schema > REGISTRY_SCHEMA or schema < 1:
+            raise CorruptState(f"{self.path} has schema_version {schema!r}; this abssctl reads "
+                               f"{REGISTRY_SCHEMA}", hint="upgrade abssctl, or " + hint)
+        return doc
+
+    def save(self, doc: dict[str, Any], tag: str = "") -> None:
+        """Write atomically, keeping the previous version as <file>.prev."""
+        data = (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode()
+        gid = self._gid()
+        if os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                atomic_write(self.path + ".prev", f.read(), mode=self.mode, gid=gid, tag=tag)
+        atomic_write(self.path, data, mode=self.mode, gid=gid, tag=tag)
+
+    def edit(self, tag: str = "") -> Iterator[dict[str, Any]]:
+        """``with registry.edit() as doc:`` reads, lets the caller mutate, then saves."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def _edit() -> Iterator[dict[str, Any]]:
+            lock = FileLock(self.lock_path)
+            lock.acquire(10.0, {"pid": os.getpid(), "command": "registry edit"}, lambda _m: None)
+            try:
+                doc = self.load()
+                before = json.dumps(doc, sort_keys=True)
+                yield doc
+                if json.dumps(doc, sort_keys=True) != before:
+                    self.save(doc, tag)
+            finally:
+                lock.release()
+        return _edit()
+
+
+class OpsLog:
+    """operations.jsonl (one JSON line per mutating command) and abssctl.log (the same, as text)."""
+
+    def __init__(self, jsonl: str, text: str) -> None:
+        self.jsonl = jsonl
+        self.text = text
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        ensure_dir(os.path.dirname(self.jsonl), 0o750)
+        line = json.dumps(record, sort_keys=True) + "\n"
+        self._append(self.jsonl, line)
+        message = record.get("error") or {}
+        summary = message.get("message") if isinstance(message, dict) else None
+        level = "INFO" if record.get("result") == "ok" else "ERROR"
+        self._append(self.text, f"{record['ts']} {record['op_id']} {level} {record['command']}: "
+                                f"{summary or record.get('result')}\n")
+
+    @staticmethod
+    def _append(path: str, line: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every record, oldest first; lines that do not parse are skipped."""
+        try:
+            with open(self.jsonl, "rb") as f:
+                raw = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        except PermissionError:
+            raise PermissionDenied(f"cannot read {self.jsonl}: permission denied",
+                                   hint="the operations log is root-only; run as root") from None
+        records = []
+        for line in raw:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                records.append(doc)
+        return records
+
+
+class Journal:
+    """The intent file of one operation: its plan and the undo of every step started."""
+
+    def __init__(self, path: str, doc: dict[str, Any]) -> None:
+        self.path = path
+        self.doc = doc
+
+    def write(self) -> None:
+        ensure_dir(os.path.dirname(self.path), 0o700)
+        data = json.dumps(self.doc, sort_keys=True).encode()
+        atomic_write(self.path, data, mode=0o600, tag=self.doc.get("op_id", ""))
+
+    def delete(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def list_journals(journal_dir: str) -> list[tuple[str, dict[str, Any] | None]]:
+    """(path, document or None if unreadable) for every journal file."""
+    try:
+        names = sorted(os.listdir(journal_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        if name.endswith(".json") and not name.startswith("."):
+            path = os.path.join(journal_dir, name)
+            try:
+                doc = read_json_file(path)
+            except CorruptState:
+                doc = None
+            found.append((path, doc if isinstance(doc, dict) else None))
+    return found
+
+
+# ============================================================================
+# 5. Process runner
+# ============================================================================
+
+TIMEOUTS = {"systemctl": 60.0, "nginx": 30.0, "nginx_reload": 30.0, "openssl": 30.0,
+            "journalctl": 30.0, "npm": 60.0, "node": 60.0, "zstd": 60.0,
+            "useradd": 60.0, "groupadd": 60.0}
+PINNED_ENV = {"LC_ALL": "C", "LANG": "C", "PAGER": "cat", "SYSTEMD_PAGER": "",
+              "SYSTEMD_COLORS": "0", "NO_COLOR": "1"}
+
+INSTALL_HINTS = {
+    "nginx": "apt-get install nginx-light", "openssl": "apt-get install openssl",
+    "zstd": "apt-get install zstd", "npm": "apt-get install npm (or install Node.js with npm)",
+    "node": "apt-get install nodejs", "systemctl": "abssctl needs systemd (apt-get install systemd)",
+    "journalctl": "apt-get install systemd", "useradd": "apt-get install passwd",
+    "groupadd": "apt-get install passwd",
+}
+
+
+class Completed:
+    """The outcome of one child process."""
+
+    __slots__ = ("argv", "returncode", "stdout", "stderr")
+
+    def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+def _tail(text: str, n: int = 20) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()][-n:]
+
+
+def describe_exit(argv: Sequence[str], rc: int) -> str:
+    import shlex
+    cmd = shlex.join(argv)
+    if rc < 0:
+        import signal
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"{cmd} was killed by {name}"
+    if rc == 127:
+        return f"{cmd} exited 127 (a program it runs was not found)"
+    return f"{cmd} exited {rc}"
+
+
+class Runner:
+    """Every child process goes through here: pinned env, timeouts, error mapping, dry runs."""
+
+    def __init__(self, config: Config, out: Output, *, dry_run: bool) -> None:
+        self.commands = config.values["commands"]
+        self.out = out
+        self.dry_run = dry_run
+        self.recorded: list[list[str]] = []
+
+    def argv(self, tool: str, *args: str) -> list[str]:
+        """The configured prefix for ``tool`` followed by ``args``."""
+        return [*self.commands[tool], *args]
+
+    def _env(self, extra: Mapping[str, str] | None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ABSSCTL_")}
+        env.update(PINNED_ENV)
+        env.update(extra or {})
+        return env
+
+    def _resolve(self, tool: str, argv: Sequence[str]) -> str:
+        import shutil
+        exe = argv[0] if "/" in argv[0] else shutil.which(argv[0])
+        if exe is None or not os.path.exists(exe):
+            raise MissingTool(f"{argv[0]} is not installed (needed for {tool})",
+                              hint=INSTALL_HINTS.get(tool, f"install {argv[0]}"),
+                              details={"tool": tool, "argv0": argv[0]})
+        return exe
+
+    def available(self, tool: str) -> bool:
+        """True when the configured program for ``tool`` exists."""
+        try:
+            self._resolve(tool, self.commands[tool])
+        except MissingTool:
+            return False
+        return True
+
+    def run(self, tool: str, args: Sequence[str], *, mutating: bool, timeout: float | None = None,
+            check: bool = True, input: str | None = None, cwd: str | None = None,
+            user: str | None = None, umask: int | None = None,
+            env_extra: Mapping[str, str] | None = None) -> Completed:
+        """Run ``[commands] tool`` + args and return its output; raise on failure."""
+        import shlex
+        import subprocess
+        argv = self.argv(tool, *args)
+        exe = self._resolve(tool, argv)
+        self.out.debug_line("run: " + shlex.join(argv))
+        if mutating and self.dry_run:
+            self.recorded.append(argv)
+            return Completed(argv, 0, "", "")
+        limit = timeout if timeout is not None else TIMEOUTS.get(tool, 60.0)
+        try:
+            proc = subprocess.run([exe, *argv[1:]], input=input, capture_output=True, text=True,
+                                  timeout=limit, env=self._env(env_extra), cwd=cwd, check=False,
+                                  user=user, umask=-1 if umask is None else umask,
+                                  stdin=None if input is not None else subprocess.DEVNULL,
+                                  errors="replace")
+        except subprocess.TimeoutExpired:
+            raise ProviderError(f"{shlex.join(argv)}: no answer in {limit:.0f} s",
+                                details={"argv": argv, "timeout": limit}) from None
+        except PermissionError as exc:
+            raise PermissionDenied(f"cannot run {exe}: {exc.strerror}") from None
+        except OSError as exc:
+            raise HostError(f"cannot run {exe}: {exc.strerror or exc}") from None
+        done = Completed(argv, proc.returncode, proc.stdout, proc.stderr)
+        if check and done.returncode != 0:
+            raise ProviderError(describe_exit(argv, done.returncode),
+                                details={"argv": argv, "rc": done.returncode,
+                                         "stderr": _tail(done.stderr) or _tail(done.stdout)})
+        return done
+
+
+# ============================================================================
+# 6. Templates
+# ============================================================================
+
+TEMPLATE_NAMES = ("nginx-vhost.conf", "systemd-unit.service")
+
+
+def _read_resource(rel: str) -> bytes:
+    """A file shipped beside this module, from a checkout or from inside abssctl.pyz."""
+    # No abspath(): inside a .pyz the zipimporter compares against its own un-normalised path.
+    path = os.path.join(os.path.dirname(__file__), rel)
+    loader = getattr(__spec__, "loader", None)      # __spec__ is None when run as a script
+    if loader is not None and hasattr(loader, "get_data"):
+        return loader.get_data(path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _template_class() -> type:
+    import string
+
+    class StrictTemplate(string.Template):
+        """Only ``${UPPER_SNAKE}`` is a placeholder, so nginx's $host and systemd's $VAR pass through."""
+
+        delimiter = "$"
+        pattern = r"""
+            \$(?:
+              (?P<escaped>\$(?=\{))           |  # $${X} writes a literal ${X}
+              \{(?P<braced>[A-Z][A-Z0-9_]*)\} |
+              (?P<named>(?!))                 |  # bare $name is never a placeholder
+              (?P<invalid>(?!))
+            )
+        """
+    return StrictTemplate
+
+
+def template_source(templates_dir: str, name: str) -> tuple[str, str]:
+    """(text, origin) of a template: the admin's override if present, else the built-in one."""
+    override = os.path.join(templates_dir, name)
+    try:
+        st = os.lstat(override)
+    except (FileNotFoundError, NotADirectoryError):
+        return _read_resource(f"templates/{name}").decode("utf-8"), "builtin"
+    import stat
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"template override {override} is not a regular file")
+    if st.st_uid != 0 and st.st_uid != os.geteuid():
+        raise UsageError(f"template override {override} is not owned by root",
+                         hint=f"chown root:root {override}")
+    if st.st_mode & 0o022:
+        raise UsageError(f"template override {override} is group- or world-writable",
+                         hint=f"chmod 0644 {override}")
+    try:
+        with open(override, encoding="utf-8") as f:
+            return f.read(), override
+    except UnicodeDecodeError:
+        raise UsageError(f"template override {override} is not UTF-8 text") from None
+
+
+def render(templates_dir: str, name: str, values: Mapping[str, str]) -> str:
+    """Fill a template strictly; an unknown placeholder names the file."""
+    text, origin = template_source(templates_dir, name)
+    try:
+        body = _template_class()(text).substitute(values)
+    except KeyError as exc:
+        raise UsageError(f"template {origin} uses unknown placeholder ${{{exc.args[0]}}}",
+                         hint="known placeholders: " + ", ".join(sorted(values))) from None
+    except ValueError as exc:
+        raise UsageError(f"template {origin} is malformed: {exc}") from None
+    return f"# Managed by abssctl {__version__} (template: {origin}); changes are overwritten\n{body}"
+
+
+def sample_values(name: str) -> dict[str, str]:
+    """A mapping every shipped template renders against (config check uses it on overrides)."""
+    if name == "systemd-unit.service":
+        return {"NAME": "sample", "USER": "actual-sync", "GROUP": "actual-sync",
+                "PACKAGE_DIR": "/srv/abssctl/versions/1.0.0/node_modules/@actual-app/sync-server",
+                "PORT": "5006", "DATA_DIR": "/srv/abssctl/instances/sample/data",
+                "NODE": "/usr/bin/node", "BIN": "/srv/abssctl/versions/1.0.0/node_modules/"
+                "@actual-app/sync-server/build/bin/actual-server.js",
+                "CONFIG": "/srv/abssctl/instances/sample/config.json"}
+    return {"NAME": "sample", "DOMAIN": "sample.example.org", "PORT": "5006",
+            "LISTEN_HTTP": "    listen 80;", "LISTEN_HTTPS": "    listen 443 ssl;",
+            "HTTPS_PORT_SUFFIX": "", "CERT": "/etc/ssl/private/cert.pem",
+            "KEY": "/etc/ssl/private/cert.key", "CLIENT_MAX_BODY_SIZE": "50M", "INTERNAL_BLOCK": ""}
+
+
+# ============================================================================
+# 7a. Providers: systemd
+# ============================================================================
+
+
+class Systemd:
+    """systemctl and journalctl, through the Runner; returns data, never prints."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def _ctl(self, *args: str, mutating: bool, check: bool = True) -> Completed:
+        return self.runner.run("systemctl", ["--no-pager", *args], mutating=mutating, check=check)
+
+    def daemon_reload(self) -> None:
+        self._ctl("daemon-reload", mutating=True)
+
+    def start(self, unit: str) -> None:
+        self._ctl("start", unit, mutating=True)
+
+    def stop(self, unit: str) -> None:
+        self._ctl("stop", unit, mutating=True)
+
+    def enable(self, unit: str) -> None:
+        self._ctl("enable", unit, mutating=True)
+
+    def disable(self, unit: str) -> None:
+        self._ctl("disable", unit, mutating=True)
+
+    def show(self, units: Sequence[str], props: Sequence[str]) -> dict[str, dict[str, str]]:
+        """``systemctl show -p …`` for several units in one call: unit -> {property: value}."""
+        if not units:
+            return {}
+        done = self._ctl("show", "-p", ",".join(props), *units, mutating=False, check=False)
+        blocks = [b for b in re.split(r"\n\s*\n", done.stdout.strip("\n"))] if done.stdout.strip() else []
+        result: dict[str, dict[str, str]] = {}
+        for unit, block in zip(units, blocks):
+            result[unit] = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+        for unit in units:
+            result.setdefault(unit, {p: "" for p in props})
+        return result
+
+
+# ============================================================================
+# 7b. Providers: nginx
+# ============================================================================
+
+
+class NginxTransaction:
+    """Test, snapshot, write, test, reload; on failure restore, test, reload, raise (certbot's pattern).
+
+    Used as ``with nginx.transaction(tag) as tx: tx.write(...); tx.link(...); tx.remove(...)``.
+    The files are changed inside the block; the test and reload happen when it ends. If nothing
+    differs from the snapshot, neither runs and ``tx.changed`` stays False.
+    """
+
+    def __init__(self, nginx: Nginx, tag: str, lock_path: str) -> None:
+        self.nginx = nginx
+        self.tag = tag
+        self.lock = FileLock(lock_path)
+        self.snapshot: dict[str, tuple[str, bytes | str] | None] = {}
+        self.changed = False
+        self.precheck_error: ProviderError | None = None
+
+    def __enter__(self) -> NginxTransaction:
+        self.lock.acquire(30.0, {"pid": os.getpid(), "command": "nginx transaction",
+                                 "op_id": self.tag}, lambda _m: None)
+        try:
+            self.nginx.test()
+        except ProviderError as exc:
+            self.precheck_error = exc     # allowed only if a file we rewrite is the failing one
+        return self
+
+    def _remember(self, path: str) -> None:
+        if path in self.snapshot:
+            return
+        if os.path.islink(path):
+            self.snapshot[path] = ("link", os.readlink(path))
+        elif os.path.isfile(path):
+            with open(path, "rb") as f:
+                self.snapshot[path] = ("file", f.read())
+        else:
+            self.snapshot[path] = None
+
+    def write(self, path: str, data: bytes) -> None:
+        """Put a file in place (temp name, rename)."""
+        self._remember(path)
+        atomic_write(path, data, mode=0o644, tag=self.tag)
+
+    def link(self, link: str, target: str) -> None:
+        """Point ``link`` at ``target`` (an absolute symlink made under a temp name, then renamed)."""
+        self._remember(link)
+        tmp = os.path.join(os.path.dirname(link), f".abssctl-tmp-{self.tag}-{os.path.basename(link)}")
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+
+    def remove(self, path: str) -> None:
+        self._remember(path)
+        if os.path.lexists(path):
+            os.unlink(path)
+
+    def _differs(self) -> bool:
+        for path, before in self.snapshot.items():
+            now: tuple[str, bytes | str] | None
+            if os.path.islink(path):
+                now = ("link", os.readlink(path))
+            elif os.path.isfile(path):
+                with open(path, "rb") as f:
+                    now = ("file", f.read())
+            else:
+                now = None
+            if now != before:
+                return True
+        return False
+
+    def restore(self) -> None:
+        """Put every touched path back as it was."""
+        for path, before in self.snapshot.items():
+            if os.path.lexists(path):
+                os.unlink(path)
+            if before is None:
+                continue
+            kind, value = before
+            if kind == "link":
+                os.symlink(value, path)
+            else:
+                assert isinstance(value, bytes)
+                atomic_write(path, value, mode=0o644, tag=self.tag)
+
+    def _precheck_blames_us(self) -> bool:
+        assert self.precheck_error is not None
+        text = "\n".join(self.precheck_error.details.get("stderr", []))
+        return any(path in text or os.path.realpath(path) in text for path in self.snapshot)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is not None:
+                self.restore()
+                return
+            if self.precheck_error is not None and not self._precheck_blames_us():
+                self.restore()
+                raise ProviderError("nginx was already failing before any change: "
+                                    + self.precheck_error.message,
+                                    hint="fix the nginx configuration (nginx -t), then re-run",
+                                    details=self.precheck_error.details)
+            if not self._differs():
+                return
+            self._commit()
+        finally:
+            self.lock.release()
+
+    def _commit(self) -> None:
+        try:
+            self.nginx.test()
+        except ProviderError as exc:
+            self.restore()
+            self._recover_or_raise(exc)
+        self.nginx.reload()
+        self.changed = True
+
+    def _recover_or_raise(self, exc: ProviderError) -> NoReturn:
+        lines = exc.details.get("stderr", [])
+        try:
+            self.nginx.test()
+            self.nginx.reload()
+        except ProviderError:
+            raise ProviderError("nginx rejected the change, and the restored configuration still "
+                                "fails nginx -t", hint="restore these files by hand: "
+                                + ", ".join(sorted(self.snapshot)),
+                                details={"stderr": lines, "files": sorted(self.snapshot)}) from None
+        raise ProviderError("nginx rejected the change; the previous configuration is back: "
+                            + (lines[0] if lines else exc.message),
+                            hint="see the nginx error above", details={"stderr": lines})
+
+
+class Nginx:
+    """nginx -t, -T and reload through the Runner, and the transaction around vhost edits."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def test(self) -> Completed:
+        return self.runner.run("nginx", ["-t"], mutating=False)
+
+    def reload(self) -> None:
+        self.runner.run("nginx_reload", [], mutating=True)
+
+    def dump(self) -> str:
+        return self.runner.run("nginx", ["-T"], mutating=False).stdout
+
+    def transaction(self, tag: str, lock_path: str) -> NginxTransaction:
+        return NginxTransaction(self, tag, lock_path)
+
+
+# ============================================================================
+# 8a. Operations: context, plans, steps, undo
+# ============================================================================
+
+STEP_OBSERVERS: list[Callable[[Step, str], None]] = []   # test hook: (step, "before"|"after")
+
+
+class UndoAction:
+    """How to reverse one step, as data, so it can be journaled and replayed by another process."""
+
+    __slots__ = ("kind", "args")
+
+    def __init__(self, kind: str, **args: Any) -> None:
+        self.kind = kind
+        self.args = args
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "args": self.args}
+
+    def describe(self) -> str:
+        target = self.args.get("path") or self.args.get("argv") or ""
+        return f"{self.kind} {target if isinstance(target, str) else ' '.join(target)}".strip()
+
+
+class Step:
+    """One planned change: an id, a summary, a target, the action and its undo."""
+
+    __slots__ = ("id", "summary", "target", "do", "undo")
+
+    def __init__(self, step_id: str, summary: str, target: str, do: Callable[[], None],
+                 undo: UndoAction | None) -> None:
+        self.id = step_id
+        self.summary = summary
+        self.target = target
+        self.do = do
+        self.undo = undo
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.id, "summary": self.summary, "target": self.target,
+                "undo": self.undo.describe() if self.undo else None}
+
+
+class Plan:
+    """A title and the ordered steps of one operation."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.steps: list[Step] = []
+
+    def add(self, step_id: str, summary: str, target: str, do: Callable[[], None],
+            undo: UndoAction | None = None) -> None:
+        self.steps.append(Step(step_id, summary, target, do, undo))
+
+    def as_list(self) -> list[dict[str, Any]]:
+        return [s.as_dict() for s in self.steps]
+
+    def text(self) -> list[str]:
+        if not self.steps:
+            return [f"{self.title}: nothing to do"]
+        lines = [f"{self.title}:"]
+        for n, s in enumerate(self.steps, 1):
+            undo = f"  (undo: {s.undo.describe()})" if s.undo else ""
+            lines.append(f"  {n}. {s.summary}{undo}")
+        return lines
+
+
+class Context:
+    """Everything an operation needs, built once in main(); read-only but for locks and journal."""
+
+    def __init__(self, *, config: Config, out: Output, dry_run: bool, assume_yes: bool,
+                 interactive: bool, lock_timeout: float, command: str) -> None:
+        self.config = config
+        self.paths = Paths(config)
+        self.out = out
+        self.runner = Runner(config, out, dry_run=dry_run)
+        self.dry_run = dry_run
+        self.assume_yes = assume_yes
+        self.interactive = interactive
+        self.quiet = out.quiet
+        self.debug = out.debug
+        self.lock_timeout = lock_timeout
+        self.command = command
+        self.op_id = new_op_id()
+        self.locks: list[FileLock] = []
+        self.lock_wait_ms = 0
+        self.journal: Journal | None = None
+        self.oplog = OpsLog(self.paths.oplog, self.paths.textlog)
+        self.started = utc_now()
+
+    def now(self) -> float:
+        return utc_now()
+
+    def service_gid(self) -> int:
+        """The gid of the service group, or root's when it does not exist yet."""
+        import grp
+        try:
+            return grp.getgrnam(self.config.get("service", "group")).gr_gid
+        except KeyError:
+            return 0
+
+    def registry(self, name: str) -> Registry:
+        if name == "backups":
+            return Registry(self.paths.backup_index, "backups", lock_path=self.paths.lock("backups.lock"),
+                            gid=lambda: 0, mode=0o600)
+        return Registry(self.paths.registry(name), name, lock_path=self.paths.lock("registry.lock"),
+                        gid=self.service_gid)
+
+    def lock_meta(self, mode: str) -> dict[str, Any]:
+        import socket
+        return {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                "op_id": self.op_id, "mode": mode, "acquired_at": utc_now()}
+
+    def take_locks(self, global_mode: str, instances: Sequence[str] = ()) -> None:
+        """Global lock, then instance locks sorted by name (the global order, §3.8)."""
+        wanted = [(self.paths.lock("abssctl.lock"), global_mode == "shared")]
+        wanted += [(self.paths.lock(instance_lock_name(n)), False) for n in sorted(set(instances))]
+        for path, shared in wanted:
+            lock = FileLock(path, shared=shared)
+            waited = lock.acquire(self.lock_timeout, self.lock_meta("shared" if shared else "exclusive"),
+                                  self.out.progress)
+            self.lock_wait_ms += int(waited * 1000)
+            self.locks.append(lock)
+
+    def release_locks(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+        self.locks.clear()
+
+
+def new_op_id() -> str:
+    """``20261126T101500Z-7c1e9a0b``: UTC time and 8 random hex digits."""
+    import time
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(4).hex()
+
+
+# -- the undo interpreter --------------------------------------------------------
+
+def _undo_remove_path(args: Mapping[str, Any]) -> None:
+    path = args["path"]
+    if args.get("dir"):
+        try:
+            os.rmdir(path)          # only if empty: never delete what someone else put there
+        except (FileNotFoundError, OSError):
+            pass
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _undo_restore_mode(args: Mapping[str, Any]) -> None:
+    path = args["path"]
+    if os.path.lexists(path):
+        os.chmod(path, args["mode"])
+        if os.geteuid() == 0:
+            os.chown(path, args["uid"], args["gid"])
+
+
+def _undo_rename(args: Mapping[str, Any]) -> None:
+    if os.path.lexists(args["src"]) and not os.path.lexists(args["dst"]):
+        os.rename(args["src"], args["dst"])
+
+
+UNDO_HANDLERS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "remove_path": _undo_remove_path,
+    "restore_mode": _undo_restore_mode,
+    "rename": _undo_rename,
+}
+
+
+def run_undo(action: Mapping[str, Any]) -> None:
+    """Carry out one journaled undo action."""
+    handler = UNDO_HANDLERS.get(action.get("kind", ""))
+    if handler is None:
+        raise InternalError(f"unknown undo action {action.get('kind')!r}")
+    handler(action.get("args") or {})
+
+
+def _undo_all(ctx: Context, actions: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Run undos in reverse with SIGINT ignored; return what failed, for manual recovery."""
+    import signal
+    failed: list[str] = []
+    if not actions:
+        return failed
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+    try:
+        ctx.out.progress("rolling back, please wait")
+        for action in reversed(actions):
+            try:
+                run_undo(action)
+            except Exception as exc:  # noqa: BLE001 - collect, report, keep undoing
+                failed.append(f"{action.get('kind')} {action.get('args')}: {exc}")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return failed
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived during apply()."""
+
+
+def _raise_terminated(signum: int, _frame: Any) -> NoReturn:
+    raise _Terminated(signum)
+
+
+def apply(ctx: Context, plan: Plan, targets: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Run the steps; journal each undo before its step; on any failure undo in reverse."""
+    import signal
+    import time
+    journal = Journal(os.path.join(ctx.paths.journal_dir, f"{ctx.op_id}.json"), {
+        "schema_version": JOURNAL_SCHEMA, "op_id": ctx.op_id, "pid": os.getpid(),
+        "command": ctx.command, "targets": dict(targets), "plan": plan.as_list(), "done": [],
+        "started_at": rfc3339(ctx.started)})
+    ctx.journal = journal
+    journal.write()
+    handlers = {}
+    if _main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            handlers[sig] = signal.signal(sig, _raise_terminated)
+    record: list[dict[str, Any]] = []
+    try:
+        for step in plan.steps:
+            for observer in STEP_OBSERVERS:
+                observer(step, "before")
+            journal.doc["done"].append({"step": step.id, "undo": step.undo.as_dict() if step.undo else None})
+            journal.write()
+            ctx.out.progress(step.summary)
+            t0 = time.monotonic()
+            step.do()
+            record.append({"step": step.id, "status": "done", "ms": int((time.monotonic() - t0) * 1000)})
+            for observer in STEP_OBSERVERS:
+                observer(step, "after")
+    except BaseException as exc:
+        failed = _undo_all(ctx, [d["undo"] for d in journal.doc["done"] if d["undo"]])
+        journal.delete()
+        ctx.journal = None
+        if failed:
+            exc.add_note("undo failed for: " + "; ".join(failed))
+        raise
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+    journal.delete()
+    ctx.journal = None
+    return record
+
+
+def recover_journals(ctx: Context) -> list[str]:
+    """Roll back every journal whose process is dead (after kill -9); returns their op ids."""
+    recovered = []
+    for path, doc in list_journals(ctx.paths.journal_dir):
+        if doc is None or pid_alive(int(doc.get("pid") or 0)) and doc.get("pid") != os.getpid():
+            continue
+        ctx.out.progress(f"recover: rolling back {doc.get('command')} ({doc.get('op_id')}) "
+                         "left by a process that died")
+        failed = _undo_all(ctx, [d["undo"] for d in doc.get("done", []) if d.get("undo")])
+        if failed:
+            raise HostError(f"could not roll back the interrupted operation {doc.get('op_id')}",
+                            hint="recover by hand: " + "; ".join(failed), details={"journal": path})
+        os.unlink(path)
+        recovered.append(str(doc.get("op_id")))
+    return recovered
+
+
+# -- the mutating-command skeleton (§4.0) -----------------------------------------
+
+class Mutation:
+    """What a mutating command declares: its plan builder, locks, prompt and log fields."""
+
+    def __init__(self, *, title: str, build: Callable[[], Plan], global_mode: str = "shared",
+                 instances: Sequence[str] = (), target: Mapping[str, Any] | None = None,
+                 args: Mapping[str, Any] | None = None, confirm: Callable[[Plan], None] | None = None,
+                 finish: Callable[[Plan], dict[str, Any]] | None = None) -> None:
+        self.title = title
+        self.build = build
+        self.global_mode = global_mode
+        self.instances = list(instances)
+        self.target = dict(target or {})
+        self.args = dict(args or {})
+        self.confirm = confirm
+        self.finish = finish
+
+
+def confirm(ctx: Context, question: str, choices: str = "[y] yes   [N] no") -> None:
+    """Ask before a risky step whose safe path is the default; --yes accepts it."""
+    if ctx.assume_yes:
+        return
+    if not ctx.interactive:
+        raise NeedsConfirmation(f"{question.splitlines()[0]} (needs confirmation)",
+                                hint="re-run with --yes to accept, or run it in a terminal")
+    ask_yes(ctx, question, choices)
+
+
+def ask_yes(ctx: Context, question: str, choices: str = "[y] yes   [N] no") -> None:
+    """Prompt on the terminal; anything but y/yes declines."""
+    answer = ctx.out.ask(question, choices)
+    if answer.lower() not in ("y", "yes"):
+        raise Declined("declined; nothing was changed")
+
+
+def run_mutation(ctx: Context, m: Mutation) -> Result:
+    """Validate, plan, dry-run, prompt, lock, re-check, recover, apply, log (DESIGN §4.0)."""
+    plan = m.build()
+    if ctx.dry_run:
+        return Result({"dry_run": True, "plan": plan.as_list()}, plan.text(), changed=False)
+    if m.confirm and plan.steps:
+        m.confirm(plan)
+    steps: list[dict[str, Any]] = []
+    error: BaseException | None = None
+    try:
+        ctx.take_locks(m.global_mode, m.instances)
+        recover_journals(ctx)
+        plan = m.build()                      # re-check now that nothing else can move
+        steps = apply(ctx, plan, m.target) if plan.steps else []
+        extra = m.finish(plan) if m.finish else {}
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if ctx.locks:
+            _log_operation(ctx, m, plan, steps, error)
+        ctx.release_locks()
+    changed = bool(plan.steps)
+    text = plan.text() if changed else [f"{m.title}: already up to date; nothing changed"]
+    return Result({"op_id": ctx.op_id, "duration_ms": int((utc_now() - ctx.started) * 1000),
+                   "steps": steps, **extra}, text, changed=changed)
+
+
+def _log_operation(ctx: Context, m: Mutation, plan: Plan, steps: list[dict[str, Any]],
+                   error: BaseException | None) -> None:
+    import pwd
+    if error is None:
+        result, code, err = "ok", 0, None
+    elif isinstance(error, (KeyboardInterrupt, _Terminated, Interrupted)):
+        result, code, err = "interrupted", 130, {"kind": "Interrupted", "message": "interrupted"}
+    else:
+        exc = error if isinstance(error, AbssctlError) else (
+            _host_error(error) if isinstance(error, OSError) else InternalError(type(error).__name__))
+        result = "rolled-back" if ctx.journal is None and plan.steps else "error"
+        code, err = int(exc.exit_code), {"kind": exc.kind, "message": exc.message}
+    uid = os.getuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    record = {"schema_version": OPSLOG_SCHEMA, "ts": rfc3339(ctx.started, millis=True),
+              "op_id": ctx.op_id, "command": ctx.command, "args": redact_args(m.args),
+              "target": m.target, "actor": {"uid": uid, "user": user,
+                                            "sudo_user": os.environ.get("SUDO_USER")},
+              "result": result, "exit_code": code, "changed": bool(plan.steps) and error is None,
+              "duration_ms": int((utc_now() - ctx.started) * 1000), "lock_wait_ms": ctx.lock_wait_ms,
+              "steps": steps, "error": err, "abssctl_version": __version__}
+    try:
+        ctx.oplog.append(record)
+    except OSError as exc:
+        ctx.out.warn(f"could not write the operations log {ctx.paths.oplog}: {exc.strerror}")
+
+
+# ============================================================================
+# 8b. Operations: host and state (init, config, ports, history, instance list/show)
+# ============================================================================
+
+# (attribute of Paths, owner, mode) for every directory init manages (DESIGN §3.5).
+# Owners: "root" is root:root; "group" is root:<service group>.
+INIT_DIRS = (
+    ("config_dir", "root", 0o755), ("templates_dir", "root", 0o755), ("tls_dir", "root", 0o700),
+    ("install_root", "root", 0o755), ("instance_root", "root", 0o755),
+    ("state_dir", "root", 0o755), ("registry_dir", "group", 0o750), ("journal_dir", "root", 0o700),
+    ("backup_root", "root", 0o700), ("log_dir", "root", 0o750), ("run_dir", "root", 0o755),
+)
+
+
+def _lookup_ids(user: str, group: str) -> tuple[int | None, int | None]:
+    import grp
+    import pwd
+    try:
+        uid: int | None = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        uid = None
+    try:
+        gid: int | None = grp.getgrnam(group).gr_gid
+    except KeyError:
+        gid = None
+    return uid, gid
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_writable(paths: Iterable[str]) -> None:
+    """Every path must be creatable or writable: else exit 3 naming it (before any change)."""
+    for path in paths:
+        anchor = _nearest_existing(path)
+        if anchor != path and not os.path.isdir(anchor):
+            raise HostError(f"cannot create {path}: {anchor} is not a directory",
+                            hint="point the [paths] key at a directory, or remove the file")
+        if not os.access(anchor if anchor != path else path, os.W_OK):
+            raise PermissionDenied(f"cannot write {anchor}",
+                                   why="abssctl init needs to create or fix this path",
+                                   hint="run as root, or point [paths] into a writable directory")
+
+
+class InitPlanner:
+    """Builds init's plan from what is on disk now; each call sees the current state."""
+
+    def __init__(self, ctx: Context, allow_create_user: bool) -> None:
+        self.ctx = ctx
+        self.allow_create_user = allow_create_user
+        self.user = validate_account(ctx.config.get("service", "user"), "user")
+        self.group = validate_account(ctx.config.get("service", "group"), "group")
+        self.as_root = os.geteuid() == 0
+
+    def managed_paths(self) -> list[str]:
+        return [getattr(self.ctx.paths, attr) for attr, _o, _m in INIT_DIRS]
+
+    def build(self) -> Plan:
+        plan = Plan("init")
+        uid, gid = _lookup_ids(self.user, self.group)
+        self._accounts(plan, uid, gid)
+        planned: set[str] = set()
+        for attr, owner, mode in INIT_DIRS:
+            self._directory(plan, getattr(self.ctx.paths, attr), owner, mode, planned)
+        self._files(plan)
+        return plan
+
+    def needs_user(self) -> bool:
+        return _lookup_ids(self.user, self.group)[0] is None
+
+    def _accounts(self, plan: Plan, uid: int | None, gid: int | None) -> None:
+        runner = self.ctx.runner
+        if gid is None:
+            plan.add("accounts.group", f"create system group {self.group}", self.group,
+                     lambda: runner.run("groupadd", ["--system", self.group], mutating=True))
+        if uid is None:
+            argv = ["--system", "--gid", self.group, "--no-create-home", "--home-dir", "/nonexistent",
+                    "--shell", "/usr/sbin/nologin", self.user]
+            plan.add("accounts.user", f"create system user {self.user} (no login, no home)", self.user,
+                     lambda: runner.run("useradd", argv, mutating=True))
+
+    def _owner(self, owner: str) -> tuple[int, int]:
+        return 0, (self.ctx.service_gid() if owner == "group" else 0)
+
+    def _directory(self, plan: Plan, path: str, owner: str, mode: int, planned: set[str]) -> None:
+        missing = []
+        probe = path
+        while not os.path.lexists(probe) and probe not in planned:
+            missing.append(probe)
+            probe = os.path.dirname(probe)
+        for parent in reversed(missing[1:]):       # parents outside the table: plain 0755
+            planned.add(parent)
+            plan.add("fs.mkdir", f"create {parent}", parent,
+                     lambda p=parent: ensure_dir(p, 0o755), UndoAction("remove_path", path=parent, dir=True))
+        if missing:
+            planned.add(path)
+            plan.add("fs.mkdir", f"create {path} ({owner_label(owner, self.group)}, {mode:04o})", path,
+                     lambda: self._make_dir(path, owner, mode), UndoAction("remove_path", path=path, dir=True))
+            return
+        if path in planned:
+            return
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise HostError(f"{path} exists but is not a directory",
+                            hint="move it away or point the [paths] key elsewhere, then re-run init")
+        st = os.stat(path)
+        want_uid, want_gid = self._owner(owner)
+        wrong_owner = self.as_root and (st.st_uid, st.st_gid) != (want_uid, want_gid)
+        if (st.st_mode & 0o7777) != mode or wrong_owner:
+            plan.add("fs.fix", f"set {path} to {owner_label(owner, self.group)} {mode:04o} "
+                               f"(was {st.st_mode & 0o7777:04o})", path,
+                     lambda: self._fix(path, owner, mode),
+                     UndoAction("restore_mode", path=path, mode=st.st_mode & 0o7777,
+                                uid=st.st_uid, gid=st.st_gid))
+
+    def _make_dir(self, path: str, owner: str, mode: int) -> None:
+        ensure_dir(path, mode)           # the journal may have created state_dir/journal already
+        self._fix(path, owner, mode)
+
+    def _fix(self, path: str, owner: str, mode: int) -> None:
+        if self.as_root:
+            os.chown(path, *self._owner(owner), follow_symlinks=False)
+        os.chmod(path, mode)
+
+    def _files(self, plan: Plan) -> None:
+        paths = self.ctx.paths
+        tag = self.ctx.op_id
+        if not os.path.exists(paths.config_file):
+            text = config_template(self.ctx.config).encode()
+            plan.add("config.write", f"write a commented default {paths.config_file}", paths.config_file,
+                     lambda: atomic_write(paths.config_file, text, mode=0o644, tag=tag),
+                     UndoAction("remove_path", path=paths.config_file))
+        for name in REGISTRY_FILES + ("backups",):
+            reg = self.ctx.registry(name)
+            if os.path.lexists(reg.path):
+                continue
+            plan.add("registry.create", f"create an empty {name} registry {reg.path}", reg.path,
+                     lambda r=reg: r.save(r.empty(), tag), UndoAction("remove_path", path=reg.path))
+
+
+def owner_label(owner: str, group: str) -> str:
+    return "root:root" if owner == "root" else f"root:{group}"
+
+
+def op_init(ctx: Context, *, allow_create_user: bool) -> Result:
+    """Create the service account, directories, default config and empty registries (idempotent)."""
+    planner = InitPlanner(ctx, allow_create_user)
+    check_writable(planner.managed_paths() + [ctx.paths.config_file])
+
+    def ask(_plan: Plan) -> None:
+        # The prompt's default is "no", so --yes alone does not create an account.
+        if planner.needs_user() and not allow_create_user:
+            if not ctx.interactive or ctx.assume_yes:
+                raise NeedsConfirmation(f"init would create the system user {planner.user}",
+                                        hint="re-run with --allow-create-user, or create the user yourself")
+            ask_yes(ctx, f"Create the system user '{planner.user}' (group '{planner.group}', no login, "
+                         "no home)?\nEvery sync server runs as this user.")
+
+    def finish(_plan: Plan) -> dict[str, Any]:
+        return {"service": {"user": planner.user, "group": planner.group},
+                "paths": {attr: getattr(ctx.paths, attr) for attr, _o, _m in INIT_DIRS}}
+
+    result = run_mutation(ctx, Mutation(title="init", build=planner.build, global_mode="exclusive",
+                                        target={"kind": "host"},
+                                        args={"allow_create_user": allow_create_user},
+                                        confirm=ask, finish=finish))
+    return result
+
+
+# -- config ------------------------------------------------------------------------
+
+def op_config_show(ctx: Context) -> Result:
+    cfg = ctx.config
+    text = [f"# {cfg.path} ({'exists' if cfg.path_exists else 'missing: built-in defaults'})"]
+    for section, keys in cfg.values.items():
+        text.append(f"[{section}]")
+        for key, value in keys.items():
+            text.append(f"{key} = {_toml_value(value)}  # {cfg.sources[f'{section}.{key}']}")
+        text.append("")
+    return Result({"path": cfg.path, "exists": cfg.path_exists, "config": cfg.values,
+                   "sources": cfg.sources, "unknown_keys": cfg.unknown}, text[:-1])
+
+
+def op_config_path(ctx: Context) -> Result:
+    return Result({"path": ctx.config.path, "exists": ctx.config.path_exists}, [ctx.config.path])
+
+
+def op_config_check(ctx: Context, problems: Sequence[ConfigProblem]) -> Result:
+    """Validate the file, the environment and every template override; exit 2 if anything is invalid."""
+    found = list(problems)
+    templates = {}
+    for name in TEMPLATE_NAMES:
+        try:
+            text, origin = template_source(ctx.paths.templates_dir, name)
+            render(ctx.paths.templates_dir, name, sample_values(name))
+            templates[name] = origin
+        except UsageError as exc:
+            found.append(ConfigProblem(f"template {name}", ctx.paths.templates_dir, exc.message))
+            templates[name] = "invalid"
+    if found:
+        err = config_error(found)
+        err.details["templates"] = templates
+        raise err
+    text = [f"{ctx.config.path}: ok" if ctx.config.path_exists else "no config file: built-in defaults are valid"]
+    text += [f"template {n}: {o}" for n, o in templates.items()]
+    return Result({"path": ctx.config.path, "exists": ctx.config.path_exists, "valid": True,
+                   "templates": templates, "unknown_keys": ctx.config.unknown}, text)
+
+
+# -- ports ---------------------------------------------------------------------------
+
+def port_listening(host: str, port: int, timeout: float = 0.3) -> bool:
+    """True when something accepts TCP connections on host:port."""
+    import socket
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def op_ports_list(ctx: Context) -> Result:
+    reg = ctx.registry("ports").load()["ports"]
+    bind = ctx.config.get("ports", "bind")
+    ports = sorted(int(p) for p in reg if str(p).isdigit())
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(ports)))) as pool:
+        live = list(pool.map(lambda p: port_listening(bind, p), ports))
+    rows = [{"port": p, "instance": reg[str(p)].get("instance"), "listening": up}
+            for p, up in zip(ports, live)]
+    base, top = ctx.config.get("ports", "base"), ctx.config.get("ports", "max")
+    text = table(("PORT", "INSTANCE", "LISTENING"),
+                 [(r["port"], r["instance"], "yes" if r["listening"] else "no") for r in rows])
+    text.append(f"range {base}-{top}, {len(rows)} reserved")
+    return Result({"ports": rows, "range": {"base": base, "max": top}}, text)
+
+
+# -- history -------------------------------------------------------------------------
+
+def op_history(ctx: Context, *, limit: int, instance: str | None) -> Result:
+    records = ctx.oplog.read()
+    if instance:
+        records = [r for r in records if (r.get("target") or {}).get("name") == instance]
+    records = list(reversed(records))[:limit]
+    rows = []
+    for r in records:
+        target = r.get("target") or {}
+        rows.append((r.get("ts"), r.get("op_id"), r.get("command"),
+                     target.get("name") or target.get("kind"), r.get("result"), r.get("exit_code"),
+                     f"{r.get('duration_ms', 0)} ms"))
+    text = table(("TS", "OP ID", "COMMAND", "TARGET", "RESULT", "EXIT", "DURATION"), rows) if rows \
+        else ["no operations recorded yet"]
+    return Result({"operations": records}, text)
+
+
+# -- instance list / show (registry reads only: the fast path) ----------------------
+
+def instance_url(entry: Mapping[str, Any], https_port: int) -> str:
+    suffix = "" if https_port == 443 else f":{https_port}"
+    return f"https://{entry.get('domain')}{suffix}/"
+
+
+def op_instance_list(ctx: Context) -> Result:
+    instances = ctx.registry("instances").load()["instances"]
+    https = ctx.config.get("nginx", "https_port")
+    rows = []
+    for name in sorted(instances):
+        e = instances[name]
+        tls = e.get("tls")
+        rows.append({"name": name, "domain": e.get("domain"), "port": e.get("port"),
+                     "version": e.get("version"), "resolved_version": e.get("resolved_version"),
+                     "enabled": e.get("enabled"), "pending_restart": e.get("pending_restart", False),
+                     "tls": tls.get("source") if isinstance(tls, dict) else tls,
+                     "last_backup_id": e.get("last_backup_id"), "url": instance_url(e, https)})
+    text = table(("NAME", "DOMAIN", "PORT", "VERSION", "ENABLED", "URL"),
+                 [(r["name"], r["domain"], r["port"], r["resolved_version"] or r["version"],
+                   "yes" if r["enabled"] else "no", r["url"]) for r in rows]) if rows \
+        else ["no instances yet; create one with: abssctl instance create NAME --domain FQDN"]
+    return Result({"instances": rows}, text)
+
+
+def _redact_config(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if SECRET_KEY_RE.search(k) else _redact_config(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_config(v) for v in value]
+    return value
+
+
+def op_instance_show(ctx: Context, name: str) -> Result:
+    instances = ctx.registry("instances").load()["instances"]
+    if name not in instances:
+        raise NotFound(f"no instance named {name!r}", hint="see abssctl instance list")
+    entry = dict(instances[name])
+    backups = [b for b in ctx.registry("backups").load()["backups"].values()
+               if isinstance(b, dict) and b.get("instance") == name] if os.access(
+        ctx.paths.backup_index, os.R_OK) else []
+    newest = max(backups, key=lambda b: str(b.get("created_at")), default=None)
+    config_path = (entry.get("paths") or {}).get("config") or os.path.join(
+        ctx.paths.instance_dir(name), "config.json")
+    try:
+        server_config = _redact_config(read_json_file(config_path))
+    except (PermissionDenied, CorruptState):
+        server_config = None
+    entry.update({"url": instance_url(entry, ctx.config.get("nginx", "https_port")),
+                  "unit": unit_name(name), "config": server_config,
+                  "backups": {"count": len(backups), "newest": newest and newest.get("id"),
+                              "newest_at": newest and newest.get("created_at")}})
+    text = [f"{k}: {json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v}"
+            for k, v in sorted(entry.items())]
+    return Result({"instance": entry}, text)
+
+
+def op_complete(ctx: Context, what: str) -> Result:
+    """Names for shell completion, one per line; reads registries only, never fails loudly."""
+    try:
+        if what == "instances":
+            names = sorted(ctx.registry("instances").load()["instances"])
+        elif what == "versions":
+            names = sorted(ctx.registry("versions").load()["versions"], key=semver_key)
+        else:
+            names = sorted(ctx.registry("backups").load()["backups"])
+    except AbssctlError:
+        names = []
+    return Result({"names": names}, names)
+
+
+# ============================================================================
+# 9. CLI wiring
+# ============================================================================
+
+# -- adapters: move parsed arguments into operations; no logic here -----------------
+
+def cmd_init(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_init(ctx, allow_create_user=args.allow_create_user)
+
+
+def cmd_config_show(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_config_show(ctx)
+
+
+def cmd_config_path(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_config_path(ctx)
+
+
+def cmd_config_check(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_config_check(ctx, args.config_problems)
+
+
+def cmd_ports_list(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_ports_list(ctx)
+
+
+def cmd_history(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_history(ctx, limit=args.n, instance=args.instance)
+
+
+def cmd_instance_list(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_list(ctx)
+
+
+def cmd_instance_show(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_show(ctx, args.name)
+
+
+def cmd_completion(ctx: Context, args: argparse.Namespace) -> Result:
+    script = completion_script(build_parser(None), args.shell)
+    return Result({"shell": args.shell, "script": script}, [script.rstrip("\n")])
+
+
+def cmd_man(ctx: Context, args: argparse.Namespace) -> Result:
+    page = man_page(build_parser(None))
+    return Result({"man": page}, [page.rstrip("\n")])
+
+
+def cmd_complete(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_complete(ctx, args.what)
+
+
+# -- argument types: validate while parsing, so errors exit 2 before anything runs ----
+
+def _argtype(fn: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(value: str) -> Any:
+        try:
+            return fn(value)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(exc.message + (f" ({exc.hint})" if exc.hint else "")) from None
+    convert.__name__ = fn.__name__
+    return convert
+
+
+def _lock_timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise UsageError(f"--lock-timeout must be a number of seconds, not {value!r}") from None
+    if not 0 <= seconds <= 86400:
+        raise UsageError(f"--lock-timeout must be between 0 and 86400, not {value}")
+    return seconds
+
+
+# -- the parser ----------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes raise UsageError (exit 2, honouring --json) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}", hint=f"see {self.prog} --help")
+
+
+def _add_global_flags(p: argparse.ArgumentParser, *, root: bool) -> None:
+    # A subparser copies its namespace over the parent's (CPython Lib/argparse.py), so a default of
+    # False here would erase `abssctl --json instance list`. SUPPRESS keeps the root's value.
+    extra: dict[str, Any] = {} if root else {"default": argparse.SUPPRESS}
+    g = p.add_argument_group("global options")
+    g.add_argument("--config", metavar="FILE", help="config file (default $ABSSCTL_CONFIG or "
+                   f"{DEFAULT_CONFIG})", **({"default": None} if root else extra))
+    g.add_argument("--json", action="store_true", help="print one JSON document on stdout", **extra)
+    g.add_argument("--dry-run", action="store_true", help="print the plan; change nothing", **extra)
+    g.add_argument("-y", "--yes", action="store_true", help="accept the default answer of every prompt",
+                   **extra)
+    g.add_argument("--debug", action="store_true", help="echo commands; tracebacks for internal errors",
+                   **extra)
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress lines", **extra)
+    g.add_argument("--lock-timeout", metavar="S", type=_argtype(_lock_timeout),
+                   help="seconds to wait for a lock (0-86400; default [locks] timeout)",
+                   **({"default": None} if root else extra))
+    g.add_argument("--no-color", action="store_true", help="no colour (also NO_COLOR)", **extra)
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _verb(verbs: argparse._SubParsersAction, name: str, help_text: str, handler: Callable[..., Result],
+          *examples: str, mutating: bool = False) -> argparse.ArgumentParser:
+    p = verbs.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=_examples(*examples) if examples else None)
+    _add_global_flags(p, root=False)
+    command = f"{verbs._abssctl_group} {name}".strip()   # type: ignore[attr-defined]
+    p.set_defaults(handler=handler, command=command, mutating=mutating)
+    return p
+
+
+def _group(groups: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:
+    p = groups.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+    _add_global_flags(p, root=False)
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs._abssctl_group = name    # type: ignore[attr-defined]
+    return verbs
+
+
+def _single(groups: argparse._SubParsersAction, name: str, help_text: str, handler: Callable[..., Result],
+            *examples: str, mutating: bool = False) -> argparse.ArgumentParser:
+    groups._abssctl_group = ""     # type: ignore[attr-defined]
+    return _verb(groups, name, help_text, handler, *examples, mutating=mutating)
+
+
+def _add_init_parser(groups: argparse._SubParsersAction) -> None:
+    p = _single(groups, "init", "prepare the host: service account, directories, config, registries",
+                cmd_init, "abssctl init --allow-create-user", "abssctl init --dry-run --json",
+                mutating=True)
+    p.add_argument("--allow-create-user", action="store_true",
+                   help="create the service user without asking (needed without a terminal)")
+
+
+def _add_config_parser(groups: argparse._SubParsersAction) -> None:
+    verbs = _group(groups, "config", "show and check the configuration")
+    _verb(verbs, "show", "print the effective configuration and where each key comes from",
+          cmd_config_show, "abssctl config show", "abssctl --json config show")
+    _verb(verbs, "path", "print the config file path and whether it exists", cmd_config_path,
+          "abssctl config path")
+    p = _verb(verbs, "check", "validate the config file, the environment and template overrides",
+              cmd_config_check, "abssctl config check", "ABSSCTL_PORTS__BASE=6000 abssctl config check")
+    p.set_defaults(tolerates_bad_config=True)
+
+
+def _add_ports_parser(groups: argparse._SubParsersAction) -> None:
+    verbs = _group(groups, "ports", "port reservations")
+    _verb(verbs, "list", "list reserved ports and whether each is listening", cmd_ports_list,
+          "abssctl ports list", "abssctl ports list --json")
+
+
+def _add_instance_parser(groups: argparse._SubParsersAction) -> None:
+    verbs = _group(groups, "instance", "inspect instances")
+    _verb(verbs, "list", "list registered instances (reads the registry only)", cmd_instance_list,
+          "abssctl instance list", "abssctl instance list --json")
+    p = _verb(verbs, "show", "show one instance's registry entry, server config and backups",
+              cmd_instance_show, "abssctl instance show alice --json")
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+
+
+def _add_history_parser(groups: argparse._SubParsersAction) -> None:
+    p = _single(groups, "history", "show recent operations from the operations log", cmd_history,
+                "abssctl history", "abssctl history -n 5 --instance alice --json")
+    p.add_argument("-n", type=_argtype(lambda v: bounded_int(v, "-n", 1, 100000)), default=20,
+                   metavar="N", help="how many records (1-100000, default 20)")
+    p.add_argument("--instance", metavar="NAME", type=_argtype(validate_name),
+                   help="only operations on this instance")
+
+
+def _add_completion_parser(groups: argparse._SubParsersAction) -> None:
+    p = _single(groups, "completion", "print a shell completion script generated from the parser",
+                cmd_completion, "abssctl completion bash > /etc/bash_completion.d/abssctl",
+                "abssctl completion fish > ~/.config/fish/completions/abssctl.fish")
+    p.add_argument("shell", choices=("bash", "zsh", "fish"), help="the shell")
+
+
+def _add_man_parser(groups: argparse._SubParsersAction) -> None:
+    _single(groups, "man", "print the manual page (roff) generated from the parser", cmd_man,
+            "abssctl man > /usr/local/share/man/man1/abssctl.1")
+
+
+def _add_complete_parser(groups: argparse._SubParsersAction) -> None:
+    groups._abssctl_group = ""     # type: ignore[attr-defined]
+    p = groups.add_parser("__complete")
+    _add_global_flags(p, root=False)
+    p.add_argument("what", choices=("instances", "versions", "backups"))
+    p.set_defaults(handler=cmd_complete, command="__complete", mutating=False)
+
+
+# name -> (one-line help, adder). Order is the order of --help.
+GROUPS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
+    "init": ("prepare the host: service account, directories, config, registries", _add_init_parser),
+    "instance": ("inspect instances", _add_instance_parser),
+    "ports": ("port reservations", _add_ports_parser),
+    "config": ("show and check the configuration", _add_config_parser),
+    "history": ("show recent operations from the operations log", _add_history_parser),
+    "completion": ("print a shell completion script", _add_completion_parser),
+    "man": ("print the manual page", _add_man_parser),
+}
+HIDDEN_GROUPS = {"__complete": _add_complete_parser}
+
+ROOT_DESCRIPTION = ("Run several Actual Budget sync servers (@actual-app/sync-server) on one Debian host, "
+                    "each with its own port, data directory, systemd unit and nginx HTTPS vhost.")
+ROOT_EPILOG = """exit status:
+  0 ok, 2 bad input, 3 host problem, 4 a provider (npm, systemd, nginx, openssl) failed,
+  70 internal error (a bug), 130 interrupted
+
+""" + _examples("abssctl init --allow-create-user", "abssctl --json config show",
+                "abssctl ports list --json")
+
+
+def build_parser(group: str | None) -> Parser:
+    """The parser; only the named group's subcommands are filled in (all of them when None)."""
+    root = Parser(prog="abssctl", description=ROOT_DESCRIPTION, epilog=ROOT_EPILOG,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    root.add_argument("-V", "--version", action="store_true", help="print the version and exit")
+    _add_global_flags(root, root=False)
+    root.set_defaults(json=False, dry_run=False, yes=False, debug=False, quiet=False, no_color=False,
+                      config=None, lock_timeout=None)
+    groups = root.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    for name, (help_text, adder) in GROUPS.items():
+        if group is None or group == name:
+            adder(groups)
+        else:
+            groups.add_parser(name, help=help_text)
+    if group in HIDDEN_GROUPS:
+        HIDDEN_GROUPS[group](groups)
+    return root
+
+
+def _group_word(argv: Sequence[str]) -> str | None:
+    """The first positional word: the command group to fill in."""
+    takes_value = {"--config", "--lock-timeout"}
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in takes_value:
+            skip = True
+        elif word == "--":
+            return None
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _wants_version(argv: Sequence[str]) -> bool:
+    """-V/--version before any command word (``instance create --version`` is another flag)."""
+    takes_value = {"--config", "--lock-timeout"}
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in ("-V", "--version"):
+            return True
+        elif word in takes_value:
+            skip = True
+        elif not word.startswith("-"):
+            return False
+    return False
+
+
+def version_line() -> str:
+    """``abssctl X.Y.Z (source)``, or ``(build <commit12>, <date>)`` inside abssctl.pyz."""
+    loader = getattr(__spec__, "loader", None)
+    if loader is not None and type(loader).__name__ == "zipimporter":
+        try:
+            info = json.loads(_read_resource("BUILD-INFO.json"))
+        except (OSError, ValueError):
+            return f"abssctl {__version__} (archive without BUILD-INFO.json)"
+        import time
+        day = time.strftime("%Y-%m-%d", time.gmtime(int(info.get("source_date_epoch", 0))))
+        return f"abssctl {__version__} (build {str(info.get('git_commit', 'unknown'))[:12]}, {day})"
+    return f"abssctl {__version__} (source)"
+
+
+# -- completion and man, generated from the parser --------------------------------------
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return {name: p for name, p in action.choices.items() if not name.startswith("__")}
+    return {}
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    return sorted(o for a in parser._actions for o in a.option_strings if o.startswith("--"))
+
+
+def _dynamic(parser: argparse.ArgumentParser) -> str | None:
+    """What a parser's first positional completes to: instances, versions or backups."""
+    for a in parser._actions:
+        if not a.option_strings and not isinstance(a, argparse._SubParsersAction):
+            return {"name": "instances", "old": "instances", "version": "versions",
+                    "backup_id": "backups"}.get(a.dest)
+    return None
+
+
+def _command_table(root: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(group, verb or '', parser) for every command."""
+    rows = []
+    for group, gp in _subcommands(root).items():
+        verbs = _subcommands(gp)
+        if not verbs:
+            rows.append((group, "", gp))
+        rows += [(group, verb, vp) for verb, vp in verbs.items()]
+    return rows
+
+
+def completion_script(root: argparse.ArgumentParser, shell: str) -> str:
+    """A bash, zsh or fish completion script for the given parser tree."""
+    rows = _command_table(root)
+    groups = list(_subcommands(root))
+    if shell == "fish":
+        return _fish_completion(root, rows)
+    cases = []
+    for group in groups:
+        verbs = [v for g, v, _p in rows if g == group and v]
+        cases.append(f'        {group}) words_for_verb="{" ".join(verbs)}" ;;')
+    opt_cases, dyn_cases = [], []
+    for group, verb, p in rows:
+        key = f"{group}:{verb}"
+        opt_cases.append(f'        "{key}") opts="{" ".join(_options(p))}" ;;')
+        kind = _dynamic(p)
+        if kind:
+            dyn_cases.append(f'        "{key}") dyn={kind} ;;')
+    body = f"""# abssctl completion for bash (generated by `abssctl completion bash`; zsh via bashcompinit)
+_abssctl() {{
+    local cur group="" verb="" word i words_for_verb="" opts="" dyn=""
+    cur="${{COMP_WORDS[COMP_CWORD]}}"
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        word="${{COMP_WORDS[i]}}"
+        case "$word" in
+            --config|--lock-timeout) ((i++)); continue ;;
+            -*) continue ;;
+        esac
+        if [[ -z "$group" ]]; then group="$word"; elif [[ -z "$verb" ]]; then verb="$word"; fi
+    done
+    if [[ -z "$group" ]]; then
+        COMPREPLY=($(compgen -W "{" ".join(groups)} {" ".join(_options(root))}" -- "$cur"))
+        return
+    fi
+    case "$group" in
+{chr(10).join(cases)}
+    esac
+    if [[ -n "$words_for_verb" && -z "$verb" ]]; then
+        COMPREPLY=($(compgen -W "$words_for_verb" -- "$cur"))
+        return
+    fi
+    case "$group:$verb" in
+{chr(10).join(opt_cases)}
+    esac
+    case "$group:$verb" in
+{chr(10).join(dyn_cases) or '        "") ;;'}
+    esac
+    if [[ "$cur" != -* && -n "$dyn" ]]; then
+        COMPREPLY=($(compgen -W "$(abssctl __complete "$dyn" 2>/dev/null)" -- "$cur"))
+    else
+        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+    fi
+}}
+"""
+    if shell == "zsh":
+        return "#compdef abssctl\nautoload -U +X bashcompinit && bashcompinit\n" + body + \
+            "complete -F _abssctl abssctl\n"
+    return body + "complete -F _abssctl abssctl\n"
+
+
+def _fish_completion(root: argparse.ArgumentParser,
+                     rows: list[tuple[str, str, argparse.ArgumentParser]]) -> str:
+    groups = list(_subcommands(root))
+    lines = ["# abssctl completion for fish (generated by `abssctl completion fish`)",
+             "complete -c abssctl -f"]
+    for group, gp in _subcommands(root).items():
+        lines.append(f"complete -c abssctl -n 'not __fish_seen_subcommand_from {' '.join(groups)}' "
+                     f"-a {group} -d {json.dumps(gp.description or group)}")
+    for group, verb, p in rows:
+        if verb:
+            lines.append(f"complete -c abssctl -n '__fish_seen_subcommand_from {group}' -a {verb} "
+                         f"-d {json.dumps(p.description or verb)}")
+        cond = f"__fish_seen_subcommand_from {verb or group}"
+        for opt in _options(p):
+            lines.append(f"complete -c abssctl -n '{cond}' -l {opt[2:]}")
+        kind = _dynamic(p)
+        if kind:
+            lines.append(f"complete -c abssctl -n '{cond}' -a '(abssctl __complete {kind} 2>/dev/null)'")
+    return "\n".join(lines) + "\n"
+
+
+def _roff(text: str) -> str:
+    escaped = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\n".join(("\\&" + line) if line.startswith((".", "'")) else line for line in escaped.splitlines())
+
+
+def man_page(root: argparse.ArgumentParser) -> str:
+    """roff for man(1): every command, its options and examples, exit status, files."""
+    out = [f'.TH ABSSCTL 1 "" "abssctl {__version__}" "User Commands"', ".SH NAME",
+           "abssctl \\- manage Actual Budget sync servers on one host", ".SH SYNOPSIS",
+           ".B abssctl", "[\\fIGLOBAL OPTIONS\\fR] \\fICOMMAND\\fR [\\fIVERB\\fR] [\\fIARGS\\fR]",
+           ".SH DESCRIPTION", _roff(ROOT_DESCRIPTION), ".SH GLOBAL OPTIONS"]
+    for action in root._actions:
+        if action.option_strings and action.help not in (None, argparse.SUPPRESS):
+            out += [".TP", "\\fB" + _roff(", ".join(action.option_strings)) + "\\fR"
+                    + (f" \\fI{action.metavar}\\fR" if action.metavar else ""), _roff(action.help)]
+    out.append(".SH COMMANDS")
+    for group, verb, p in _command_table(root):
+        out += [".SS " + _roff(f"abssctl {group} {verb}".strip()), _roff(p.description or "")]
+        for action in p._actions:
+            if action.help in (None, argparse.SUPPRESS) or action.container.title == "global options":
+                continue
+            if isinstance(action, argparse._HelpAction):
+                continue
+            label = ", ".join(action.option_strings) or (action.metavar or action.dest).upper()
+            out += [".TP", "\\fB" + _roff(label) + "\\fR", _roff(action.help)]
+        if p.epilog:
+            out += [".PP", ".nf", _roff(p.epilog), ".fi"]
+    out += [".SH EXIT STATUS", ".TP", "0", "ok (dry runs and no-ops included)", ".TP", "2",
+            "bad input: usage, validation, not found, already exists, declined, needs \\-\\-yes",
+            ".TP", "3", "host problem: missing tool, permission, disk, lock timeout, corrupt state",
+            ".TP", "4", "a provider failed: npm, systemd, nginx, openssl, tar/zstd, the health gate",
+            ".TP", "70", "internal error (a bug): rerun with \\-\\-debug and report it",
+            ".TP", "130", "interrupted; the undo has run",
+            ".SH ENVIRONMENT", ".TP", "ABSSCTL_CONFIG", "the config file, unless \\-\\-config is given",
+            ".TP", "ABSSCTL_<SECTION>__<KEY>", "overrides one config key, e.g. ABSSCTL_PORTS__BASE=6000",
+            ".TP", "NO_COLOR", "disables colour",
+            ".SH FILES", ".TP", _roff(DEFAULT_CONFIG), "the configuration (TOML)",
+            ".TP", "/var/lib/abssctl/registry/", "instances, ports and versions registries",
+            ".TP", "/var/log/abssctl/operations.jsonl", "the operations log",
+            ".SH SEE ALSO", "systemctl(1), nginx(8), npm(1)", ""]
+    return "\n".join(out)
+
+
+# ============================================================================
+# 10. main
+# ============================================================================
+
+
+def make_context(args: argparse.Namespace, out: Output) -> Context:
+    """Load the configuration and build the Context; invalid config exits 2 (except config check)."""
+    flags = {"locks.timeout": args.lock_timeout} if args.lock_timeout is not None else {}
+    config, problems = load_config(args.config, os.environ, flags)
+    if problems and not getattr(args, "tolerates_bad_config", False):
+        raise config_error(problems)
+    args.config_problems = problems
+    for key in config.unknown:
+        out.warn(f"unknown configuration key {key} ignored")
+    interactive = (not out.json) and sys.stdin.isatty() and sys.stderr.isatty()
+    if args.mutating and not args.dry_run:
+        os.umask(0o027)
+    return Context(config=config, out=out, dry_run=args.dry_run, assume_yes=args.yes,
+                   interactive=interactive, lock_timeout=float(config.get("locks", "timeout")),
+                   command=args.command)
+
+
+def report_error(out: Output, exc: AbssctlError, result: Result | None = None) -> int:
+    """One message on stderr (and the JSON document on stdout under --json); returns the exit code."""
+    out.error(exc)
+    if out.json:
+        doc = {"ok": False, "error": error_doc(exc)}
+        if result is not None:
+            doc.update(result.data)
+        try:
+            out.write_json(doc)
+        except BrokenPipeError:
+            _reader_went_away()
+    return int(exc.exit_code)
+
+
+def _reader_went_away() -> None:
+    """stdout was closed early (``| head``): point it at /dev/null so nothing fails again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _host_error(exc: OSError) -> HostError:
+    import errno
+    where = f" {exc.filename}" if exc.filename else ""
+    text = f"{exc.strerror or exc}{':' if where else ''}{where}"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"permission denied: {text}", hint="run as root, or fix the path's owner and mode")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"no space left: {text}", hint="free some space, then re-run")
+    return HostError(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run one command, emit its result; map every failure to an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    color = "--no-color" not in argv and "NO_COLOR" not in os.environ and sys.stderr.isatty()
+    out = Output(json_mode="--json" in argv, quiet="-q" in argv or "--quiet" in argv,
+                 debug="--debug" in argv, color=color, stdout=sys.stdout, stderr=sys.stderr)
+    try:
+        if _wants_version(argv):
+            out.write_lines([version_line()])
+            return ExitCode.OK
+        args = build_parser(_group_word(argv)).parse_args(argv)
+        if args.version:
+            out.write_lines([version_line()])
+            return ExitCode.OK
+        out.json, out.quiet, out.debug = args.json, args.quiet, args.debug
+        out.color = out.color and not args.no_color
+        result = args.handler(make_context(args, out), args)
+    except AbssctlError as exc:
+        return report_error(out, exc)
+    except (KeyboardInterrupt, _Terminated):
+        return report_error(out, Interrupted("interrupted; the changes made so far were undone"))
+    except BrokenPipeError:
+        _reader_went_away()
+        return ExitCode.OK
+    except SystemExit as exc:            # --help and argparse's own exits
+        return int(exc.code or 0) if isinstance(exc.code, int) else ExitCode.USAGE
+    except OSError as exc:               # host trouble no boundary translated
+        if out.debug:
+            import traceback
+            traceback.print_exc(file=out.stderr)
+        return report_error(out, _host_error(exc))
+    except Exception:  # noqa: BLE001 - the one place a bug becomes exit 70
+        if out.debug:
+            import traceback
+            traceback.print_exc(file=out.stderr)
+        return report_error(out, InternalError("internal error; rerun with --debug and report it"))
+    try:
+        emit(out, result)
+    except BrokenPipeError:
+        _reader_went_away()
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
