@@ -168,22 +168,44 @@ class InternalError(AbssctlError):
     exit_code = ExitCode.INTERNAL
 
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+class LazyRegex:
+    """A pattern compiled on first use: compiling them all at import costs milliseconds of start-up."""
+
+    __slots__ = ("pattern", "flags", "_compiled")
+
+    def __init__(self, pattern: str, flags: int = 0) -> None:
+        self.pattern = pattern
+        self.flags = flags
+        self._compiled: re.Pattern[str] | None = None
+
+    def _rx(self) -> re.Pattern[str]:
+        if self._compiled is None:
+            self._compiled = re.compile(self.pattern, self.flags)
+        return self._compiled
+
+    def match(self, text: str) -> re.Match[str] | None:
+        return self._rx().match(text)
+
+    def search(self, text: str) -> re.Match[str] | None:
+        return self._rx().search(text)
+
+
+NAME_RE = LazyRegex(r"^[a-z][a-z0-9-]{0,31}$")
 RESERVED_NAMES = frozenset({"current", "versions", "backups", "all", "default"})
-ACCOUNT_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-SEMVER_RE = re.compile(
+ACCOUNT_RE = LazyRegex(r"^[a-z_][a-z0-9_-]{0,31}$")
+LABEL_RE = LazyRegex(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+SEMVER_RE = LazyRegex(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?$")
-BACKUP_ID_RE = re.compile(r"^\d{8}-\d{6}-[a-z][a-z0-9-]{0,31}-[0-9a-f]{4}$")
-SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/+-]+$")
+BACKUP_ID_RE = LazyRegex(r"^\d{8}-\d{6}-[a-z][a-z0-9-]{0,31}-[0-9a-f]{4}$")
+SAFE_PATH_RE = LazyRegex(r"^/[A-Za-z0-9._/+-]+$")
 MAX_VERSION_LEN = 64
 
 REGISTRY_SCHEMA = 1
 OPSLOG_SCHEMA = 1
 JOURNAL_SCHEMA = 1
 REGISTRY_FILES = ("instances", "ports", "versions")
-SECRET_KEY_RE = re.compile(r"password|secret|token|key_material", re.IGNORECASE)
+SECRET_KEY_RE = LazyRegex(r"password|secret|token|key_material", re.IGNORECASE)
 
 
 def unit_name(name: str) -> str:
@@ -240,9 +262,9 @@ class Output:
     def _paint(self, text: str, code: str) -> str:
         return f"\033[{code}m{text}\033[0m" if self.color else text
 
-    def progress(self, message: str, *, tick: bool = False) -> None:
+    def progress(self, message: str, *, tick: bool = False, always: bool = False) -> None:
         """A progress line on stderr; ``tick`` lines are rate-limited to one every 2 s."""
-        if self.quiet:
+        if self.quiet and not always:
             return
         if tick:
             import time
@@ -526,7 +548,7 @@ CHOICES = {
     ("tls", "default_source"): ("system", "self-signed", "custom"),
     ("backups", "compression"): ("auto", "zstd", "gzip", "none"),
 }
-SIZE_RE = re.compile(r"^[1-9][0-9]{0,5}[kKmMgG]?$")
+SIZE_RE = LazyRegex(r"^[1-9][0-9]{0,5}[kKmMgG]?$")
 RANGES = {
     ("ports", "base"): (1, 65535), ("ports", "max"): (1, 65535),
     ("nginx", "http_port"): (1, 65535), ("nginx", "https_port"): (1, 65535),
@@ -642,8 +664,8 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise UsageError(f"cannot parse {path}: not UTF-8 text") from None
 
 
-def load_config(path_flag: str | None, environ: Mapping[str, str],
-                flags: Mapping[str, Any]) -> tuple[Config, list[ConfigProblem]]:
+def load_config(path_flag: str | None, environ: Mapping[str, str], flags: Mapping[str, Any], *,
+                may_be_missing: bool = False) -> tuple[Config, list[ConfigProblem]]:
     """Defaults, then the file, then ABSSCTL_* env, then flags: the one place precedence lives."""
     path = path_flag or environ.get("ABSSCTL_CONFIG") or DEFAULT_CONFIG
     explicit = bool(path_flag or environ.get("ABSSCTL_CONFIG"))
@@ -653,7 +675,7 @@ def load_config(path_flag: str | None, environ: Mapping[str, str],
     problems: list[ConfigProblem] = []
     unknown: list[str] = []
     exists = os.path.exists(path)
-    if not exists and explicit:
+    if not exists and explicit and not may_be_missing:
         raise UsageError(f"config file {path} does not exist",
                          hint="pass an existing file with --config, or run abssctl init to write one")
     if exists:
@@ -1353,14 +1375,19 @@ class Systemd:
         self._ctl("disable", unit, mutating=True)
 
     def show(self, units: Sequence[str], props: Sequence[str]) -> dict[str, dict[str, str]]:
-        """``systemctl show -p …`` for several units in one call: unit -> {property: value}."""
+        """``systemctl show`` for several units in one call: unit -> {property: value}.
+
+        Plain ``show`` (every property, blocks keyed by ``Id=``) rather than ``-p A,B``: the
+        systemctl replacement used on containers and in the tests honours one ``-p`` only.
+        """
         if not units:
             return {}
-        done = self._ctl("show", "-p", ",".join(props), *units, mutating=False, check=False)
-        blocks = [b for b in re.split(r"\n\s*\n", done.stdout.strip("\n"))] if done.stdout.strip() else []
+        done = self._ctl("show", *units, mutating=False, check=False)
         result: dict[str, dict[str, str]] = {}
-        for unit, block in zip(units, blocks):
-            result[unit] = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+        for block in re.split(r"\n\s*\n", done.stdout.strip("\n")):
+            fields = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+            if fields.get("Id") in units:
+                result[fields["Id"]] = {p: fields.get(p, "") for p in props}
         for unit in units:
             result.setdefault(unit, {p: "" for p in props})
         return result
@@ -1706,7 +1733,7 @@ def _undo_all(ctx: Context, actions: Sequence[Mapping[str, Any]]) -> list[str]:
         return failed
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
     try:
-        ctx.out.progress("rolling back, please wait")
+        ctx.out.progress("rolling back, please wait", always=True)   # even under -q: a user waits
         for action in reversed(actions):
             try:
                 run_undo(action)
@@ -2337,7 +2364,7 @@ def _verb(verbs: argparse._SubParsersAction, name: str, help_text: str, handler:
 def _group(groups: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:
     p = groups.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
     _add_global_flags(p, root=False)
-    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB", prog=f"abssctl {name}")
     verbs._abssctl_group = name    # type: ignore[attr-defined]
     return verbs
 
@@ -2354,6 +2381,7 @@ def _add_init_parser(groups: argparse._SubParsersAction) -> None:
                 mutating=True)
     p.add_argument("--allow-create-user", action="store_true",
                    help="create the service user without asking (needed without a terminal)")
+    p.set_defaults(writes_config=True)     # init writes a missing config file, even one named by --config
 
 
 def _add_config_parser(groups: argparse._SubParsersAction) -> None:
@@ -2411,15 +2439,11 @@ def _add_complete_parser(groups: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_complete, command="__complete", mutating=False)
 
 
-# name -> (one-line help, adder). Order is the order of --help.
-GROUPS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
-    "init": ("prepare the host: service account, directories, config, registries", _add_init_parser),
-    "instance": ("inspect instances", _add_instance_parser),
-    "ports": ("port reservations", _add_ports_parser),
-    "config": ("show and check the configuration", _add_config_parser),
-    "history": ("show recent operations from the operations log", _add_history_parser),
-    "completion": ("print a shell completion script", _add_completion_parser),
-    "man": ("print the manual page", _add_man_parser),
+# name -> adder. Order is the order of --help.
+GROUPS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "init": _add_init_parser, "instance": _add_instance_parser, "ports": _add_ports_parser,
+    "config": _add_config_parser, "history": _add_history_parser,
+    "completion": _add_completion_parser, "man": _add_man_parser,
 }
 HIDDEN_GROUPS = {"__complete": _add_complete_parser}
 
@@ -2441,14 +2465,15 @@ def build_parser(group: str | None) -> Parser:
     _add_global_flags(root, root=False)
     root.set_defaults(json=False, dry_run=False, yes=False, debug=False, quiet=False, no_color=False,
                       config=None, lock_timeout=None)
-    groups = root.add_subparsers(dest="group", required=True, metavar="COMMAND")
-    for name, (help_text, adder) in GROUPS.items():
-        if group is None or group == name:
-            adder(groups)
-        else:
-            groups.add_parser(name, help=help_text)
-    if group in HIDDEN_GROUPS:
+    # An explicit prog keeps argparse from building a HelpFormatter (and importing shutil) per level.
+    groups = root.add_subparsers(dest="group", required=True, metavar="COMMAND", prog="abssctl")
+    if group in GROUPS:            # the fast path: one group only (every parser costs gettext lookups)
+        GROUPS[group](groups)
+    elif group in HIDDEN_GROUPS:
         HIDDEN_GROUPS[group](groups)
+    else:                          # --help, a typo, man and completion: the whole tree
+        for adder in GROUPS.values():
+            adder(groups)
     return root
 
 
@@ -2662,7 +2687,8 @@ def man_page(root: argparse.ArgumentParser) -> str:
 def make_context(args: argparse.Namespace, out: Output) -> Context:
     """Load the configuration and build the Context; invalid config exits 2 (except config check)."""
     flags = {"locks.timeout": args.lock_timeout} if args.lock_timeout is not None else {}
-    config, problems = load_config(args.config, os.environ, flags)
+    config, problems = load_config(args.config, os.environ, flags,
+                                   may_be_missing=getattr(args, "writes_config", False))
     if problems and not getattr(args, "tolerates_bad_config", False):
         raise config_error(problems)
     args.config_problems = problems
@@ -2710,6 +2736,10 @@ def _host_error(exc: OSError) -> HostError:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run one command, emit its result; map every failure to an exit code."""
+    return int(_main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     color = "--no-color" not in argv and "NO_COLOR" not in os.environ and sys.stderr.isatty()
     out = Output(json_mode="--json" in argv, quiet="-q" in argv or "--quiet" in argv,
