@@ -12,8 +12,8 @@ Sections (``grep -n '^# [0-9]' abssctl.py``):
     4   files, locks, state
     5   process runner
     6   templates
-    7a  provider: systemd            7b  provider: nginx
-    8a  plans, steps, undo           8b  operations: host and state
+    7a  provider: systemd            7b  provider: nginx            7c  providers: npm, node
+    8a  plans, steps, undo           8b  operations: host and state  8c  operations: versions
     9   CLI wiring
     10  main
 
@@ -1030,6 +1030,7 @@ class Registry:
         """Write atomically, keeping the previous version as <file>.prev."""
         data = (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode()
         gid = self._gid()
+        ensure_dir(os.path.dirname(self.path), 0o750 if self.mode == 0o640 else 0o700)
         if os.path.exists(self.path):
             with open(self.path, "rb") as f:
                 atomic_write(self.path + ".prev", f.read(), mode=self.mode, gid=gid, tag=tag)
@@ -1135,6 +1136,168 @@ def list_journals(journal_dir: str) -> list[tuple[str, dict[str, Any] | None]]:
                 doc = None
             found.append((path, doc if isinstance(doc, dict) else None))
     return found
+
+
+CHUNK = 1 << 20
+TEMP_MARKERS = (".staging-", ".smoke-", ".trash-", ".abssctl-tmp-")
+
+
+def sha256_file(path: str) -> str:
+    """The sha256 of a file, read in 1 MiB chunks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remove_tree(path: str) -> None:
+    """Delete a temp, staging or trash tree abssctl made; refuses anything not named like one."""
+    import shutil
+    if not os.path.basename(path).startswith(TEMP_MARKERS):
+        raise InternalError(f"refusing to delete {path}: not an abssctl temporary path")
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def disk_free(path: str) -> int:
+    """Free bytes on the filesystem holding ``path`` (or its nearest existing parent)."""
+    import shutil
+    probe = path
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
+def tree_size(path: str) -> int:
+    """Bytes under ``path`` (lstat sizes; links not followed)."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _member_problem(name: str, prefix: str) -> str | None:
+    if not name or len(name.encode()) > 4096 or "\0" in name or "\n" in name:
+        return "has an empty, oversized or control-character name"
+    if name.startswith("/"):
+        return "is an absolute path"
+    parts = name.rstrip("/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "has an empty, '.' or '..' component"
+    if not (name.rstrip("/") + "/").startswith(prefix):
+        return f"is outside the expected top-level {prefix!r}"
+    return None
+
+
+class ExtractReport:
+    """What safe_extract wrote: file count, bytes, and the sha256 of each file (relative path)."""
+
+    __slots__ = ("files", "bytes", "sums")
+
+    def __init__(self) -> None:
+        self.files = 0
+        self.bytes = 0
+        self.sums: dict[str, str] = {}
+
+
+def safe_extract(tar: Any, dest: str, *, prefix: str, expected: Mapping[str, str] | None,
+                 max_bytes: int, allow_symlinks: bool, skip: Sequence[str] = (), dir_mode: int = 0o755,
+                 file_mode: int = 0o644, uid: int = -1, gid: int = -1) -> ExtractReport:
+    """Write a tar stream's members under ``dest`` ourselves, refusing anything unsafe (DESIGN §6.3).
+
+    ``prefix`` (e.g. ``tree/``) is stripped; ``expected`` maps relative paths to sha256 and every
+    one must arrive intact; members named in ``skip`` (already read headers) are passed over once.
+    Archive modes and owners are ignored. Raises CorruptState.
+    """
+    import tarfile
+    data_filter = getattr(tarfile, "data_filter", None)     # 3.11.4+; Debian 12 has 3.11.2
+    seen: set[str] = set()
+    links: list[tuple[str, str]] = []
+    report = ExtractReport()
+
+    def bad(member: Any, why: str) -> NoReturn:
+        raise CorruptState(f"archive member {member.name!r} {why}; nothing was installed",
+                           hint="the archive is damaged or hostile; use another copy")
+
+    for member in tar:
+        if member.name in skip and member.name not in seen:
+            seen.add(member.name)
+            continue
+        problem = _member_problem(member.name, prefix)
+        if problem:
+            bad(member, problem)
+        if data_filter is not None:
+            try:
+                data_filter(member, dest)
+            except tarfile.FilterError as exc:
+                bad(member, f"is refused by tarfile's data filter ({exc})")
+        rel = member.name.rstrip("/")[len(prefix):]
+        if rel in seen:
+            bad(member, "appears twice")
+        seen.add(rel)
+        target = os.path.join(dest, rel) if rel else dest
+        if member.isdir():
+            ensure_dir(target, dir_mode)
+        elif member.isreg() and not member.issparse() and member.type != tarfile.CONTTYPE:
+            if report.bytes + member.size > max_bytes:
+                bad(member, f"would exceed the space allowed ({human_bytes(max_bytes)})")
+            ensure_dir(os.path.dirname(target), dir_mode)
+            digest = _write_member(tar, member, target, file_mode, uid, gid)
+            if expected is not None and rel not in expected:
+                bad(member, "is not listed in the checksums")
+            if expected is not None and expected[rel] != digest:
+                raise ChecksumMismatch(f"archive member {member.name!r} does not match its recorded sha256; "
+                                       "nothing was installed", hint="the archive was modified or damaged; "
+                                       "use another copy")
+            report.files += 1
+            report.bytes += member.size
+            report.sums[rel] = digest
+        elif member.issym() and allow_symlinks:
+            resolved = os.path.normpath(os.path.join(os.path.dirname(target), member.linkname))
+            if member.linkname.startswith("/") or not (resolved + "/").startswith(dest.rstrip("/") + "/"):
+                bad(member, f"is a symlink pointing outside the tree ({member.linkname})")
+            links.append((target, member.linkname))
+        else:
+            bad(member, "is a link, device, FIFO or sparse file, which archives may not hold")
+    for target, linkname in links:                # last, so no file is ever written through one
+        ensure_dir(os.path.dirname(target), dir_mode)
+        os.symlink(linkname, target)
+    if expected is not None and set(expected) - set(report.sums):
+        missing = sorted(set(expected) - set(report.sums))
+        raise CorruptState(f"archive is missing {len(missing)} file(s), e.g. {missing[0]}",
+                           hint="the archive is truncated or damaged; use another copy")
+    return report
+
+
+def _write_member(tar: Any, member: Any, target: str, mode: int, uid: int, gid: int) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    src = tar.extractfile(member)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        remaining = member.size
+        while remaining > 0:
+            chunk = src.read(min(CHUNK, remaining))
+            if not chunk:
+                raise CorruptState(f"archive member {member.name!r} is truncated")
+            h.update(chunk)
+            os.write(fd, chunk)
+            remaining -= len(chunk)
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        executable = mode == 0o644 and member.mode & 0o100    # package trees keep their bin scripts
+        os.fchmod(fd, 0o755 if executable else mode)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
 
 
 # ============================================================================
@@ -1256,6 +1419,102 @@ class Runner:
                                 details={"argv": argv, "rc": done.returncode,
                                          "stderr": _tail(done.stderr) or _tail(done.stdout)})
         return done
+
+
+    def popen(self, tool: str, args: Sequence[str], *, cwd: str | None = None, user: str | None = None,
+              umask: int | None = None, env_extra: Mapping[str, str] | None = None,
+              stdin: Any = None, stdout: Any = None, stderr: Any = None, text: bool = False) -> Any:
+        """Start a child that dies with us (PR_SET_PDEATHSIG), in its own process group."""
+        import shlex
+        import subprocess
+        argv = self.argv(tool, *args)
+        exe = self._resolve(tool, argv)
+        self.out.debug_line("start: " + shlex.join(argv))
+        try:
+            return subprocess.Popen([exe, *argv[1:]], cwd=cwd, user=user, env=self._env(env_extra),
+                                    umask=-1 if umask is None else umask,
+                                    stdin=subprocess.DEVNULL if stdin is None else stdin,
+                                    stdout=stdout, stderr=stderr, text=text, start_new_session=True,
+                                    preexec_fn=_die_with_parent, errors="replace" if text else None)
+        except PermissionError as exc:
+            raise PermissionDenied(f"cannot run {exe}: {exc.strerror}") from None
+        except OSError as exc:
+            raise HostError(f"cannot run {exe}: {exc.strerror or exc}") from None
+
+    def stream(self, tool: str, args: Sequence[str], *, timeout: float, on_idle: Callable[[str], None],
+               cwd: str | None = None, umask: int | None = None,
+               env_extra: Mapping[str, str] | None = None) -> Completed:
+        """Run a long child, calling ``on_idle(last_line)`` about once a second; raise on failure."""
+        import queue
+        import threading
+        import time
+        argv = self.argv(tool, *args)
+        if self.dry_run:
+            self.recorded.append(argv)
+            return Completed(argv, 0, "", "")
+        import subprocess
+        proc = self.popen(tool, args, cwd=cwd, umask=umask, env_extra=env_extra,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            for line in proc.stdout:
+                lines.put(line.rstrip("\n"))
+            lines.put(None)
+        threading.Thread(target=pump, daemon=True).start()
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    break
+                if line:
+                    seen.append(line)
+                    del seen[:-200]
+                on_idle(seen[-1] if seen else "")
+                if time.monotonic() > deadline:
+                    raise ProviderError(f"{' '.join(argv[:3])}: no result in {timeout:.0f} s",
+                                        details={"argv": argv, "stderr": _tail("\n".join(seen))})
+            rc = proc.wait(timeout=30)
+        finally:
+            stop_process(proc)
+        done = Completed(argv, rc, "\n".join(seen), "")
+        if rc != 0:
+            raise ProviderError(describe_exit(argv, rc), details={"argv": argv, "rc": rc,
+                                                                  "stderr": _tail(done.stdout)})
+        return done
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when abssctl dies (even by kill -9)."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_process(proc: Any, grace: float = 10.0) -> None:
+    """SIGTERM a child's process group, then SIGKILL after ``grace`` seconds; only our own child."""
+    import signal
+    import subprocess
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # ============================================================================
@@ -1547,6 +1806,207 @@ class Nginx:
 
 
 # ============================================================================
+# 7c. Providers: npm and node
+# ============================================================================
+
+UNREACHABLE_RE = LazyRegex(r"ECONNREFUSED|ENOTFOUND|EAI_AGAIN|ETIMEDOUT|ECONNRESET|ENETUNREACH|"
+                           r"EHOSTUNREACH|network|socket hang up|request to .* failed", re.IGNORECASE)
+NOT_FOUND_RE = LazyRegex(r"E404|ETARGET|No match found|is not in this registry", re.IGNORECASE)
+
+NODE_FACTS_JS = ("JSON.stringify({version: process.version, modules: process.versions.modules, "
+                 "arch: process.arch, platform: process.platform, glibc: (process.report && "
+                 "process.report.getReport().header.glibcVersionRuntime) || null})")
+
+# Loads every native module named in argv[1] and *uses* better-sqlite3: a bare require() loads its
+# binding lazily and misses a Node ABI mismatch; opening a database does not.
+NATIVE_CHECK_JS = """
+const out = {};
+for (const name of JSON.parse(process.argv[1])) {
+  try {
+    const mod = require(name);
+    if (name === 'better-sqlite3') { const db = new mod(':memory:'); db.prepare('select 1').get(); db.close(); }
+    out[name] = 'ok';
+  } catch (e) { out[name] = String((e && e.message) || e).split('\\n')[0]; }
+}
+console.log(JSON.stringify(out));
+"""
+
+
+class NodeInfo:
+    """What the configured node is: version, ABI, arch, platform, glibc, and where its headers are."""
+
+    __slots__ = ("version", "abi", "arch", "platform", "glibc", "exe", "headers")
+
+    def __init__(self, facts: Mapping[str, Any], exe: str) -> None:
+        self.version = str(facts.get("version") or "")
+        self.abi = str(facts.get("modules") or "")
+        self.arch = str(facts.get("arch") or "")
+        self.platform = str(facts.get("platform") or "")
+        self.glibc = facts.get("glibc") or host_glibc()
+        self.exe = exe
+        prefix = os.path.dirname(os.path.dirname(os.path.realpath(exe)))
+        headers = os.path.join(prefix, "include", "node")
+        self.headers = prefix if os.path.isfile(os.path.join(headers, "node_version.h")) else None
+
+    def as_dict(self) -> dict[str, str]:
+        return {"version": self.version, "abi": self.abi, "arch": self.arch,
+                "libc": f"glibc {self.glibc}" if self.glibc else "unknown"}
+
+
+def host_glibc() -> str | None:
+    """The C library version of this host (``2.36``), or None when it is not glibc."""
+    try:
+        text = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        return None
+    return text.split()[-1] if text.startswith("glibc") else None
+
+
+class Node:
+    """The configured node binary, through the Runner."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def info(self) -> NodeInfo:
+        import shutil
+        argv0 = self.runner.commands["node"][0]
+        exe = argv0 if "/" in argv0 else (shutil.which(argv0) or argv0)
+        done = self.runner.run("node", ["-p", NODE_FACTS_JS], mutating=False)
+        try:
+            facts = json.loads(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise ProviderError("node did not report its version and ABI",
+                                details={"stdout": _tail(done.stdout)}) from None
+        return NodeInfo(facts, exe)
+
+    def check_native(self, package_dir: str, names: Sequence[str]) -> dict[str, str]:
+        """Load (and use) each native module from the package dir: name -> 'ok' or the error."""
+        if not names:
+            return {}
+        done = self.runner.run("node", ["-e", NATIVE_CHECK_JS, json.dumps(list(names))], mutating=False,
+                               cwd=package_dir, check=False)
+        try:
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            result = None
+        if not isinstance(result, dict):
+            raise ProviderError("the native module check printed no result",
+                                details={"stderr": _tail(done.stderr)})
+        return {str(k): str(v) for k, v in result.items()}
+
+    def bin_version(self, package_dir: str, bin_path: str) -> str:
+        done = self.runner.run("node", [bin_path, "--version"], mutating=False, cwd=package_dir, check=False)
+        return done.stdout.strip().splitlines()[-1].strip() if done.stdout.strip() else ""
+
+
+class Npm:
+    """npm view and npm install through the Runner; honours npm's own config plus [npm] registry."""
+
+    def __init__(self, runner: Runner, config: Config) -> None:
+        self.runner = runner
+        self.package = config.get("npm", "package")
+        self.registry = config.get("npm", "registry")
+
+    def _registry_args(self) -> list[str]:
+        return ["--registry", self.registry] if self.registry else []
+
+    def view(self, spec: str, fields: Sequence[str]) -> Any:
+        """``npm view SPEC FIELDS --json``; NotFound for an unknown version, exit 4 if unreachable."""
+        done = self.runner.run("npm", ["view", spec, *fields, "--json", *self._registry_args()],
+                               mutating=False, check=False)
+        text = done.stderr + "\n" + done.stdout
+        if done.returncode != 0:
+            if NOT_FOUND_RE.search(text):
+                raise NotFound(f"{spec} is not in the npm registry",
+                               hint=f"see abssctl version list --remote for the versions of {self.package}")
+            if UNREACHABLE_RE.search(text):
+                raise ProviderError("cannot reach the npm registry",
+                                    hint="check the network or [npm] registry; on an air-gapped host use "
+                                         "abssctl version import FILE", details={"stderr": _tail(text)})
+            raise ProviderError(describe_exit(done.argv, done.returncode), details={"stderr": _tail(text)})
+        if not done.stdout.strip():
+            return None
+        try:
+            return json.loads(done.stdout)
+        except ValueError:
+            raise ProviderError("npm view printed something that is not JSON",
+                                details={"stdout": _tail(done.stdout)}) from None
+
+    def remote_versions(self) -> list[str]:
+        found = self.view(self.package, ["versions"])
+        found = found if isinstance(found, list) else [found] if found else []
+        return sorted((v for v in found if isinstance(v, str) and SEMVER_RE.match(v)), key=semver_key)
+
+    def latest(self) -> str:
+        tag = self.view(self.package, ["dist-tags.latest"])
+        if not isinstance(tag, str) or not SEMVER_RE.match(tag):
+            raise ProviderError(f"npm has no usable 'latest' tag for {self.package}")
+        return tag
+
+    def install(self, prefix: str, node: NodeInfo, on_idle: Callable[[str], None]) -> None:
+        """``npm install --prefix`` with umask 022, node's headers as nodedir and node first on PATH."""
+        env = {"PATH": os.path.dirname(node.exe) + os.pathsep + os.environ.get("PATH", os.defpath)}
+        if node.headers:
+            env["npm_config_nodedir"] = node.headers       # node-gyp never downloads headers
+        self.runner.stream("npm", ["install", "--prefix", prefix, "--omit=dev", "--no-audit", "--no-fund",
+                                   "--loglevel=warn", *self._registry_args()],
+                           timeout=1800, on_idle=on_idle, cwd=prefix, umask=0o022, env_extra=env)
+
+
+def engines_satisfied(version: str, spec: str) -> bool | None:
+    """Does a node version (``v20.20.2``) satisfy an engines range? None when the range is unreadable."""
+    have = _version_tuple(version.lstrip("v"))
+    if have is None:
+        return None
+    results = []
+    for alternative in spec.split("||"):
+        ok = _range_ok(have, alternative.strip())
+        if ok is None:
+            return None
+        results.append(ok)
+    return any(results) if results else None
+
+
+def _version_tuple(text: str) -> tuple[int, int, int] | None:
+    m = re.match(r"^\s*v?(\d+)(?:\.(\d+|x|\*))?(?:\.(\d+|x|\*))?", text)
+    if not m:
+        return None
+    return tuple(int(p) if p and p.isdigit() else 0 for p in m.groups())  # type: ignore[return-value]
+
+
+def _range_ok(have: tuple[int, int, int], text: str) -> bool | None:
+    if text in ("", "*", "x", "latest"):
+        return True
+    tokens = re.findall(r"(>=|<=|>|<|=|\^|~)?\s*v?(\d+(?:\.(?:\d+|x|\*))?(?:\.(?:\d+|x|\*))?)", text)
+    if not tokens:
+        return None
+    for op, ver in tokens:
+        parts = ver.split(".")
+        want = _version_tuple(ver)
+        if want is None:
+            return None
+        exact = len(parts)
+        if op in ("", "=") and (exact < 3 or any(p in ("x", "*") for p in parts)):
+            fixed = [i for i, p in enumerate(parts) if p.isdigit()]
+            if any(have[i] != want[i] for i in fixed):
+                return False
+            continue
+        if op == "^":
+            upper = (want[0] + 1, 0, 0) if want[0] else (0, want[1] + 1, 0)
+            if not (want <= have < upper):
+                return False
+        elif op == "~":
+            upper = (want[0], want[1] + 1, 0) if exact >= 2 else (want[0] + 1, 0, 0)
+            if not (want <= have < upper):
+                return False
+        elif not {">=": have >= want, "<=": have <= want, ">": have > want, "<": have < want,
+                  "=": have == want, "": have == want}[op]:
+            return False
+    return True
+
+
+# ============================================================================
 # 8a. Operations: context, plans, steps, undo
 # ============================================================================
 
@@ -1710,11 +2170,84 @@ def _undo_rename(args: Mapping[str, Any]) -> None:
         os.rename(args["src"], args["dst"])
 
 
+def _undo_remove_tree(args: Mapping[str, Any]) -> None:
+    remove_tree(args["path"])
+
+
+def _journal_registry(args: Mapping[str, Any]) -> Registry:
+    gid = os.stat(args["file"]).st_gid if os.path.exists(args["file"]) else 0
+    return Registry(args["file"], args["key"], lock_path=args["lock"], gid=lambda: gid,
+                    mode=int(args.get("mode", 0o640)))
+
+
+def _undo_registry_remove(args: Mapping[str, Any]) -> None:
+    with _journal_registry(args).edit() as doc:
+        doc[args["key"]].pop(args["name"], None)
+
+
+def _undo_registry_put(args: Mapping[str, Any]) -> None:
+    with _journal_registry(args).edit() as doc:
+        doc[args["key"]][args["name"]] = args["entry"]
+
+
+def _undo_registry_fields(args: Mapping[str, Any]) -> None:
+    with _journal_registry(args).edit() as doc:
+        doc.update(args["fields"])
+
+
+def _undo_swap_current(args: Mapping[str, Any]) -> None:
+    link, target = args["path"], args.get("target")
+    if target is None:
+        if os.path.islink(link):
+            os.unlink(link)
+        return
+    swap_symlink(link, target, args.get("tag", "undo"))
+
+
 UNDO_HANDLERS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "remove_path": _undo_remove_path,
+    "remove_tree": _undo_remove_tree,
     "restore_mode": _undo_restore_mode,
     "rename": _undo_rename,
+    "registry_remove": _undo_registry_remove,
+    "registry_put": _undo_registry_put,
+    "registry_fields": _undo_registry_fields,
+    "swap_current": _undo_swap_current,
 }
+
+
+def swap_symlink(link: str, target: str, tag: str) -> None:
+    """Point ``link`` at ``target`` atomically: a symlink under a temp name, then rename over."""
+    tmp = os.path.join(os.path.dirname(link), f".abssctl-tmp-{tag}-{os.path.basename(link)}")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(os.path.dirname(link))
+
+
+def http_get_json(port: int, path: str, timeout: float = 2.0) -> tuple[int, Any]:
+    """GET http://127.0.0.1:PORT/PATH; (status, parsed JSON or None). Raises OSError when down."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read(1 << 20)
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(body)
+    except ValueError:
+        return resp.status, None
+
+
+def free_loopback_port() -> int:
+    """A TCP port nothing listens on now, from the kernel's ephemeral range."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run_undo(action: Mapping[str, Any]) -> None:
@@ -2244,6 +2777,788 @@ def op_complete(ctx: Context, what: str) -> Result:
 
 
 # ============================================================================
+# 8c. Operations: server versions
+# ============================================================================
+
+MIN_INSTALL_FREE = 512 << 20
+BUNDLE_KIND = "abssctl-version-bundle"
+BUNDLE_SCHEMA = 1
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class Versions:
+    """Reads of the versions and instances registries shared by the version commands."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.package = ctx.config.get("npm", "package")
+        self.registry = ctx.registry("versions")
+        self.doc = self.registry.load()
+        self.instances = ctx.registry("instances").load()["instances"]
+
+    @property
+    def current(self) -> str | None:
+        return self.doc.get("current")
+
+    def tree(self, version: str) -> str:
+        return os.path.join(self.ctx.paths.install_root, version)
+
+    def package_dir(self, version: str) -> str:
+        return os.path.join(self.tree(version), "node_modules", *self.package.split("/"))
+
+    def users_of(self, version: str) -> list[str]:
+        """Instances bound to, or running, this version (``current`` counts for the current one)."""
+        names = []
+        for name, entry in sorted(self.instances.items()):
+            binding = entry.get("version")
+            if version in (binding, entry.get("resolved_version")) or (
+                    binding == "current" and version == self.current):
+                names.append(name)
+        return names
+
+    def following_current(self) -> list[str]:
+        return sorted(n for n, e in self.instances.items() if e.get("version") == "current")
+
+    def state_of(self, version: str) -> str:
+        """installed, missing, broken (registry and disk disagree, or the tree is wrong)."""
+        entry = self.doc["versions"].get(version)
+        on_disk = os.path.isdir(self.tree(version))
+        if entry is None and not on_disk:
+            return "missing"
+        if entry is None or not on_disk:
+            return "broken"
+        manifest = read_json_file(os.path.join(self.package_dir(version), "package.json"))
+        return "installed" if isinstance(manifest, dict) and manifest.get("version") == version else "broken"
+
+    def require_not_broken(self, version: str) -> str:
+        state = self.state_of(version)
+        if state == "broken":
+            raise HostError(f"version {version} is half installed: {self.tree(version)} and the versions "
+                            "registry disagree", hint=f"move {self.tree(version)} aside (or restore "
+                            f"{self.registry.path}.prev), then install {version} again")
+        return state
+
+
+def _registry_args(reg: Registry) -> dict[str, Any]:
+    return {"file": reg.path, "key": reg.key, "lock": reg.lock_path, "mode": reg.mode}
+
+
+def _build_tool_warnings(ctx: Context, node: NodeInfo) -> None:
+    import shutil
+    missing = [tool for tool in ("make", "g++", "python3") if shutil.which(tool) is None]
+    if node.headers is None:
+        missing.append(f"node headers (<prefix>/include/node for {node.exe})")
+    if missing:
+        ctx.out.warn("native modules may have to build from source, which needs: " + ", ".join(missing)
+                     + " (apt-get install make g++ python3; headers come with the node package)")
+
+
+def _engines_sentence(package: str, version: str, engines: str, node: NodeInfo) -> str:
+    return f'{package} {version} declares engines.node "{engines}"; this host runs node {node.version}'
+
+
+class Installer:
+    """The shared tail of install and import: verify a staged tree, smoke-start it, record it."""
+
+    def __init__(self, ctx: Context, versions: Versions, version: str, node: NodeInfo, source: str) -> None:
+        self.ctx = ctx
+        self.versions = versions
+        self.version = version
+        self.node = node
+        self.source = source
+        root = ctx.paths.install_root
+        self.staging = os.path.join(root, f".staging-{version}-{ctx.op_id}")
+        self.smoke_dir = os.path.join(root, f".smoke-{version}-{ctx.op_id}")
+        self.result: dict[str, Any] = {}
+
+    @property
+    def staged_package(self) -> str:
+        return os.path.join(self.staging, "node_modules", *self.versions.package.split("/"))
+
+    def add_verify_steps(self, plan: Plan) -> None:
+        plan.add("verify", f"verify {self.versions.package} {self.version}: version, bin, native modules, "
+                           "smoke start", self.staging, self.verify,
+                 UndoAction("remove_tree", path=self.smoke_dir))
+        dest = self.versions.tree(self.version)
+        plan.add("tree.rename", f"move the verified tree to {dest}", dest,
+                 lambda: os.rename(self.staging, dest), UndoAction("rename", src=dest, dst=self.staging))
+        reg = self.versions.registry
+        plan.add("registry.add", f"record {self.version} in {reg.path}", reg.path, self.record,
+                 UndoAction("registry_remove", name=self.version, **_registry_args(reg)))
+
+    def verify(self) -> None:
+        import time
+        pkg = self.staged_package
+        manifest = read_json_file(os.path.join(pkg, "package.json"))
+        if not isinstance(manifest, dict) or manifest.get("version") != self.version:
+            got = manifest.get("version") if isinstance(manifest, dict) else None
+            raise ProviderError(f"npm installed {self.versions.package} {got}, not {self.version}")
+        bin_rel = _bin_of(manifest)
+        bin_path = os.path.realpath(os.path.join(pkg, bin_rel))
+        if not bin_path.startswith(os.path.realpath(pkg) + "/") or not os.path.isfile(bin_path):
+            raise ProviderError(f"the package's bin {bin_rel!r} is missing or outside the package")
+        node = Node(self.ctx.runner)
+        names = [n for n in self.ctx.config.get("npm", "allow_scripts")
+                 if os.path.isdir(os.path.join(self.staging, "node_modules", n))
+                 or os.path.isdir(os.path.join(pkg, "node_modules", n))]
+        natives = node.check_native(pkg, names)
+        broken = {k: v for k, v in natives.items() if v != "ok"}
+        if broken:
+            raise ProviderError("native modules do not load with node " + self.node.version + ": "
+                                + "; ".join(f"{k}: {v}" for k, v in sorted(broken.items())),
+                                hint="install make, g++ and python3 so they can build from source, "
+                                     "or use the node this version was built for")
+        reported = node.bin_version(pkg, bin_path)
+        if reported.lstrip("v") != self.version:
+            raise ProviderError(f"{bin_rel} --version printed {reported!r}, expected v{self.version}")
+        engines = str((manifest.get("engines") or {}).get("node") or "")
+        engines_ok = engines_satisfied(self.node.version, engines) if engines else True
+        if engines_ok is False:
+            self.ctx.out.warn(_engines_sentence(self.versions.package, self.version, engines, self.node))
+        started = time.monotonic()
+        try:
+            migrations, info_version = smoke_start(self.ctx, pkg, bin_path, self.version, self.smoke_dir)
+        except ProviderError as exc:
+            if engines_ok is False:
+                raise ProviderError(_engines_sentence(self.versions.package, self.version, engines, self.node)
+                                    + "; the server did not start on it: " + exc.message,
+                                    hint="install a node that satisfies the engines range and point "
+                                         "[commands] node at it", details=exc.details) from None
+            raise
+        remove_tree(self.smoke_dir)
+        lock = read_json_file(os.path.join(self.staging, "package-lock.json")) or {}
+        key = "node_modules/" + self.versions.package
+        self.result = {
+            "version": self.version, "path": self.versions.tree(self.version), "source": self.source,
+            "bin": bin_rel, "integrity": ((lock.get("packages") or {}).get(key) or {}).get("integrity"),
+            "lockfile_sha256": sha256_file(os.path.join(self.staging, "package-lock.json"))
+            if os.path.exists(os.path.join(self.staging, "package-lock.json")) else None,
+            "size_bytes": tree_size(self.staging), "node": self.node.as_dict(),
+            "engines_node": engines or None, "engines_ok": engines_ok is not False,
+            "native_modules": sorted(natives), "migrations": migrations,
+            "installed_at": rfc3339(utc_now()),
+            "smoke_start": {"health": "UP", "info_version": info_version,
+                            "seconds": round(time.monotonic() - started, 1)},
+            "native_status": natives,
+        }
+
+    def record(self) -> None:
+        entry = {k: v for k, v in self.result.items() if k not in ("smoke_start", "native_status")}
+        with self.versions.registry.edit(self.ctx.op_id) as doc:
+            doc["package"] = self.versions.package
+            doc["versions"][self.version] = entry
+
+    def output(self) -> dict[str, Any]:
+        r = dict(self.result)
+        r["native_modules"] = r.pop("native_status", {})
+        r.pop("migrations", None)
+        r.pop("lockfile_sha256", None)
+        r["current"] = self.versions.registry.load().get("current") == self.version
+        return r
+
+
+def _bin_of(manifest: Mapping[str, Any]) -> str:
+    b = manifest.get("bin")
+    if isinstance(b, str):
+        return b
+    if isinstance(b, dict) and isinstance(b.get("actual-server"), str):
+        return b["actual-server"]
+    raise ProviderError("the installed package declares no actual-server bin")
+
+
+def _service_user(ctx: Context) -> str | None:
+    """Who the smoke start runs as: the service user, else nobody; None means 'as we are'."""
+    import pwd
+    for name in (ctx.config.get("service", "user"), "nobody"):
+        try:
+            uid = pwd.getpwnam(name).pw_uid
+        except KeyError:
+            continue
+        return None if uid == os.geteuid() else name
+    return None
+
+
+def smoke_start(ctx: Context, pkg: str, bin_path: str, version: str, work: str) -> tuple[list[str], str]:
+    """Start the staged server on a free loopback port with throwaway data; wait for /health UP and
+    /info = version; return the migration titles it recorded in .migrate."""
+    import pwd
+    import subprocess
+    user = _service_user(ctx)
+    data = os.path.join(work, "data")
+    for sub in ("", "server-files", "user-files"):
+        ensure_dir(os.path.join(data, sub), 0o750)
+    port = free_loopback_port()
+    cfg_path = os.path.join(work, "config.json")
+    cfg = {"dataDir": data, "serverFiles": os.path.join(data, "server-files"),
+           "userFiles": os.path.join(data, "user-files"), "port": port, "hostname": "127.0.0.1"}
+    atomic_write(cfg_path, json.dumps(cfg).encode(), mode=0o644, tag=ctx.op_id)
+    if user is not None:
+        pw = pwd.getpwnam(user)
+        for root, dirs, files in os.walk(work):
+            for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+                os.chown(name, pw.pw_uid, pw.pw_gid)
+    log_path = os.path.join(work, "server.log")
+    with open(log_path, "wb") as log:
+        proc = ctx.runner.popen("node", [bin_path, "--config", cfg_path], cwd=pkg, user=user,
+                                env_extra={"NODE_ENV": "production", "ACTUAL_PORT": str(port),
+                                           "ACTUAL_HOSTNAME": "127.0.0.1", "ACTUAL_DATA_DIR": data},
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        info_version = _wait_healthy(ctx, proc, port, version, log_path)
+    finally:
+        stop_process(proc)
+    state = read_json_file(os.path.join(data, ".migrate")) if os.path.exists(os.path.join(data, ".migrate")) \
+        else None
+    titles = [m.get("title") for m in (state or {}).get("migrations", []) if isinstance(m, dict)]
+    return [t for t in titles if isinstance(t, str)], info_version
+
+
+def _log_tail(path: str, n: int = 20) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+            return _tail(f.read().decode("utf-8", "replace"), n)
+    except OSError:
+        return []
+
+
+def _wait_healthy(ctx: Context, proc: Any, port: int, version: str, log_path: str) -> str:
+    import time
+    timeout = float(ctx.config.get("health", "timeout"))
+    interval = float(ctx.config.get("health", "interval"))
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ProviderError(f"the server exited with status {proc.returncode} during its smoke start",
+                                details={"log": _log_tail(log_path)})
+        try:
+            status, health = http_get_json(port, "/health")
+            if status == 200 and isinstance(health, dict) and health.get("status") == "UP":
+                _status, info = http_get_json(port, "/info")
+                got = ((info or {}).get("build") or {}).get("version") if isinstance(info, dict) else None
+                if got == version:
+                    return got
+                if got is None:
+                    ctx.out.warn(f"/info of {version} reports no build version; relying on --version")
+                    return version
+                last = f"/info reports version {got}"
+            else:
+                last = f"/health answered {status} {health}"
+        except OSError as exc:
+            last = f"/health: {exc.strerror or exc}"
+        ctx.out.progress(f"[{elapsed(time.monotonic() - started)}] smoke start {version}: waiting ({last})",
+                         tick=True)
+        time.sleep(interval)
+    raise ProviderError(f"the server did not become healthy within {timeout:.0f} s ({last})",
+                        details={"log": _log_tail(log_path)})
+
+
+def _install_checks(ctx: Context, versions: Versions) -> NodeInfo:
+    if not ctx.runner.available("npm"):
+        raise MissingTool("npm is not installed", hint=INSTALL_HINTS["npm"])
+    node = Node(ctx.runner).info()
+    _build_tool_warnings(ctx, node)
+    root = ctx.paths.install_root
+    check_writable([root])
+    free = disk_free(root)
+    if free < MIN_INSTALL_FREE:
+        raise DiskFull(f"only {human_bytes(free)} free under {root}; a server version needs about 512 MiB",
+                       hint="free some space, or point [paths] install_root at a larger filesystem")
+    return node
+
+
+def _resolve_version(ctx: Context, npm: Npm, requested: str) -> str:
+    """The exact version, confirmed by the registry; NotFound or ProviderError (exit 4)."""
+    version = npm.latest() if requested == "latest" else requested
+    found = npm.view(f"{npm.package}@{version}", ["version", "engines"])
+    if isinstance(found, list):
+        found = found[-1] if found else None
+    if not isinstance(found, dict) or found.get("version") != version:
+        raise NotFound(f"{npm.package}@{version} is not in the npm registry",
+                       hint="see abssctl version list --remote")
+    return version
+
+
+def _set_current_steps(ctx: Context, versions: Versions, plan: Plan, version: str) -> None:
+    if versions.current == version and os.path.islink(ctx.paths.current):
+        return
+    followers = versions.following_current()
+    if followers:
+        raise UsageError(f"--set-current would move {', '.join(followers)} to {version} without a restart "
+                         "or a backup", hint="this release switches current only while no instance follows it")
+    link = ctx.paths.current
+    previous = os.readlink(link) if os.path.islink(link) else None
+    reg = versions.registry
+    plan.add("current.swap", f"point {link} at {version}", link,
+             lambda: swap_symlink(link, version, ctx.op_id),
+             UndoAction("swap_current", path=link, target=previous, tag=ctx.op_id))
+
+    def set_current() -> None:
+        with reg.edit(ctx.op_id) as doc:
+            doc["current"] = version
+    plan.add("registry.current", f"record {version} as current", reg.path, set_current,
+             UndoAction("registry_fields", fields={"current": versions.current}, **_registry_args(reg)))
+
+
+def op_version_install(ctx: Context, requested: str, *, set_current: bool) -> Result:
+    """Install a server version from npm into its own tree, verified and smoke-started (§4.4.3)."""
+    versions = Versions(ctx)
+    npm = Npm(ctx.runner, ctx.config)
+    version = _resolve_version(ctx, npm, validate_version(requested))
+    state = versions.require_not_broken(version)
+    node = _install_checks(ctx, versions) if state == "missing" else None
+    installer = Installer(ctx, versions, version, node, "registry") if node else None
+
+    def build() -> Plan:
+        plan = Plan(f"install {npm.package} {version}")
+        current = Versions(ctx)
+        if current.state_of(version) == "missing":
+            assert installer is not None
+            _staging_steps(ctx, plan, installer, npm, version)
+            installer.add_verify_steps(plan)
+        if set_current:
+            _set_current_steps(ctx, current, plan, version)
+        return plan
+
+    def finish(plan: Plan) -> dict[str, Any]:
+        if installer and installer.result:
+            return {"version": installer.output()}
+        entry = dict(Versions(ctx).doc["versions"].get(version) or {})
+        entry["current"] = Versions(ctx).current == version
+        return {"version": entry}
+
+    return run_mutation(ctx, Mutation(title=f"install {version}", build=build, finish=finish,
+                                      target={"kind": "version", "name": version},
+                                      args={"version": requested, "set_current": set_current}))
+
+
+def _staging_steps(ctx: Context, plan: Plan, installer: Installer, npm: Npm, version: str) -> None:
+    import time
+    staging = installer.staging
+    manifest = {"name": f"abssctl-server-{version}", "private": True,
+                "dependencies": {npm.package: version},
+                "allowScripts": {name: True for name in ctx.config.get("npm", "allow_scripts")}}
+    def make_staging() -> None:
+        if os.path.lexists(staging):
+            raise Conflict(f"{staging} already exists", hint="another install may be running")
+        ensure_dir(staging, 0o755)       # 0755 whatever the umask: the service user reads the tree
+
+    plan.add("staging.mkdir", f"create {staging}", staging, make_staging,
+             UndoAction("remove_tree", path=staging))
+    plan.add("staging.package_json", "write the staging package.json (with allowScripts)", staging,
+             lambda: atomic_write(os.path.join(staging, "package.json"),
+                                  (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o644, tag=ctx.op_id))
+    started = time.monotonic()
+
+    def on_idle(line: str) -> None:
+        doing = line.strip()[:80] if line.strip() else "working"
+        ctx.out.progress(f"[{elapsed(time.monotonic() - started)}] npm install {version}: {doing}", tick=True)
+
+    plan.add("npm.install", f"npm install {npm.package}@{version} (about 1.5 min, plus native builds)", staging,
+             lambda: npm.install(staging, installer.node, on_idle))
+
+
+# -- list, check-updates, uninstall --------------------------------------------------
+
+def op_version_list(ctx: Context, *, remote: bool, prerelease: bool) -> Result:
+    versions = Versions(ctx)
+    rows: dict[str, dict[str, Any]] = {}
+    for ver, e in versions.doc["versions"].items():
+        node = e.get("node") or {}
+        rows[ver] = {"version": ver, "installed": True, "current": ver == versions.current,
+                     "instances": versions.users_of(ver), "installed_at": e.get("installed_at"),
+                     "size_bytes": e.get("size_bytes"), "node_abi": node.get("abi"),
+                     "engines_node": e.get("engines_node"), "engines_ok": e.get("engines_ok"),
+                     "source": e.get("source"), "state": versions.state_of(ver)}
+    warnings = []
+    if remote:
+        try:
+            for ver in Npm(ctx.runner, ctx.config).remote_versions():
+                if ver not in rows and (prerelease or "-" not in ver):
+                    rows[ver] = {"version": ver, "installed": False, "current": False, "instances": []}
+        except AbssctlError as exc:
+            warnings.append(f"could not read remote versions: {exc.message}; showing installed versions only")
+    ordered = [rows[v] for v in sorted(rows, key=semver_key)]
+    text = table(("VERSION", "CURRENT", "INSTALLED", "INSTANCES", "SIZE", "NODE ABI", "ENGINES"),
+                 [(r["version"], "*" if r["current"] else "", (r.get("installed_at") or "yes")
+                   if r["installed"] else "no", ",".join(r["instances"]),
+                   human_bytes(r["size_bytes"]) if r.get("size_bytes") else "", r.get("node_abi"),
+                   ("ok" if r.get("engines_ok") else f"needs {r.get('engines_node')}") if r["installed"] else "")
+                  for r in ordered]) if ordered else ["no versions installed; try: abssctl version install latest"]
+    return Result({"package": versions.package, "current": versions.current, "versions": ordered}, text,
+                  warnings=warnings)
+
+
+def op_version_check_updates(ctx: Context) -> Result:
+    versions = Versions(ctx)
+    installed = sorted(versions.doc["versions"], key=semver_key)
+    newest = installed[-1] if installed else None
+    latest = None
+    try:
+        stable = [v for v in Npm(ctx.runner, ctx.config).remote_versions() if "-" not in v]
+        latest = stable[-1] if stable else None
+    except AbssctlError as exc:
+        ctx.out.warn(f"could not ask the npm registry: {exc.message}")
+    if latest is None:
+        status, available = "unknown", None
+    else:
+        available = newest is None or semver_key(latest) > semver_key(newest)
+        status = "update-available" if available else "up-to-date"
+    text = [f"{versions.package}: current {versions.current or '-'}, newest installed {newest or '-'}, "
+            f"latest stable {latest or 'unknown'}: {status}"]
+    if available:
+        text.append(f"install it with: abssctl version install {latest}")
+    return Result({"package": versions.package, "current": versions.current, "newest_installed": newest,
+                   "latest_stable": latest, "update_available": available, "status": status}, text)
+
+
+def op_version_uninstall(ctx: Context, version: str) -> Result:
+    versions = Versions(ctx)
+    if versions.state_of(version) == "missing":
+        raise NotFound(f"version {version} is not installed", hint="see abssctl version list")
+
+    def build() -> Plan:
+        now = Versions(ctx)
+        if now.current == version:
+            raise UsageError(f"{version} is the current version", hint="install another one with "
+                             "--set-current first")
+        users = now.users_of(version)
+        if users:
+            raise UsageError(f"{version} is used by instance(s): {', '.join(users)}",
+                             hint="move them to another version first")
+        plan = Plan(f"uninstall {version}")
+        tree = now.tree(version)
+        trash = os.path.join(ctx.paths.install_root, f".trash-{version}-{ctx.op_id}")
+        reg = now.registry
+        entry = now.doc["versions"].get(version)
+        if os.path.isdir(tree):
+            plan.add("tree.trash", f"move {tree} aside", tree, lambda: os.rename(tree, trash),
+                     UndoAction("rename", src=trash, dst=tree))
+        if entry is not None:
+            def drop() -> None:
+                with reg.edit(ctx.op_id) as doc:
+                    doc["versions"].pop(version, None)
+            plan.add("registry.remove", f"remove {version} from {reg.path}", reg.path, drop,
+                     UndoAction("registry_put", name=version, entry=entry, **_registry_args(reg)))
+        plan.add("tree.delete", f"delete {trash} (no undo past this point)", trash,
+                 lambda: remove_tree(trash) if os.path.lexists(trash) else None)
+        return plan
+
+    return run_mutation(ctx, Mutation(
+        title=f"uninstall {version}", build=build, global_mode="exclusive",
+        target={"kind": "version", "name": version}, args={"version": version},
+        confirm=lambda _p: confirm(ctx, f"Uninstall server version {version} "
+                                        f"({versions.tree(version)})?\nIt can be installed again later.")))
+
+
+# -- export / import -------------------------------------------------------------------
+
+def _bundle_files(tree: str) -> tuple[list[tuple[str, str, int]], list[str], list[tuple[str, str]]]:
+    """(files as (rel, sha256, size), dirs, symlinks as (rel, target)) of a version tree, sorted."""
+    files, dirs, links = [], [], []
+    for root, dnames, fnames in os.walk(tree):
+        dnames.sort()
+        rel_root = os.path.relpath(root, tree)
+        for d in dnames:
+            rel = os.path.normpath(os.path.join(rel_root, d))
+            if os.path.islink(os.path.join(root, d)):
+                links.append((rel, os.readlink(os.path.join(root, d))))
+            else:
+                dirs.append(rel)
+        for name in sorted(fnames):
+            path = os.path.join(root, name)
+            rel = os.path.normpath(os.path.join(rel_root, name))
+            if os.path.islink(path):
+                links.append((rel, os.readlink(path)))
+            elif os.path.isfile(path):
+                files.append((rel, sha256_file(path), os.path.getsize(path)))
+    return files, dirs, links
+
+
+def _tar_bytes(tar: Any, name: str, data: bytes, mtime: int) -> None:
+    import io
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), mtime, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_bundle_tar(tar: Any, tree: str, manifest: bytes, sums: bytes,
+                      listing: tuple[list[tuple[str, str, int]], list[str], list[tuple[str, str]]],
+                      mtime: int) -> None:
+    import tarfile
+    files, dirs, links = listing
+    _tar_bytes(tar, "abssctl-bundle.json", manifest, mtime)
+    _tar_bytes(tar, "SHA256SUMS", sums, mtime)
+    for rel in dirs:
+        info = tarfile.TarInfo(f"tree/{rel}")
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, mtime
+        tar.addfile(info)
+    for rel, _sha, size in files:
+        path = os.path.join(tree, rel)
+        info = tarfile.TarInfo(f"tree/{rel}")
+        info.size, info.mtime = size, mtime
+        info.mode = 0o755 if os.stat(path).st_mode & 0o100 else 0o644
+        with open(path, "rb") as f:
+            tar.addfile(info, f)
+    for rel, target in links:
+        info = tarfile.TarInfo(f"tree/{rel}")
+        info.type, info.linkname, info.mtime, info.mode = tarfile.SYMTYPE, target, mtime, 0o777
+        tar.addfile(info)
+
+
+def write_tar_stream(ctx: Context, dest_fd: int, compression: str, writer: Callable[[Any], None]) -> None:
+    """Feed a tar stream to ``writer`` and write it to ``dest_fd`` through zstd, gzip or nothing."""
+    import subprocess
+    import tarfile
+    if compression == "zstd":
+        proc = ctx.runner.popen("zstd", ["-q", "-T0", "-c"], stdin=subprocess.PIPE, stdout=dest_fd)
+        try:
+            with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                writer(tar)
+            proc.stdin.close()
+            rc = proc.wait(timeout=600)
+        finally:
+            stop_process(proc)
+        if rc != 0:
+            raise ProviderError(f"zstd exited {rc} while compressing")
+        return
+    with os.fdopen(os.dup(dest_fd), "wb") as f:
+        if compression == "gzip":
+            import gzip
+            with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz, \
+                    tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                writer(tar)
+        else:
+            with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                writer(tar)
+
+
+def open_tar_stream(ctx: Context, path: str) -> tuple[Any, Callable[[], None]]:
+    """A streaming TarFile for a .tar, .tar.gz or .tar.zst file (by magic), and its closer."""
+    import subprocess
+    import tarfile
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == ZSTD_MAGIC:
+        src = open(path, "rb")
+        proc = ctx.runner.popen("zstd", ["-d", "-q", "-c"], stdin=src, stdout=subprocess.PIPE)
+        tar = tarfile.open(fileobj=proc.stdout, mode="r|")
+
+        def close() -> None:
+            tar.close()
+            src.close()
+            stop_process(proc, grace=2)
+        return tar, close
+    raw = open(path, "rb")
+    try:
+        tar = tarfile.open(fileobj=raw, mode="r|gz" if magic[:2] == GZIP_MAGIC else "r|")
+    except tarfile.TarError as exc:
+        raw.close()
+        raise CorruptState(f"{path} is not a readable archive ({exc})") from None
+
+    def close_plain() -> None:
+        tar.close()
+        raw.close()
+    return tar, close_plain
+
+
+def op_version_export(ctx: Context, version: str, output: str) -> Result:
+    """Write an air-gap bundle of an installed version: manifest, SHA256SUMS, then the tree."""
+    versions = Versions(ctx)
+    if versions.require_not_broken(version) == "missing":
+        raise NotFound(f"version {version} is not installed", hint="see abssctl version list")
+    entry = versions.doc["versions"][version]
+    dest = os.path.abspath(output)
+    if os.path.isdir(dest) or not os.path.isdir(os.path.dirname(dest)):
+        raise UsageError(f"cannot write the bundle to {output}: give a file path in an existing directory")
+    compression = "zstd" if ctx.runner.available("zstd") else "gzip"
+    tree = versions.tree(version)
+    result: dict[str, Any] = {}
+
+    def write() -> None:
+        ctx.out.progress(f"hashing {tree}")
+        listing = _bundle_files(tree)
+        sums = "".join(f"{sha}  {rel}\n" for rel, sha, _n in listing[0]).encode()
+        node = entry.get("node") or {}
+        libc = str(node.get("libc") or "")
+        import hashlib
+        now = utc_now()
+        manifest = {"schema_version": BUNDLE_SCHEMA, "kind": BUNDLE_KIND, "package": versions.package,
+                    "version": version, "created_at": rfc3339(now), "abssctl_version": __version__,
+                    "node": {"version": node.get("version"), "abi": node.get("abi"), "arch": node.get("arch"),
+                             "platform": "linux"},
+                    "libc": {"family": libc.split()[0] if libc else None,
+                             "version": libc.split()[-1] if libc else None},
+                    "bin": entry.get("bin"), "integrity": entry.get("integrity"),
+                    "engines_node": entry.get("engines_node"), "native_modules": entry.get("native_modules"),
+                    "migrations": entry.get("migrations"),
+                    "files": {"count": len(listing[0]), "bytes": sum(n for _r, _s, n in listing[0])},
+                    "sums_sha256": hashlib.sha256(sums).hexdigest()}
+        data = (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode()
+        tmp = os.path.join(os.path.dirname(dest), f".abssctl-tmp-{ctx.op_id}-{os.path.basename(dest)}")
+        ctx.out.progress(f"writing {dest} ({compression})")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            write_tar_stream(ctx, fd, compression,
+                             lambda tar: _write_bundle_tar(tar, tree, data, sums, listing, int(now)))
+            os.fchmod(fd, 0o644)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+        digest = sha256_file(dest)
+        atomic_write(dest + ".sha256", f"{digest}  {os.path.basename(dest)}\n".encode(), mode=0o644,
+                     tag=ctx.op_id)
+        result.update({"path": dest, "sha256": digest, "size_bytes": os.path.getsize(dest),
+                       "version": version, "compression": compression})
+
+    def build() -> Plan:
+        plan = Plan(f"export {version}")
+        tmp = os.path.join(os.path.dirname(dest), f".abssctl-tmp-{ctx.op_id}-{os.path.basename(dest)}")
+        plan.add("bundle.write", f"write {dest} and {dest}.sha256", dest, write,
+                 UndoAction("remove_path", path=tmp))
+        return plan
+
+    res = run_mutation(ctx, Mutation(title=f"export {version}", build=build,
+                                     target={"kind": "version", "name": version},
+                                     args={"version": version, "output": dest},
+                                     finish=lambda _p: {"bundle": result}))
+    if result:
+        res.text = [f"wrote {result['path']} ({human_bytes(result['size_bytes'])})",
+                    f"{result['sha256']}  {os.path.basename(result['path'])}"]
+    return res
+
+
+def read_bundle_header(ctx: Context, path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The bundle manifest and its SHA256SUMS (rel -> sha256), from the first two members."""
+    import hashlib
+    tar, close = open_tar_stream(ctx, path)
+    try:
+        members: list[tuple[str, bytes]] = []
+        for member in tar:
+            if not member.isreg() or member.size > 64 << 20:
+                break
+            members.append((member.name, tar.extractfile(member).read()))
+            if len(members) == 2:
+                break
+    except Exception as exc:  # noqa: BLE001 - any read error means the same thing here
+        raise CorruptState(f"{path} is not a readable abssctl bundle ({exc})") from None
+    finally:
+        close()
+    if [n for n, _d in members] != ["abssctl-bundle.json", "SHA256SUMS"]:
+        raise CorruptState(f"{path} is not an abssctl version bundle (its first members are "
+                           f"{[n for n, _d in members]})", hint="create bundles with abssctl version export")
+    try:
+        manifest = json.loads(members[0][1])
+    except ValueError:
+        raise CorruptState(f"{path}: abssctl-bundle.json is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != BUNDLE_KIND or \
+            manifest.get("schema_version") != BUNDLE_SCHEMA:
+        raise CorruptState(f"{path} is not an abssctl version bundle of schema {BUNDLE_SCHEMA}")
+    sums_raw = members[1][1]
+    if hashlib.sha256(sums_raw).hexdigest() != manifest.get("sums_sha256"):
+        raise ChecksumMismatch(f"{path}: SHA256SUMS does not match the manifest's sums_sha256",
+                               hint="the bundle was modified or damaged; export it again")
+    sums: dict[str, str] = {}
+    for line in sums_raw.decode("utf-8", "replace").splitlines():
+        digest, _sep, rel = line.partition("  ")
+        if not re.match(r"^[0-9a-f]{64}$", digest) or not rel:
+            raise CorruptState(f"{path}: SHA256SUMS has a malformed line")
+        sums[rel] = digest
+    return manifest, sums
+
+
+def check_bundle_fits(manifest: Mapping[str, Any], node: NodeInfo, package: str) -> None:
+    """Node ABI, arch, platform and glibc of a bundle against this host; Incompatible (exit 3)."""
+    version = manifest.get("version")
+    want = manifest.get("node") or {}
+    libc = manifest.get("libc") or {}
+    if manifest.get("package") != package:
+        raise Incompatible(f"the bundle holds {manifest.get('package')}, not {package}")
+    if want.get("platform") not in (None, "linux"):
+        raise Incompatible(f"bundle {version} was built for {want.get('platform')}, not linux")
+    if str(want.get("abi")) != node.abi:
+        raise Incompatible(f"bundle {version} was built for node ABI {want.get('abi')} (node {want.get('version')}); "
+                           f"this host runs node {node.version} (ABI {node.abi})",
+                           hint=f"build the bundle on a host with ABI {node.abi}, or install that node here "
+                                "and point [commands] node at it")
+    if want.get("arch") != node.arch:
+        raise Incompatible(f"bundle {version} was built for {want.get('arch')}; this host is {node.arch}",
+                           hint=f"export the bundle on a {node.arch} host")
+    host = node.glibc
+    if libc.get("family") not in (None, "glibc") or (host and libc.get("version") and
+                                                     _version_tuple(host) < _version_tuple(str(libc["version"]))):
+        raise Incompatible(f"bundle {version} needs {libc.get('family')} {libc.get('version')}; this host has "
+                           f"glibc {host}", hint="export the bundle on a host with the same or an older glibc")
+
+
+def op_version_import(ctx: Context, path: str, *, expect_version: str | None = None,
+                      set_current: bool = False) -> Result:
+    """Install a version from an export bundle, checked against this host; no registry is contacted."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"bundle {path} does not exist or is not a file")
+    ctx.out.progress(f"checking {path}")
+    digest = sha256_file(path)
+    sidecar = path + ".sha256"
+    if os.path.exists(sidecar):
+        with open(sidecar, encoding="utf-8", errors="replace") as f:
+            recorded = f.read().split()
+        if not recorded or recorded[0] != digest:
+            raise ChecksumMismatch(f"{path} does not match {sidecar}",
+                                   hint="the bundle was modified or damaged in transit; copy it again")
+    manifest, sums = read_bundle_header(ctx, path)
+    version = validate_version(str(manifest.get("version")), allow_latest=False)
+    if expect_version and version != expect_version:
+        raise UsageError(f"bundle {path} holds {version}, not {expect_version}")
+    versions = Versions(ctx)
+    state = versions.require_not_broken(version)
+    node = _install_checks(ctx, versions) if state == "missing" else Node(ctx.runner).info()
+    check_bundle_fits(manifest, node, versions.package)
+    installer = Installer(ctx, versions, version, node, f"bundle:{digest}")
+    total = int((manifest.get("files") or {}).get("bytes") or 0)
+
+    def extract() -> None:
+        if os.path.lexists(installer.staging):
+            raise Conflict(f"{installer.staging} already exists", hint="another import may be running")
+        ensure_dir(installer.staging, 0o755)
+        if total * 1.1 > disk_free(installer.staging):
+            raise DiskFull(f"the bundle needs {human_bytes(total)}; {ctx.paths.install_root} has less free")
+        ctx.out.progress(f"extracting {version} ({human_bytes(total)})")
+        tar, close = open_tar_stream(ctx, path)
+        try:
+            safe_extract(tar, installer.staging, prefix="tree/", expected=sums, max_bytes=total,
+                         allow_symlinks=True, skip=("abssctl-bundle.json", "SHA256SUMS"))
+        finally:
+            close()
+
+    def build() -> Plan:
+        plan = Plan(f"import {version}")
+        if Versions(ctx).state_of(version) == "missing":
+            plan.add("bundle.extract", f"extract and check {path}", installer.staging, extract,
+                     UndoAction("remove_tree", path=installer.staging))
+            installer.add_verify_steps(plan)
+        if set_current:
+            _set_current_steps(ctx, Versions(ctx), plan, version)
+        return plan
+
+    def finish(_plan: Plan) -> dict[str, Any]:
+        if installer.result:
+            return {"version": installer.output()}
+        entry = dict(Versions(ctx).doc["versions"].get(version) or {})
+        entry["current"] = Versions(ctx).current == version
+        return {"version": entry}
+
+    return run_mutation(ctx, Mutation(title=f"import {version}", build=build, finish=finish,
+                                      target={"kind": "version", "name": version},
+                                      args={"bundle": path, "set_current": set_current}))
+
+
+# ============================================================================
 # 9. CLI wiring
 # ============================================================================
 
@@ -2279,6 +3594,33 @@ def cmd_instance_list(ctx: Context, args: argparse.Namespace) -> Result:
 
 def cmd_instance_show(ctx: Context, args: argparse.Namespace) -> Result:
     return op_instance_show(ctx, args.name)
+
+
+def cmd_version_list(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_version_list(ctx, remote=args.remote, prerelease=args.include_prerelease)
+
+
+def cmd_version_check_updates(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_version_check_updates(ctx)
+
+
+def cmd_version_install(ctx: Context, args: argparse.Namespace) -> Result:
+    if args.from_bundle:
+        return op_version_import(ctx, args.from_bundle, expect_version=None if args.version == "latest"
+                                 else args.version, set_current=args.set_current)
+    return op_version_install(ctx, args.version, set_current=args.set_current)
+
+
+def cmd_version_uninstall(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_version_uninstall(ctx, args.version)
+
+
+def cmd_version_export(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_version_export(ctx, args.version, args.output)
+
+
+def cmd_version_import(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_version_import(ctx, args.file, set_current=args.set_current)
 
 
 def cmd_completion(ctx: Context, args: argparse.Namespace) -> Result:
@@ -2410,6 +3752,39 @@ def _add_instance_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("name", type=_argtype(validate_name), help="instance name")
 
 
+def _exact_version(value: str) -> str:
+    return validate_version(value, allow_latest=False)
+
+
+def _add_version_parser(groups: argparse._SubParsersAction) -> None:
+    verbs = _group(groups, "version", "install and manage server versions side by side")
+    p = _verb(verbs, "list", "list installed versions (and, with --remote, the registry's)", cmd_version_list,
+              "abssctl version list", "abssctl version list --remote --json")
+    p.add_argument("--remote", action="store_true", help="also list versions from the npm registry")
+    p.add_argument("--include-prerelease", action="store_true", help="with --remote: show prereleases too")
+    _verb(verbs, "check-updates", "compare the newest installed version with the registry's newest stable",
+          cmd_version_check_updates, "abssctl version check-updates --json")
+    p = _verb(verbs, "install", "install a server version from npm (verified and smoke-started)",
+              cmd_version_install, "abssctl version install 26.9.0", "abssctl version install latest --set-current",
+              "abssctl version install 26.9.0 --from-bundle /media/usb/abssctl-26.9.0.tar.zst", mutating=True)
+    p.add_argument("version", metavar="VER", type=_argtype(validate_version), help="an exact version, or latest")
+    p.add_argument("--set-current", action="store_true",
+                   help="point current at it (only while no instance follows current)")
+    p.add_argument("--from-bundle", metavar="FILE", help="install from an export bundle (no registry)")
+    p = _verb(verbs, "uninstall", "remove an installed version that no instance uses (prompts)",
+              cmd_version_uninstall, "abssctl version uninstall 25.6.0 --yes", mutating=True)
+    p.add_argument("version", metavar="VER", type=_argtype(_exact_version), help="the installed version")
+    p = _verb(verbs, "export", "write an air-gap bundle of an installed version", cmd_version_export,
+              "abssctl version export 26.9.0 -o /media/usb/abssctl-26.9.0.tar.zst", mutating=True)
+    p.add_argument("version", metavar="VER", type=_argtype(_exact_version), help="the installed version")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the bundle to write")
+    p = _verb(verbs, "import", "install a version from an export bundle, checked against this host",
+              cmd_version_import, "abssctl version import /media/usb/abssctl-26.9.0.tar.zst", mutating=True)
+    p.add_argument("file", metavar="FILE", help="a bundle written by abssctl version export")
+    p.add_argument("--set-current", action="store_true",
+                   help="point current at it (only while no instance follows current)")
+
+
 def _add_history_parser(groups: argparse._SubParsersAction) -> None:
     p = _single(groups, "history", "show recent operations from the operations log", cmd_history,
                 "abssctl history", "abssctl history -n 5 --instance alice --json")
@@ -2441,7 +3816,8 @@ def _add_complete_parser(groups: argparse._SubParsersAction) -> None:
 
 # name -> adder. Order is the order of --help.
 GROUPS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
-    "init": _add_init_parser, "instance": _add_instance_parser, "ports": _add_ports_parser,
+    "init": _add_init_parser, "version": _add_version_parser, "instance": _add_instance_parser,
+    "ports": _add_ports_parser,
     "config": _add_config_parser, "history": _add_history_parser,
     "completion": _add_completion_parser, "man": _add_man_parser,
 }
@@ -2461,7 +3837,8 @@ def build_parser(group: str | None) -> Parser:
     """The parser; only the named group's subcommands are filled in (all of them when None)."""
     root = Parser(prog="abssctl", description=ROOT_DESCRIPTION, epilog=ROOT_EPILOG,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    root.add_argument("-V", "--version", action="store_true", help="print the version and exit")
+    root.add_argument("-V", "--version", action="store_true", dest="show_version",
+                      help="print the version and exit")
     _add_global_flags(root, root=False)
     root.set_defaults(json=False, dry_run=False, yes=False, debug=False, quiet=False, no_color=False,
                       config=None, lock_timeout=None)
@@ -2749,7 +4126,7 @@ def _main(argv: Sequence[str] | None) -> int:
             out.write_lines([version_line()])
             return ExitCode.OK
         args = build_parser(_group_word(argv)).parse_args(argv)
-        if args.version:
+        if args.show_version:
             out.write_lines([version_line()])
             return ExitCode.OK
         out.json, out.quiet, out.debug = args.json, args.quiet, args.debug
