@@ -13,7 +13,9 @@ Sections (``grep -n '^# [0-9]' abssctl.py``):
     5   process runner
     6   templates
     7a  provider: systemd            7b  provider: nginx            7c  providers: npm, node
+    7d  provider: TLS
     8a  plans, steps, undo           8b  operations: host and state  8c  operations: versions
+    8d  operations: instances, TLS, quickstart
     9   CLI wiring
     10  main
 
@@ -315,9 +317,11 @@ def emit(out: Output, result: Result) -> None:
     """Render a Result: one JSON document, or text lines, on stdout."""
     if out.json:
         doc: dict[str, Any] = {"ok": result.ok, **result.data}
+        warnings = sorted(set(out.warnings) | set(result.warnings))
+        if result.changed is not None or warnings:
+            doc["warnings"] = warnings
         if result.changed is not None:
             doc["changed"] = result.changed
-            doc["warnings"] = sorted(set(out.warnings) | set(result.warnings))
         if result.error is not None:
             doc["error"] = error_doc(result.error)
         out.write_json(doc)
@@ -861,6 +865,44 @@ def atomic_write(path: str, data: bytes, *, mode: int = 0o644, uid: int = -1, gi
             pass
         raise
     fsync_dir(directory)
+
+
+def swap_symlink(link: str, target: str, tag: str) -> None:
+    """Point ``link`` at ``target`` atomically: a symlink under a temp name, then rename over."""
+    tmp = os.path.join(os.path.dirname(link), f".abssctl-tmp-{tag}-{os.path.basename(link)}")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(os.path.dirname(link))
+
+
+def snapshot(path: str) -> dict[str, Any] | None:
+    """A journal-safe picture of one path: None (absent), a symlink target, or base64 bytes + mode."""
+    import base64
+    if os.path.islink(path):
+        return {"link": os.readlink(path)}
+    if not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    return {"b64": base64.b64encode(data).decode(), "mode": st.st_mode & 0o7777, "uid": st.st_uid,
+            "gid": st.st_gid}
+
+
+def snapshot_restore(path: str, snap: Mapping[str, Any] | None, tag: str) -> None:
+    """Put a path back as ``snapshot()`` saw it."""
+    import base64
+    if snap is None:
+        if os.path.lexists(path):
+            os.unlink(path)
+        return
+    if "link" in snap:
+        swap_symlink(path, snap["link"], tag)
+        return
+    atomic_write(path, base64.b64decode(snap["b64"]), mode=int(snap.get("mode", 0o644)),
+                 uid=int(snap.get("uid", -1)), gid=int(snap.get("gid", -1)), tag=tag)
 
 
 def read_json_file(path: str) -> Any:
@@ -1423,18 +1465,26 @@ class Runner:
 
     def popen(self, tool: str, args: Sequence[str], *, cwd: str | None = None, user: str | None = None,
               umask: int | None = None, env_extra: Mapping[str, str] | None = None,
-              stdin: Any = None, stdout: Any = None, stderr: Any = None, text: bool = False) -> Any:
-        """Start a child that dies with us (PR_SET_PDEATHSIG), in its own process group."""
+              stdin: Any = None, stdout: Any = None, stderr: Any = None, text: bool = False,
+              new_session: bool = True) -> Any:
+        """Start a child that dies with us (PR_SET_PDEATHSIG), in its own process group by default.
+
+        ``stdin``/``stdout``/``stderr`` take files, fds, or the words "pipe" and (stderr) "stdout", so
+        callers outside this section never need the subprocess module.
+        """
         import shlex
         import subprocess
         argv = self.argv(tool, *args)
         exe = self._resolve(tool, argv)
         self.out.debug_line("start: " + shlex.join(argv))
+        special = {"pipe": subprocess.PIPE, "stdout": subprocess.STDOUT, None: None}
+        stdout, stderr = special.get(stdout, stdout), special.get(stderr, stderr)
+        stdin = subprocess.DEVNULL if stdin is None else special.get(stdin, stdin)
         try:
             return subprocess.Popen([exe, *argv[1:]], cwd=cwd, user=user, env=self._env(env_extra),
                                     umask=-1 if umask is None else umask,
-                                    stdin=subprocess.DEVNULL if stdin is None else stdin,
-                                    stdout=stdout, stderr=stderr, text=text, start_new_session=True,
+                                    stdin=stdin,
+                                    stdout=stdout, stderr=stderr, text=text, start_new_session=new_session,
                                     preexec_fn=_die_with_parent, errors="replace" if text else None)
         except PermissionError as exc:
             raise PermissionDenied(f"cannot run {exe}: {exc.strerror}") from None
@@ -1452,9 +1502,8 @@ class Runner:
         if self.dry_run:
             self.recorded.append(argv)
             return Completed(argv, 0, "", "")
-        import subprocess
         proc = self.popen(tool, args, cwd=cwd, umask=umask, env_extra=env_extra,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout="pipe", stderr="stdout", text=True)
         lines: queue.Queue[str | None] = queue.Queue()
 
         def pump() -> None:
@@ -1669,7 +1718,7 @@ class NginxTransaction:
         self.nginx = nginx
         self.tag = tag
         self.lock = FileLock(lock_path)
-        self.snapshot: dict[str, tuple[str, bytes | str] | None] = {}
+        self.snapshot: dict[str, dict[str, Any] | None] = {}
         self.changed = False
         self.precheck_error: ProviderError | None = None
 
@@ -1683,15 +1732,8 @@ class NginxTransaction:
         return self
 
     def _remember(self, path: str) -> None:
-        if path in self.snapshot:
-            return
-        if os.path.islink(path):
-            self.snapshot[path] = ("link", os.readlink(path))
-        elif os.path.isfile(path):
-            with open(path, "rb") as f:
-                self.snapshot[path] = ("file", f.read())
-        else:
-            self.snapshot[path] = None
+        if path not in self.snapshot:
+            self.snapshot[path] = snapshot(path)
 
     def write(self, path: str, data: bytes) -> None:
         """Put a file in place (temp name, rename)."""
@@ -1701,11 +1743,7 @@ class NginxTransaction:
     def link(self, link: str, target: str) -> None:
         """Point ``link`` at ``target`` (an absolute symlink made under a temp name, then renamed)."""
         self._remember(link)
-        tmp = os.path.join(os.path.dirname(link), f".abssctl-tmp-{self.tag}-{os.path.basename(link)}")
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.symlink(target, tmp)
-        os.replace(tmp, link)
+        swap_symlink(link, target, self.tag)
 
     def remove(self, path: str) -> None:
         self._remember(path)
@@ -1713,32 +1751,15 @@ class NginxTransaction:
             os.unlink(path)
 
     def _differs(self) -> bool:
-        for path, before in self.snapshot.items():
-            now: tuple[str, bytes | str] | None
-            if os.path.islink(path):
-                now = ("link", os.readlink(path))
-            elif os.path.isfile(path):
-                with open(path, "rb") as f:
-                    now = ("file", f.read())
-            else:
-                now = None
-            if now != before:
-                return True
-        return False
+        """Content or link target changed (nginx does not care about a mode)."""
+        def seen(snap: Mapping[str, Any] | None) -> Any:
+            return None if snap is None else (snap.get("link"), snap.get("b64"))
+        return any(seen(snapshot(path)) != seen(before) for path, before in self.snapshot.items())
 
     def restore(self) -> None:
         """Put every touched path back as it was."""
         for path, before in self.snapshot.items():
-            if os.path.lexists(path):
-                os.unlink(path)
-            if before is None:
-                continue
-            kind, value = before
-            if kind == "link":
-                os.symlink(value, path)
-            else:
-                assert isinstance(value, bytes)
-                atomic_write(path, value, mode=0o644, tag=self.tag)
+            snapshot_restore(path, before, self.tag)
 
     def _precheck_blames_us(self) -> bool:
         assert self.precheck_error is not None
@@ -2007,6 +2028,93 @@ def _range_ok(have: tuple[int, int, int], text: str) -> bool | None:
 
 
 # ============================================================================
+# 7d. Providers: TLS (ssl and openssl)
+# ============================================================================
+
+class CertInfo:
+    """What openssl says about a certificate file (never the key)."""
+
+    __slots__ = ("subject", "issuer", "not_after", "fingerprint", "san")
+
+    def __init__(self, subject: str, issuer: str, not_after: float, fingerprint: str, san: list[str]) -> None:
+        self.subject = subject
+        self.issuer = issuer
+        self.not_after = not_after
+        self.fingerprint = fingerprint
+        self.san = san
+
+    def covers(self, domain: str) -> bool:
+        """Does a SAN (or a one-label wildcard) cover ``domain``?"""
+        for name in self.san:
+            if name == domain or (name.startswith("*.") and domain.split(".", 1)[-1] == name[2:]
+                                  and domain.count(".") == name.count(".")):
+                return True
+        return False
+
+
+def pem_blocks(path: str) -> list[str]:
+    """The PEM block types in a file (CERTIFICATE, PRIVATE KEY, ...), read without printing them."""
+    with open(path, "rb") as f:
+        text = f.read(1 << 20).decode("ascii", "replace")
+    return [m.group(1) for m in re.finditer(r"-----BEGIN ([A-Z0-9 ]+)-----", text)]
+
+
+class Tls:
+    """Certificate inspection through openssl, key matching through ssl, self-signed generation."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def inspect(self, cert: str) -> CertInfo:
+        import calendar
+        import time
+        done = self.runner.run("openssl", ["x509", "-in", cert, "-noout", "-enddate", "-subject", "-issuer",
+                                           "-fingerprint", "-sha256", "-ext", "subjectAltName"],
+                               mutating=False, check=False)
+        if done.returncode != 0:
+            raise UsageError(f"{cert} is not a readable PEM certificate",
+                             details={"stderr": _tail(done.stderr)})
+        fields: dict[str, str] = {}
+        san: list[str] = []
+        for line in done.stdout.splitlines():
+            key, sep, value = line.partition("=")
+            if line.startswith("    ") and "DNS:" in line:
+                san += [p.strip()[4:].lower() for p in line.split(",") if p.strip().startswith("DNS:")]
+            elif sep:
+                fields[key.strip()] = value.strip()
+        try:
+            not_after = calendar.timegm(time.strptime(fields.get("notAfter", ""), "%b %d %H:%M:%S %Y %Z"))
+        except ValueError:
+            raise UsageError(f"cannot read the expiry date of {cert}") from None
+        fingerprint = next((v for k, v in fields.items() if k.endswith("Fingerprint")), "")
+        return CertInfo(fields.get("subject", ""), fields.get("issuer", ""), float(not_after), fingerprint, san)
+
+    @staticmethod
+    def check_pair(cert: str, key: str, chain: str | None = None) -> None:
+        """The key matches the certificate (ssl.load_cert_chain); a mismatch or an encrypted key exits 2."""
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cert, key, password=lambda: b"")
+            if chain:
+                context.load_verify_locations(chain)
+        except ssl.SSLError as exc:
+            reason = "the key does not match the certificate" if "mismatch" in str(exc).lower() \
+                else f"the key or certificate cannot be loaded ({exc.reason or exc})"
+            raise UsageError(f"{cert} / {key}: {reason}",
+                             hint="give the key that belongs to this certificate, unencrypted") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read {exc.filename or cert}: {exc.strerror}") from None
+
+    def self_signed(self, domain: str, days: int, key_path: str, cert_path: str) -> None:
+        """A P-256 key and a certificate for ``domain``, written under umask 077."""
+        self.runner.run("openssl", ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                                    "-nodes", "-days", str(days), "-subj", f"/CN={domain}",
+                                    "-addext", f"subjectAltName=DNS:{domain}", "-keyout", key_path,
+                                    "-out", cert_path], mutating=True, umask=0o077)
+
+
+# ============================================================================
 # 8a. Operations: context, plans, steps, undo
 # ============================================================================
 
@@ -2143,7 +2251,7 @@ def new_op_id() -> str:
 
 # -- the undo interpreter --------------------------------------------------------
 
-def _undo_remove_path(args: Mapping[str, Any]) -> None:
+def _undo_remove_path(ctx: Context, args: Mapping[str, Any]) -> None:
     path = args["path"]
     if args.get("dir"):
         try:
@@ -2157,7 +2265,7 @@ def _undo_remove_path(args: Mapping[str, Any]) -> None:
         pass
 
 
-def _undo_restore_mode(args: Mapping[str, Any]) -> None:
+def _undo_restore_mode(ctx: Context, args: Mapping[str, Any]) -> None:
     path = args["path"]
     if os.path.lexists(path):
         os.chmod(path, args["mode"])
@@ -2165,12 +2273,12 @@ def _undo_restore_mode(args: Mapping[str, Any]) -> None:
             os.chown(path, args["uid"], args["gid"])
 
 
-def _undo_rename(args: Mapping[str, Any]) -> None:
+def _undo_rename(ctx: Context, args: Mapping[str, Any]) -> None:
     if os.path.lexists(args["src"]) and not os.path.lexists(args["dst"]):
         os.rename(args["src"], args["dst"])
 
 
-def _undo_remove_tree(args: Mapping[str, Any]) -> None:
+def _undo_remove_tree(ctx: Context, args: Mapping[str, Any]) -> None:
     remove_tree(args["path"])
 
 
@@ -2180,22 +2288,22 @@ def _journal_registry(args: Mapping[str, Any]) -> Registry:
                     mode=int(args.get("mode", 0o640)))
 
 
-def _undo_registry_remove(args: Mapping[str, Any]) -> None:
+def _undo_registry_remove(ctx: Context, args: Mapping[str, Any]) -> None:
     with _journal_registry(args).edit() as doc:
         doc[args["key"]].pop(args["name"], None)
 
 
-def _undo_registry_put(args: Mapping[str, Any]) -> None:
+def _undo_registry_put(ctx: Context, args: Mapping[str, Any]) -> None:
     with _journal_registry(args).edit() as doc:
         doc[args["key"]][args["name"]] = args["entry"]
 
 
-def _undo_registry_fields(args: Mapping[str, Any]) -> None:
+def _undo_registry_fields(ctx: Context, args: Mapping[str, Any]) -> None:
     with _journal_registry(args).edit() as doc:
         doc.update(args["fields"])
 
 
-def _undo_swap_current(args: Mapping[str, Any]) -> None:
+def _undo_swap_current(ctx: Context, args: Mapping[str, Any]) -> None:
     link, target = args["path"], args.get("target")
     if target is None:
         if os.path.islink(link):
@@ -2204,7 +2312,43 @@ def _undo_swap_current(args: Mapping[str, Any]) -> None:
     swap_symlink(link, target, args.get("tag", "undo"))
 
 
-UNDO_HANDLERS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+def _undo_discard_new_dir(ctx: Context, args: Mapping[str, Any]) -> None:
+    """A directory this operation created: move it to a trash name, then delete that."""
+    path = args["path"]
+    if not os.path.isdir(path):
+        return
+    trash = os.path.join(os.path.dirname(path), f".trash-{os.path.basename(path)}-{ctx.op_id}")
+    os.rename(path, trash)
+    remove_tree(trash)
+
+
+def _undo_restore_file(ctx: Context, args: Mapping[str, Any]) -> None:
+    snapshot_restore(args["path"], args.get("snapshot"), ctx.op_id)
+
+
+def _undo_unit_remove(ctx: Context, args: Mapping[str, Any]) -> None:
+    snapshot_restore(args["path"], args.get("snapshot"), ctx.op_id)
+    Systemd(ctx.runner).daemon_reload()
+
+
+def _undo_systemctl(ctx: Context, args: Mapping[str, Any]) -> None:
+    ctx.runner.run("systemctl", ["--no-pager", args["verb"], args["unit"]], mutating=True)
+
+
+def _undo_nginx_restore(ctx: Context, args: Mapping[str, Any]) -> None:
+    nginx = Nginx(ctx.runner)
+    for path, snap in args["files"].items():
+        snapshot_restore(path, snap, ctx.op_id)
+    nginx.test()
+    nginx.reload()
+
+
+UNDO_HANDLERS: dict[str, Callable[[Context, Mapping[str, Any]], None]] = {
+    "discard_new_dir": _undo_discard_new_dir,
+    "restore_file": _undo_restore_file,
+    "unit_remove": _undo_unit_remove,
+    "systemctl": _undo_systemctl,
+    "nginx_restore": _undo_nginx_restore,
     "remove_path": _undo_remove_path,
     "remove_tree": _undo_remove_tree,
     "restore_mode": _undo_restore_mode,
@@ -2214,16 +2358,6 @@ UNDO_HANDLERS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "registry_fields": _undo_registry_fields,
     "swap_current": _undo_swap_current,
 }
-
-
-def swap_symlink(link: str, target: str, tag: str) -> None:
-    """Point ``link`` at ``target`` atomically: a symlink under a temp name, then rename over."""
-    tmp = os.path.join(os.path.dirname(link), f".abssctl-tmp-{tag}-{os.path.basename(link)}")
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    fsync_dir(os.path.dirname(link))
 
 
 def http_get_json(port: int, path: str, timeout: float = 2.0) -> tuple[int, Any]:
@@ -2250,12 +2384,12 @@ def free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_undo(action: Mapping[str, Any]) -> None:
+def run_undo(ctx: Context, action: Mapping[str, Any]) -> None:
     """Carry out one journaled undo action."""
     handler = UNDO_HANDLERS.get(action.get("kind", ""))
     if handler is None:
         raise InternalError(f"unknown undo action {action.get('kind')!r}")
-    handler(action.get("args") or {})
+    handler(ctx, action.get("args") or {})
 
 
 def _undo_all(ctx: Context, actions: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -2269,7 +2403,7 @@ def _undo_all(ctx: Context, actions: Sequence[Mapping[str, Any]]) -> list[str]:
         ctx.out.progress("rolling back, please wait", always=True)   # even under -q: a user waits
         for action in reversed(actions):
             try:
-                run_undo(action)
+                run_undo(ctx, action)
             except Exception as exc:  # noqa: BLE001 - collect, report, keep undoing
                 failed.append(f"{action.get('kind')} {action.get('args')}: {exc}")
     finally:
@@ -2348,6 +2482,22 @@ def recover_journals(ctx: Context) -> list[str]:
         os.unlink(path)
         recovered.append(str(doc.get("op_id")))
     return recovered
+
+
+def recover_before_validation(ctx: Context) -> None:
+    """Roll back dead journals before a mutating command judges the state they left half-changed."""
+    try:
+        dead = [doc for _p, doc in list_journals(ctx.paths.journal_dir)
+                if doc and not pid_alive(int(doc.get("pid") or 0))]
+    except OSError:
+        return
+    if not dead:
+        return
+    ctx.take_locks("exclusive")
+    try:
+        recover_journals(ctx)
+    finally:
+        ctx.release_locks()
 
 
 # -- the mutating-command skeleton (§4.0) -----------------------------------------
@@ -2983,7 +3133,6 @@ def smoke_start(ctx: Context, pkg: str, bin_path: str, version: str, work: str) 
     """Start the staged server on a free loopback port with throwaway data; wait for /health UP and
     /info = version; return the migration titles it recorded in .migrate."""
     import pwd
-    import subprocess
     user = _service_user(ctx)
     data = os.path.join(work, "data")
     for sub in ("", "server-files", "user-files"):
@@ -3003,7 +3152,7 @@ def smoke_start(ctx: Context, pkg: str, bin_path: str, version: str, work: str) 
         proc = ctx.runner.popen("node", [bin_path, "--config", cfg_path], cwd=pkg, user=user,
                                 env_extra={"NODE_ENV": "production", "ACTUAL_PORT": str(port),
                                            "ACTUAL_HOSTNAME": "127.0.0.1", "ACTUAL_DATA_DIR": data},
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr="stdout")
     try:
         info_version = _wait_healthy(ctx, proc, port, version, log_path)
     finally:
@@ -3275,7 +3424,7 @@ def _bundle_files(tree: str) -> tuple[list[tuple[str, str, int]], list[str], lis
                 links.append((rel, os.readlink(path)))
             elif os.path.isfile(path):
                 files.append((rel, sha256_file(path), os.path.getsize(path)))
-    return files, dirs, links
+    return sorted(files), dirs, links
 
 
 def _tar_bytes(tar: Any, name: str, data: bytes, mtime: int) -> None:
@@ -3312,10 +3461,9 @@ def _write_bundle_tar(tar: Any, tree: str, manifest: bytes, sums: bytes,
 
 def write_tar_stream(ctx: Context, dest_fd: int, compression: str, writer: Callable[[Any], None]) -> None:
     """Feed a tar stream to ``writer`` and write it to ``dest_fd`` through zstd, gzip or nothing."""
-    import subprocess
     import tarfile
     if compression == "zstd":
-        proc = ctx.runner.popen("zstd", ["-q", "-T0", "-c"], stdin=subprocess.PIPE, stdout=dest_fd)
+        proc = ctx.runner.popen("zstd", ["-q", "-T0", "-c"], stdin="pipe", stdout=dest_fd)
         try:
             with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 writer(tar)
@@ -3339,13 +3487,12 @@ def write_tar_stream(ctx: Context, dest_fd: int, compression: str, writer: Calla
 
 def open_tar_stream(ctx: Context, path: str) -> tuple[Any, Callable[[], None]]:
     """A streaming TarFile for a .tar, .tar.gz or .tar.zst file (by magic), and its closer."""
-    import subprocess
     import tarfile
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == ZSTD_MAGIC:
         src = open(path, "rb")
-        proc = ctx.runner.popen("zstd", ["-d", "-q", "-c"], stdin=src, stdout=subprocess.PIPE)
+        proc = ctx.runner.popen("zstd", ["-d", "-q", "-c"], stdin=src, stdout="pipe")
         tar = tarfile.open(fileobj=proc.stdout, mode="r|")
 
         def close() -> None:
@@ -3559,6 +3706,1089 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
 
 
 # ============================================================================
+# 8d. Operations: instances, TLS and quickstart
+# ============================================================================
+
+GATE_PROPS = ("ActiveState", "SubState", "MainPID", "ExecMainStatus", "NRestarts")
+SERVER_UPLOAD = {"fileSizeSyncLimitMB": 20, "syncEncryptedFileSizeLimitMB": 50, "fileSizeLimitMB": 20}
+TRUSTED_PROXIES = ["127.0.0.0/8", "::1/128"]
+
+
+def health_gate(ctx: Context, name: str, port: int, expected: str) -> dict[str, Any]:
+    """Poll the unit, /health and /info until two good polls in a row, or raise HealthGateFailed."""
+    import time
+    unit = unit_name(name)
+    sd = Systemd(ctx.runner)
+    timeout = float(ctx.config.get("health", "timeout"))
+    interval = float(ctx.config.get("health", "interval"))
+    started = time.monotonic()
+    good, last = 0, {"health": None, "info_version": None}
+    state: dict[str, str] = {}
+    while time.monotonic() - started < timeout:
+        state = sd.show([unit], GATE_PROPS)[unit]
+        if state.get("ActiveState") in ("failed", "inactive"):
+            _gate_failed(ctx, name, f"{unit} is {state.get('ActiveState')} (the server exited)", state, last)
+        last = _probe_app(port)
+        good = good + 1 if last["health"] == "UP" and last["info_version"] == expected else 0
+        if good >= 2:
+            return {"health": "UP", "info_version": last["info_version"],
+                    "seconds": round(time.monotonic() - started, 1)}
+        ctx.out.progress(f"[{elapsed(time.monotonic() - started)}] health gate {name}: "
+                         f"health={last['health']} version={last['info_version']}", tick=True)
+        time.sleep(interval)
+    _gate_failed(ctx, name, f"{name} did not become healthy on {expected} within {timeout:.0f} s", state, last)
+
+
+def _probe_app(port: int) -> dict[str, Any]:
+    result: dict[str, Any] = {"health": None, "info_version": None}
+    try:
+        status, health = http_get_json(port, "/health")
+        result["health"] = health.get("status") if isinstance(health, dict) else f"HTTP {status}"
+        _status, info = http_get_json(port, "/info")
+        if isinstance(info, dict):
+            result["info_version"] = (info.get("build") or {}).get("version")
+    except OSError as exc:
+        result["health"] = f"down ({exc.strerror or exc})"
+    return result
+
+
+def _gate_failed(ctx: Context, name: str, why: str, state: Mapping[str, str], last: Mapping[str, Any]) -> NoReturn:
+    done = ctx.runner.run("journalctl", ["-u", unit_name(name), "-n", "50", "--no-pager", "-o", "short-iso"],
+                          mutating=False, check=False) if ctx.runner.available("journalctl") else None
+    lines = [redact_line(line) for line in _tail(done.stdout if done else "", 50)]
+    raise HealthGateFailed(f"health gate failed for {name}: {why}",
+                           hint=f"see abssctl instance logs {name}", details={
+                               "unit": dict(state), "last": dict(last), "journal": lines})
+
+
+def redact_line(line: str) -> str:
+    """Mask values that follow secret-looking words in a log line."""
+    return re.sub(r"(?i)(password|secret|token)(\W+)\S+", r"\1\2<redacted>", line)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Something accepts connections on the port, or it cannot be bound."""
+    import errno
+    import socket
+    if port_listening(host, port, timeout=0.3):
+        return True
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def ipv6_available() -> bool:
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def systemd_hint(ctx: Context) -> None:
+    """A host without systemd as PID 1 needs a replacement service manager: say so plainly."""
+    if ctx.config.command("systemctl") == ["systemctl"] and not os.path.isdir("/run/systemd/system"):
+        raise HostError("systemd is not running on this host (no /run/systemd/system), so instance units "
+                        "cannot be started", hint="on a container or a machine without systemd, install "
+                        "Debian's 'systemctl' package (a systemd-compatible service manager; it replaces "
+                        "systemd) or point [commands] systemctl at such a tool")
+
+
+class Instances:
+    """The instances and ports registries plus what derives from them."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.registry = ctx.registry("instances")
+        self.ports_registry = ctx.registry("ports")
+        self.doc = self.registry.load()
+        self.ports = self.ports_registry.load()["ports"]
+
+    def get(self, name: str) -> dict[str, Any]:
+        entry = self.doc["instances"].get(name)
+        if entry is None:
+            raise NotFound(f"no instance named {name!r}", hint="see abssctl instance list")
+        return entry
+
+    def domain_owner(self, domain: str) -> str | None:
+        return next((n for n, e in self.doc["instances"].items() if e.get("domain") == domain), None)
+
+    def free_port(self) -> int:
+        cfg = self.ctx.config
+        bind = cfg.get("ports", "bind")
+        for port in range(cfg.get("ports", "base"), cfg.get("ports", "max") + 1):
+            if str(port) not in self.ports and not port_in_use(bind, port):
+                return port
+        raise HostError(f"no free port in {cfg.get('ports', 'base')}-{cfg.get('ports', 'max')}",
+                        hint="raise [ports] max, or delete an instance")
+
+    def check_port(self, port: int, name: str) -> int:
+        cfg = self.ctx.config
+        port = validate_port(port, cfg.get("ports", "base"), cfg.get("ports", "max"))
+        owner = (self.ports.get(str(port)) or {}).get("instance")
+        if owner and owner != name:
+            raise Conflict(f"port {port} is reserved by instance {owner!r}", hint="see abssctl ports list")
+        if owner != name and port_in_use(cfg.get("ports", "bind"), port):
+            raise Conflict(f"port {port} is in use", why=f"{cfg.get('ports', 'bind')}:{port} accepts connections "
+                           "and no instance owns it", hint="pass another --port, or see abssctl ports list")
+        return port
+
+
+def instance_paths(ctx: Context, name: str) -> dict[str, str]:
+    root = ctx.paths.instance_dir(name)
+    return {"root": root, "data": os.path.join(root, "data"), "config": os.path.join(root, "config.json"),
+            "unit": ctx.paths.unit_file(name), "vhost": ctx.paths.vhost_file(name)}
+
+
+def server_config(root: str, port: int) -> bytes:
+    """The server's config.json (§4.6.1); data lives under the instance, never under the package."""
+    data = os.path.join(root, "data")
+    doc = {"dataDir": data, "serverFiles": os.path.join(data, "server-files"),
+           "userFiles": os.path.join(data, "user-files"), "port": port, "hostname": "127.0.0.1",
+           "trustedProxies": TRUSTED_PROXIES, "upload": SERVER_UPLOAD, "loginMethod": "password"}
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _version_entry(ctx: Context, versions: Versions, version: str) -> dict[str, Any]:
+    entry = versions.doc["versions"].get(version)
+    if entry is None or versions.state_of(version) != "installed":
+        raise UsageError(f"version {version} is not installed (or does not verify)",
+                         hint=f"run abssctl version install {version}")
+    return entry
+
+
+def resolve_binding(ctx: Context, versions: Versions, binding: str) -> str:
+    """The exact version an instance bound to ``current`` or VER runs."""
+    if binding == "current":
+        if not versions.current:
+            raise UsageError("no current version is set", hint="run abssctl version install VER --set-current")
+        return versions.current
+    validate_version(binding, allow_latest=False)
+    return binding
+
+
+def render_unit(ctx: Context, name: str, port: int, version: str, versions: Versions) -> bytes:
+    import shutil
+    entry = _version_entry(ctx, versions, version)
+    pkg = os.path.realpath(versions.package_dir(version))
+    node = ctx.config.command("node")
+    exe = node[0] if "/" in node[0] else (shutil.which(node[0]) or node[0])
+    paths = instance_paths(ctx, name)
+    values = {"NAME": name, "USER": ctx.config.get("service", "user"), "GROUP": ctx.config.get("service", "group"),
+              "PACKAGE_DIR": pkg, "PORT": str(port), "DATA_DIR": paths["data"],
+              "NODE": " ".join([os.path.abspath(exe), *node[1:]]), "BIN": os.path.join(pkg, entry["bin"]),
+              "CONFIG": paths["config"]}
+    return render(ctx.paths.templates_dir, "systemd-unit.service", values).encode()
+
+
+def _proxy_block(port: int, indent: str) -> str:
+    lines = [f"proxy_pass http://127.0.0.1:{port};", "proxy_http_version 1.1;",
+             "proxy_set_header Host $host;", "proxy_set_header X-Real-IP $remote_addr;",
+             "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+             "proxy_set_header X-Forwarded-Proto $scheme;", "proxy_set_header X-Forwarded-Host $host;"]
+    return "\n".join(indent + line for line in lines)
+
+
+def render_vhost(ctx: Context, name: str, domain: str, port: int, tls: Mapping[str, Any]) -> bytes:
+    cfg = ctx.config
+    http, https = cfg.get("nginx", "http_port"), cfg.get("nginx", "https_port")
+    six = ipv6_available()
+    listen_http = f"    listen {http};" + (f"\n    listen [::]:{http};" if six else "")
+    listen_https = f"    listen {https} ssl;" + (f"\n    listen [::]:{https} ssl;" if six else "")
+    internal = ""
+    if cfg.get("nginx", "block_internal"):
+        blocks = []
+        for loc in ("/metrics", "/info"):
+            blocks.append(f"    location = {loc} {{\n        allow 127.0.0.1;\n        allow ::1;\n"
+                          f"        deny all;\n{_proxy_block(port, '        ')}\n    }}\n")
+        internal = "\n" + "\n".join(blocks)
+    values = {"NAME": name, "DOMAIN": domain, "PORT": str(port), "LISTEN_HTTP": listen_http,
+              "LISTEN_HTTPS": listen_https, "HTTPS_PORT_SUFFIX": "" if https == 443 else f":{https}",
+              "CERT": tls["cert"], "KEY": tls["key"], "CLIENT_MAX_BODY_SIZE": cfg.get("nginx", "client_max_body_size"),
+              "INTERNAL_BLOCK": internal}
+    return render(ctx.paths.templates_dir, "nginx-vhost.conf", values).encode()
+
+
+def _tls_paths(ctx: Context, name: str) -> dict[str, str]:
+    base = os.path.join(ctx.paths.tls_dir, name)
+    return {"dir": base, "cert": os.path.join(base, "fullchain.pem"), "key": os.path.join(base, "privkey.pem")}
+
+
+def check_system_tls(ctx: Context) -> dict[str, Any]:
+    cert, key = ctx.config.get("tls", "system_cert"), ctx.config.get("tls", "system_key")
+    for path in (cert, key):
+        if not os.path.isfile(path):
+            raise UsageError(f"the system certificate file {path} does not exist",
+                             hint="pass --tls self-signed, or --tls custom --cert F --key F")
+    Tls.check_pair(cert, key)
+    return {"source": "system", "cert": cert, "key": key, "chain": None}
+
+
+def _write_key_and_cert(ctx: Context, tdir: str, key_data: bytes, cert_data: bytes) -> None:
+    """privkey.pem created 0600 before any byte is written, fullchain.pem 0644; both by rename."""
+    ensure_dir(ctx.paths.tls_dir, 0o700)
+    ensure_dir(tdir, 0o700)
+    for name, data, mode in (("privkey.pem", key_data, 0o600), ("fullchain.pem", cert_data, 0o644)):
+        path = os.path.join(tdir, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                atomic_write(path + ".prev", f.read(), mode=mode, tag=ctx.op_id)
+        atomic_write(path, data, mode=mode, tag=ctx.op_id)
+
+
+def copy_private_dir(src: str, dst: str) -> None:
+    """Copy a flat TLS directory keeping each file's mode and owner (keys stay 0600)."""
+    import shutil
+    os.mkdir(dst, 0o700)
+    os.chmod(dst, os.stat(src).st_mode & 0o7777)
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and not os.path.islink(path) and not name.startswith("."):
+            st = os.stat(path)
+            fd = os.open(os.path.join(dst, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         st.st_mode & 0o600)
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as f:
+                shutil.copyfileobj(f, out)
+                os.fchmod(out.fileno(), st.st_mode & 0o7777)
+                os.fsync(out.fileno())
+
+
+def make_self_signed(ctx: Context, name: str, domain: str, days: int) -> None:
+    tp = _tls_paths(ctx, name)
+    ensure_dir(ctx.paths.tls_dir, 0o700)
+    ensure_dir(tp["dir"], 0o700)
+    work = os.path.join(tp["dir"], f".abssctl-tmp-{ctx.op_id}")
+    ensure_dir(work, 0o700)
+    try:
+        key, cert = os.path.join(work, "k.pem"), os.path.join(work, "c.pem")
+        Tls(ctx.runner).self_signed(domain, days, key, cert)
+        with open(key, "rb") as f:
+            key_data = f.read()
+        with open(cert, "rb") as f:
+            cert_data = f.read()
+    finally:
+        remove_tree(work)
+    _write_key_and_cert(ctx, tp["dir"], key_data, cert_data)
+
+
+class CreateRequest:
+    """The validated arguments of instance create."""
+
+    __slots__ = ("name", "domain", "port", "binding", "version", "tls", "cert", "key", "chain", "start")
+
+    def __init__(self, name: str, domain: str, port: int, binding: str, version: str, tls: str,
+                 cert: str | None, key: str | None, chain: str | None, start: bool) -> None:
+        self.name, self.domain, self.port, self.binding, self.version = name, domain, port, binding, version
+        self.tls, self.cert, self.key, self.chain, self.start = tls, cert, key, chain, start
+
+
+def _tls_entry(ctx: Context, req: CreateRequest) -> dict[str, Any]:
+    if req.tls == "system":
+        return check_system_tls(ctx)
+    tp = _tls_paths(ctx, req.name)
+    return {"source": req.tls, "cert": tp["cert"], "key": tp["key"], "chain": None}
+
+
+def _validate_create(ctx: Context, name: str, domain: str | None, port: int | None, binding: str,
+                     tls: str | None, cert: str | None, key: str | None, chain: str | None,
+                     start: bool) -> tuple[CreateRequest, dict[str, Any] | None]:
+    """Every check of instance create (§4.5.1); returns the request and an identical existing entry."""
+    insts = Instances(ctx)
+    suffix = ctx.config.get("nginx", "server_name_suffix")
+    if domain is None:
+        if not suffix:
+            raise UsageError("--domain is required", hint="pass --domain FQDN, or set [nginx] server_name_suffix")
+        domain = validate_fqdn(f"{name}.{suffix}")
+    existing = insts.doc["instances"].get(name)
+    if existing is not None:
+        same = existing.get("domain") == domain and (port is None or existing.get("port") == port) and \
+            existing.get("version") == binding
+        if same:
+            return CreateRequest(name, domain, existing["port"], binding, existing.get("resolved_version") or "",
+                                 (existing.get("tls") or {}).get("source", "system"), cert, key, chain,
+                                 start), existing
+        raise AlreadyExists(f"instance {name!r} exists with other settings (domain {existing.get('domain')}, "
+                            f"port {existing.get('port')}, version {existing.get('version')})",
+                            hint=f"see abssctl instance show {name}")
+    leftovers = [p for p in (ctx.paths.instance_dir(name), ctx.paths.unit_file(name), ctx.paths.vhost_file(name))
+                 if os.path.lexists(p)]
+    if leftovers:
+        raise AlreadyExists(f"{leftovers[0]} exists but no instance {name!r} is registered",
+                            hint="it was kept by instance delete or made by hand: restore it or move it "
+                                 "aside, then create again")
+    owner = insts.domain_owner(domain)
+    if owner:
+        raise Conflict(f"domain {domain} already belongs to instance {owner!r}")
+    port = insts.check_port(port, name) if port is not None else insts.free_port()
+    versions = Versions(ctx)
+    version = resolve_binding(ctx, versions, binding)
+    _version_entry(ctx, versions, version)
+    tls = tls or ctx.config.get("tls", "default_source")
+    if tls == "custom":
+        if not (cert and key):
+            raise UsageError("--tls custom needs --cert FILE and --key FILE")
+        verify_pair(ctx, cert, key, chain, domain)
+    elif cert or key:
+        raise UsageError("--cert and --key go with --tls custom")
+    elif tls == "self-signed" and not ctx.runner.available("openssl"):
+        raise MissingTool("openssl is not installed (needed for --tls self-signed)", hint=INSTALL_HINTS["openssl"])
+    elif tls == "system":
+        check_system_tls(ctx)
+    _host_checks(ctx)
+    return CreateRequest(name, domain, port, binding, version, tls, cert, key, chain, start), None
+
+
+def _host_checks(ctx: Context) -> None:
+    import pwd
+    try:
+        pwd.getpwnam(ctx.config.get("service", "user"))
+    except KeyError:
+        raise HostError(f"the service user {ctx.config.get('service', 'user')} does not exist",
+                        hint="run abssctl init --allow-create-user") from None
+    for tool in ("nginx", "systemctl"):
+        if not ctx.runner.available(tool):
+            raise MissingTool(f"{tool} is not installed", hint=INSTALL_HINTS[tool])
+    systemd_hint(ctx)
+    for path in (ctx.paths.unit_dir, ctx.paths.sites_available, ctx.paths.sites_enabled):
+        if not os.path.isdir(path):
+            raise HostError(f"{path} does not exist", hint="install nginx and systemd, or fix [paths]")
+    try:
+        Nginx(ctx.runner).test()
+    except ProviderError as exc:
+        raise ProviderError("nginx -t fails before any change: " + exc.message,
+                            hint="fix the nginx configuration first", details=exc.details) from None
+
+
+def _nginx_publish_step(ctx: Context, plan: Plan, writes: Mapping[str, bytes], links: Mapping[str, str],
+                        removes: Sequence[str], summary: str, target: str) -> None:
+    """One nginx transaction as a step; its undo restores every touched path and reloads."""
+    touched = list(writes) + list(links) + list(removes)
+    before = {p: snapshot(p) for p in touched}
+
+    def do() -> None:
+        with Nginx(ctx.runner).transaction(ctx.op_id, ctx.paths.lock("nginx.lock")) as tx:
+            for path, data in writes.items():
+                tx.write(path, data)
+            for link, dest in links.items():
+                tx.link(link, dest)
+            for path in removes:
+                tx.remove(path)
+    plan.add("nginx.commit", summary, target, do, UndoAction("nginx_restore", files=before))
+
+
+def _unit_step(ctx: Context, plan: Plan, name: str, data: bytes | None, summary: str) -> None:
+    path = ctx.paths.unit_file(name)
+    before = snapshot(path)
+
+    def do() -> None:
+        if data is None:
+            if os.path.lexists(path):
+                os.unlink(path)
+        else:
+            atomic_write(path, data, mode=0o644, tag=ctx.op_id)
+        Systemd(ctx.runner).daemon_reload()
+    plan.add("unit.write" if data is not None else "unit.remove", summary, path, do,
+             UndoAction("unit_remove", path=path, snapshot=before))
+
+
+def _file_step(ctx: Context, plan: Plan, step_id: str, path: str, data: bytes, mode: int, gid: int,
+               summary: str) -> None:
+    before = snapshot(path)
+    plan.add(step_id, summary, path, lambda: atomic_write(path, data, mode=mode, gid=gid, tag=ctx.op_id),
+             UndoAction("restore_file", path=path, snapshot=before))
+
+
+def _registry_step(ctx: Context, plan: Plan, reg: Registry, name: str, entry: dict[str, Any] | None,
+                   summary: str) -> None:
+    """Set (or, with None, drop) one registry entry; the undo puts the old one back."""
+    old = reg.load()[reg.key].get(name)
+
+    def do() -> None:
+        with reg.edit(ctx.op_id) as doc:
+            if entry is None:
+                doc[reg.key].pop(name, None)
+            else:
+                doc[reg.key][name] = entry
+    undo = UndoAction("registry_put", name=name, entry=old, **_registry_args(reg)) if old is not None \
+        else UndoAction("registry_remove", name=name, **_registry_args(reg))
+    plan.add(f"registry.{reg.key}", summary, reg.path, do, undo)
+
+
+def _systemctl_step(ctx: Context, plan: Plan, verb: str, unit: str, undo_verb: str | None) -> None:
+    plan.add(f"systemctl.{verb}", f"systemctl {verb} {unit}", unit,
+             lambda: ctx.runner.run("systemctl", ["--no-pager", verb, unit], mutating=True),
+             UndoAction("systemctl", verb=undo_verb, unit=unit) if undo_verb else None)
+
+
+def _start_and_gate_step(ctx: Context, plan: Plan, name: str, port: int, version: str,
+                         gate: dict[str, Any], verb: str = "start") -> None:
+    unit = unit_name(name)
+
+    def do() -> None:
+        ctx.runner.run("systemctl", ["--no-pager", verb, unit], mutating=True)
+        gate.update(health_gate(ctx, name, port, version))
+    plan.add(f"systemctl.{verb}", f"systemctl {verb} {unit}, then the health gate on {version}", unit, do,
+             UndoAction("systemctl", verb="stop", unit=unit))
+
+
+def _now() -> str:
+    return rfc3339(utc_now())
+
+
+def _instance_entry(ctx: Context, req: CreateRequest, tls: dict[str, Any], state: str) -> dict[str, Any]:
+    now = _now()
+    return {"name": req.name, "domain": req.domain, "port": req.port, "version": req.binding,
+            "resolved_version": req.version, "data_version": None, "enabled": False,
+            "pending_restart": False, "state": state, "tls": tls, "paths": instance_paths(ctx, req.name),
+            "created_at": now, "updated_at": now, "last_backup_id": None, "last_restore": None}
+
+
+def op_instance_create(ctx: Context, name: str, *, domain: str | None, port: int | None, version: str,
+                       tls: str | None, cert: str | None, key: str | None, chain: str | None,
+                       start: bool) -> Result:
+    """Reserve, provision, write config, TLS and unit, start behind the gate, then publish the vhost."""
+    req, same = _validate_create(ctx, name, domain, port, version, tls, cert, key, chain, start)
+    gate: dict[str, Any] = {}
+
+    def build() -> Plan:
+        plan = Plan(f"create instance {name}")
+        if Instances(ctx).doc["instances"].get(name) is not None:
+            return plan                       # identical re-run: nothing to do
+        _create_steps(ctx, plan, req, gate)
+        return plan
+
+    def finish(plan: Plan) -> dict[str, Any]:
+        entry = Instances(ctx).doc["instances"].get(name) or {}
+        return {"instance": _instance_summary(ctx, entry, gate)}
+
+    if same is not None:
+        ctx.out.debug_line(f"instance {name} exists with the same settings")
+    return run_mutation(ctx, Mutation(title=f"create {name}", build=build, finish=finish,
+                                      instances=[name], target={"kind": "instance", "name": name},
+                                      args={"name": name, "domain": req.domain, "port": req.port,
+                                            "version": version, "tls": req.tls, "start": start}))
+
+
+def _instance_summary(ctx: Context, entry: Mapping[str, Any], gate: Mapping[str, Any]) -> dict[str, Any]:
+    return {"name": entry.get("name"), "domain": entry.get("domain"), "port": entry.get("port"),
+            "version": entry.get("version"), "resolved_version": entry.get("resolved_version"),
+            "enabled": entry.get("enabled"), "active": bool(gate) or None,
+            "health": gate.get("health"), "url": instance_url(entry, ctx.config.get("nginx", "https_port")),
+            "tls": {"source": (entry.get("tls") or {}).get("source")}, "unit": unit_name(str(entry.get("name")))}
+
+
+def _create_steps(ctx: Context, plan: Plan, req: CreateRequest, gate: dict[str, Any]) -> None:
+    import pwd
+    name = req.name
+    insts = Instances(ctx)
+    versions = Versions(ctx)
+    uid = pwd.getpwnam(ctx.config.get("service", "user")).pw_uid
+    gid = ctx.service_gid()
+    paths = instance_paths(ctx, name)
+    tls = _tls_entry(ctx, req)
+    _registry_step(ctx, plan, insts.ports_registry, str(req.port), {"instance": name, "reserved_at": _now()},
+                   f"reserve port {req.port}")
+    _registry_step(ctx, plan, insts.registry, name, _instance_entry(ctx, req, tls, "provisioning"),
+                   f"register {name} as provisioning")
+
+    def make_dirs() -> None:
+        ensure_dir(ctx.paths.instance_root, 0o755)
+        os.mkdir(paths["root"], 0o750)
+        os.chown(paths["root"], 0, gid)
+        os.chmod(paths["root"], 0o750)
+        for sub in ("data", "data/server-files", "data/user-files"):
+            path = os.path.join(paths["root"], sub)
+            os.mkdir(path, 0o750)
+            os.chown(path, uid, gid)
+            os.chmod(path, 0o750)
+    plan.add("fs.dirs", f"create {paths['root']} and its data dirs", paths["root"], make_dirs,
+             UndoAction("discard_new_dir", path=paths["root"]))
+    plan.add("config.write", f"write {paths['config']}", paths["config"],
+             lambda: atomic_write(paths["config"], server_config(paths["root"], req.port), mode=0o640, gid=gid,
+                                  tag=ctx.op_id), UndoAction("remove_path", path=paths["config"]))
+    if req.tls != "system":
+        tdir = _tls_paths(ctx, name)["dir"]
+        if req.tls == "self-signed":
+            do_tls = lambda: make_self_signed(ctx, name, req.domain, 825)  # noqa: E731
+        else:
+            do_tls = lambda: install_custom_files(ctx, name, req.cert or "", req.key or "", req.chain)  # noqa: E731
+        plan.add("tls.write", f"write the {req.tls} certificate into {tdir}", tdir, do_tls,
+                 UndoAction("discard_new_dir", path=tdir))
+    _unit_step(ctx, plan, name, render_unit(ctx, name, req.port, req.version, versions),
+               f"write {paths['unit']} and daemon-reload")
+    _systemctl_step(ctx, plan, "enable", unit_name(name), "disable")
+    if req.start:
+        _start_and_gate_step(ctx, plan, name, req.port, req.version, gate)
+    vhost = ctx.paths.vhost_file(name)
+    _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, req.domain, req.port, tls)},
+                        {ctx.paths.vhost_link(name): vhost}, (), f"publish {vhost} (nginx -t, reload)", vhost)
+    final = _instance_entry(ctx, req, tls, "ready")
+    final.update({"enabled": True, "data_version": req.version if req.start else None})
+    _registry_step(ctx, plan, insts.registry, name, final, f"mark {name} ready")
+
+
+def install_custom_files(ctx: Context, name: str, cert: str, key: str, chain: str | None) -> None:
+    """Copy a verified custom pair into <tls_dir>/NAME (key 0600, fullchain = cert + chain)."""
+    with open(key, "rb") as f:
+        key_data = f.read()
+    with open(cert, "rb") as f:
+        cert_data = f.read()
+    if chain:
+        with open(chain, "rb") as f:
+            cert_data = cert_data.rstrip(b"\n") + b"\n" + f.read()
+    _write_key_and_cert(ctx, _tls_paths(ctx, name)["dir"], key_data, cert_data)
+
+
+# -- TLS verification ----------------------------------------------------------------
+
+def verify_pair(ctx: Context, cert: str, key: str, chain: str | None, domain: str | None) -> dict[str, Any]:
+    """§4.7 tls verify: files, modes, PEM blocks, key match, expiry, SAN; key material never shown."""
+    import grp
+    import stat
+    import time
+    for path in [cert, key] + ([chain] if chain else []):
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise UsageError(f"{path} does not exist or cannot be read") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{path} is not a regular file")
+    warnings = []
+    kst = os.stat(key)
+    mode = kst.st_mode & 0o777
+    try:
+        ssl_cert_gid = grp.getgrnam("ssl-cert").gr_gid
+    except KeyError:
+        ssl_cert_gid = None
+    if not (mode == 0o600 or (mode == 0o640 and kst.st_gid == ssl_cert_gid)):
+        warnings.append(f"{key} has mode {mode:04o}; keys should be 0600 (or 0640 with group ssl-cert)")
+    blocks = pem_blocks(cert)
+    cert_has_key = any("PRIVATE KEY" in b for b in blocks)
+    Tls.check_pair(cert, key, chain)
+    info = Tls(ctx.runner).inspect(cert)
+    days = (info.not_after - time.time()) / 86400
+    if days < 0:
+        raise UsageError(f"the certificate {cert} expired on {rfc3339(info.not_after)}", hint="renew it first")
+    if days < 21:
+        warnings.append(f"the certificate {cert} expires in {int(days)} days ({rfc3339(info.not_after)[:10]})")
+    covers = info.covers(domain) if domain else None
+    if covers is False:
+        warnings.append(f"the certificate's names ({', '.join(info.san) or 'none'}) do not cover {domain}")
+    for w in warnings:
+        ctx.out.warn(w)
+    return {"cert": cert, "key": key, "chain": chain, "subject": info.subject, "issuer": info.issuer,
+            "not_after": rfc3339(info.not_after), "days_left": int(days), "san": info.san,
+            "fingerprint_sha256": info.fingerprint, "key_mode": f"{mode:04o}",
+            "cert_blocks": len([b for b in blocks if "CERTIFICATE" in b]), "cert_contains_key": cert_has_key,
+            "covers_domain": covers}
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+def _unit_state(ctx: Context, name: str) -> dict[str, str]:
+    return Systemd(ctx.runner).show([unit_name(name)], ("ActiveState", "SubState", "MainPID",
+                                                        "UnitFileState"))[unit_name(name)]
+
+
+def _is_active(state: Mapping[str, str]) -> bool:
+    return state.get("ActiveState") in ("active", "activating", "reloading")
+
+
+def op_instance_lifecycle(ctx: Context, name: str, verb: str) -> Result:
+    """start, stop, restart, enable, disable: a systemctl call, the gate where it starts, the registry."""
+    Instances(ctx).get(name)
+    gate: dict[str, Any] = {}
+
+    def build() -> Plan:
+        plan = Plan(f"{verb} {name}")
+        current = Instances(ctx).get(name)
+        state = _unit_state(ctx, name)
+        active, enabled = _is_active(state), state.get("UnitFileState") == "enabled"
+        unit = unit_name(name)
+        port, version = int(current["port"]), str(current.get("resolved_version"))
+        if verb == "start" and not active:
+            _start_and_gate_step(ctx, plan, name, port, version, gate)
+        elif verb == "restart":
+            _start_and_gate_step(ctx, plan, name, port, version, gate, verb="restart")
+        elif verb == "stop" and active:
+            _systemctl_step(ctx, plan, "stop", unit, "start")
+        elif verb == "enable" and not enabled:
+            _systemctl_step(ctx, plan, "enable", unit, "disable")
+        elif verb == "disable" and enabled:
+            _systemctl_step(ctx, plan, "disable", unit, "enable")
+        if plan.steps and verb in ("enable", "disable", "start", "restart"):
+            updated = dict(current, updated_at=_now())
+            if verb in ("enable", "disable"):
+                updated["enabled"] = verb == "enable"
+            if verb in ("start", "restart"):
+                updated["data_version"] = version
+            _registry_step(ctx, plan, Instances(ctx).registry, name, updated, f"record {name} {verb}ed")
+        return plan
+
+    return run_mutation(ctx, Mutation(title=f"{verb} {name}", build=build, instances=[name],
+                                      target={"kind": "instance", "name": name}, args={"name": name},
+                                      finish=lambda _p: {"instance": _instance_summary(
+                                          ctx, Instances(ctx).get(name), gate)}))
+
+
+def op_instance_status(ctx: Context, name: str | None) -> Result:
+    """Live state of one or every instance: unit, listening, /health, /info against the registry."""
+    from concurrent.futures import ThreadPoolExecutor
+    insts = Instances(ctx)
+    names = [name] if name else sorted(insts.doc["instances"])
+    if name:
+        insts.get(name)
+    units = Systemd(ctx.runner).show([unit_name(n) for n in names],
+                                     ("ActiveState", "SubState", "MainPID", "ExecMainStatus", "UnitFileState"))
+    bind = ctx.config.get("ports", "bind")
+
+    def probe(n: str) -> dict[str, Any]:
+        e = insts.doc["instances"][n]
+        port = int(e.get("port") or 0)
+        app = _probe_app(port) if port else {"health": None, "info_version": None}
+        unit = units.get(unit_name(n), {})
+        return {"name": n, "domain": e.get("domain"), "port": port, "unit": unit_name(n),
+                "active_state": unit.get("ActiveState"), "sub_state": unit.get("SubState"),
+                "main_pid": int(unit.get("MainPID") or 0), "enabled": unit.get("UnitFileState") == "enabled",
+                "listening": port_listening(bind, port) if port else False, "health": app["health"],
+                "info_version": app["info_version"], "resolved_version": e.get("resolved_version"),
+                "version_ok": app["info_version"] == e.get("resolved_version")}
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:
+        rows = list(pool.map(probe, names))
+    text = table(("NAME", "UNIT", "PORT", "LISTENING", "HEALTH", "VERSION"),
+                 [(r["name"], f"{r['active_state']}/{r['sub_state']}", r["port"], "yes" if r["listening"] else "no",
+                   r["health"], r["info_version"] or r["resolved_version"]) for r in rows]) if rows \
+        else ["no instances yet"]
+    return Result({"instances": rows}, text)
+
+
+def op_instance_logs(ctx: Context, name: str, *, lines: int, since: str | None, follow: bool,
+                     emit_line: Callable[[str], None]) -> Result:
+    Instances(ctx).get(name)
+    args = ["-u", unit_name(name), "--no-pager", "-o", "short-iso", "-n", str(lines)]
+    if since:
+        args += ["--since", since]
+    if not follow:
+        done = ctx.runner.run("journalctl", args, mutating=False)
+        return Result({"lines": done.stdout.splitlines()}, done.stdout.splitlines())
+    proc = ctx.runner.popen("journalctl", [*args, "-f"], stdout="pipe", text=True)
+    try:
+        for line in proc.stdout:
+            emit_line(line.rstrip("\n"))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_process(proc, grace=2)
+    return Result({}, [])
+
+
+def op_instance_env(ctx: Context, name: str) -> Result:
+    """The unit's Environment= lines and ExecStart argv, as the server sees them."""
+    entry = Instances(ctx).get(name)
+    path = (entry.get("paths") or {}).get("unit") or ctx.paths.unit_file(name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise HostError(f"{path} is missing", hint=f"re-create it: abssctl instance restart {name}") from None
+    env = dict(line[len("Environment="):].split("=", 1) for line in lines if line.startswith("Environment=")
+               and "=" in line[len("Environment="):])
+    exec_line = next((line[len("ExecStart="):] for line in lines if line.startswith("ExecStart=")), "")
+    cwd = next((line[len("WorkingDirectory="):] for line in lines if line.startswith("WorkingDirectory=")), None)
+    text = [f"{k}={v}" for k, v in sorted(env.items())] + [f"# cwd {cwd}", f"# exec {exec_line}"]
+    return Result({"environment": env, "exec": exec_line.split(), "working_directory": cwd}, text)
+
+
+def op_instance_reset_password(ctx: Context, name: str) -> Result:
+    """Run the server's own --reset-password with the instance's config, as the service user, on the TTY."""
+    entry = Instances(ctx).get(name)
+    if not ctx.interactive:
+        raise UsageError("reset-password needs a terminal (the server reads the password in raw mode)",
+                         hint="run it in an interactive shell, without --json")
+    versions = Versions(ctx)
+    version = str(entry.get("resolved_version"))
+    pkg = os.path.realpath(versions.package_dir(version))
+    vers = _version_entry(ctx, versions, version)
+    paths = instance_paths(ctx, name)
+    user = ctx.config.get("service", "user")
+    proc = ctx.runner.popen("node", [os.path.join(pkg, vers["bin"]), "--reset-password", "--config",
+                                     paths["config"]], cwd=pkg, user=None if user == "root" else user,
+                            env_extra={"ACTUAL_DATA_DIR": paths["data"], "NODE_ENV": "production"},
+                            stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, new_session=False)
+    rc = proc.wait()
+    if rc != 0:
+        raise ProviderError(f"the server's password reset exited {rc}")
+    return Result({"instance": name, "reset": True}, [f"password of {name} reset"])
+
+
+# -- changes -------------------------------------------------------------------------
+
+def _restart_on_undo_step(ctx: Context, plan: Plan, name: str, was_active: bool) -> None:
+    """First step of a change: a no-op whose undo (run last) restarts the server on restored files."""
+    if was_active:
+        plan.add("service.mark", f"remember that {name} was running", unit_name(name), lambda: None,
+                 UndoAction("systemctl", verb="restart", unit=unit_name(name)))
+
+
+def op_instance_set_port(ctx: Context, name: str, port: int) -> Result:
+    gate: dict[str, Any] = {}
+
+    def build() -> Plan:
+        insts = Instances(ctx)
+        entry = insts.get(name)
+        plan = Plan(f"move {name} to port {port}")
+        old = int(entry["port"])
+        if old == port:
+            return plan
+        insts.check_port(port, name)
+        active = _is_active(_unit_state(ctx, name))
+        paths = instance_paths(ctx, name)
+        version = str(entry["resolved_version"])
+        _restart_on_undo_step(ctx, plan, name, active)
+        _registry_step(ctx, plan, insts.ports_registry, str(port), {"instance": name, "reserved_at": _now()},
+                       f"reserve port {port}")
+        _file_step(ctx, plan, "config.write", paths["config"], server_config(paths["root"], port), 0o640,
+                   ctx.service_gid(), f"set port {port} in {paths['config']}")
+        _unit_step(ctx, plan, name, render_unit(ctx, name, port, version, Versions(ctx)),
+                   f"rewrite {paths['unit']} for port {port}")
+        if active:
+            _start_and_gate_step(ctx, plan, name, port, version, gate, verb="restart")
+        vhost = ctx.paths.vhost_file(name)
+        _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, entry["domain"], port, entry["tls"])},
+                            {}, (), f"point {vhost} at port {port}", vhost)
+        _registry_step(ctx, plan, insts.registry, name, dict(entry, port=port, updated_at=_now()),
+                       f"record port {port}")
+        _registry_step(ctx, plan, insts.ports_registry, str(old), None, f"release port {old}")
+        return plan
+
+    Instances(ctx).get(name)
+    return run_mutation(ctx, Mutation(title=f"set-port {name}", build=build, instances=[name],
+                                      target={"kind": "instance", "name": name}, args={"name": name, "port": port},
+                                      finish=lambda _p: {"instance": _instance_summary(
+                                          ctx, Instances(ctx).get(name), gate)}))
+
+
+def op_instance_set_domain(ctx: Context, name: str, domain: str) -> Result:
+    def build() -> Plan:
+        insts = Instances(ctx)
+        entry = insts.get(name)
+        plan = Plan(f"move {name} to {domain}")
+        if entry["domain"] == domain:
+            return plan
+        owner = insts.domain_owner(domain)
+        if owner:
+            raise Conflict(f"domain {domain} already belongs to instance {owner!r}")
+        tls = dict(entry["tls"])
+        if tls.get("source") == "self-signed":
+            tdir = _tls_paths(ctx, name)["dir"]
+            before = {p: snapshot(os.path.join(tdir, p)) for p in ("privkey.pem", "fullchain.pem")}
+            plan.add("tls.write", f"regenerate the self-signed certificate for {domain}", tdir,
+                     lambda: make_self_signed(ctx, name, domain, 825),
+                     UndoAction("nginx_restore", files={os.path.join(tdir, p): s for p, s in before.items()}))
+        elif tls.get("source") == "custom" and not Tls(ctx.runner).inspect(tls["cert"]).covers(domain):
+            ctx.out.warn(f"the custom certificate of {name} does not cover {domain}; install one that does "
+                         f"with abssctl tls install {name} --cert F --key F")
+        vhost = ctx.paths.vhost_file(name)
+        _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, domain, int(entry["port"]), tls)}, {}, (),
+                            f"serve {name} as {domain}", vhost)
+        _registry_step(ctx, plan, insts.registry, name, dict(entry, domain=domain, updated_at=_now()),
+                       f"record domain {domain}")
+        return plan
+
+    Instances(ctx).get(name)
+    return run_mutation(ctx, Mutation(title=f"set-domain {name}", build=build, instances=[name],
+                                      target={"kind": "instance", "name": name},
+                                      args={"name": name, "domain": domain},
+                                      finish=lambda _p: {"instance": _instance_summary(
+                                          ctx, Instances(ctx).get(name), {})}))
+
+
+def _rename_path_step(plan: Plan, step_id: str, src: str, dst: str, summary: str) -> None:
+    if os.path.lexists(src):
+        if os.path.lexists(dst):
+            raise AlreadyExists(f"{dst} already exists", hint="move it aside first")
+        plan.add(step_id, summary, dst, lambda: os.rename(src, dst), UndoAction("rename", src=dst, dst=src))
+
+
+def op_instance_rename(ctx: Context, old: str, new: str) -> Result:
+    """Stop, move dirs, unit, vhost, TLS, port, registry and backups to the new name, start, gate."""
+    gate: dict[str, Any] = {}
+
+    def build() -> Plan:
+        insts = Instances(ctx)
+        entry = insts.get(old)
+        plan = Plan(f"rename {old} to {new}")
+        if new in insts.doc["instances"]:
+            raise AlreadyExists(f"instance {new!r} already exists")
+        for path in (ctx.paths.instance_dir(new), ctx.paths.unit_file(new), ctx.paths.vhost_file(new)):
+            if os.path.lexists(path):
+                raise AlreadyExists(f"{path} already exists", hint="move it aside first")
+        state = _unit_state(ctx, old)
+        active, enabled = _is_active(state), state.get("UnitFileState") == "enabled"
+        if active:
+            _systemctl_step(ctx, plan, "stop", unit_name(old), "start")
+        if enabled:
+            _systemctl_step(ctx, plan, "disable", unit_name(old), "enable")
+        new_paths = instance_paths(ctx, new)
+        _rename_path_step(plan, "fs.rename", ctx.paths.instance_dir(old), new_paths["root"],
+                          f"rename {ctx.paths.instance_dir(old)} to {new_paths['root']}")
+        plan.add("config.write", f"rewrite {new_paths['config']}", new_paths["config"],
+                 lambda: atomic_write(new_paths["config"], server_config(new_paths["root"], int(entry["port"])),
+                                      mode=0o640, gid=ctx.service_gid(), tag=ctx.op_id))
+        tls = dict(entry["tls"])
+        tp_old, tp_new = _tls_paths(ctx, old), _tls_paths(ctx, new)
+        own_tls = tls.get("source") in ("self-signed", "custom") and os.path.isdir(tp_old["dir"])
+        if own_tls:
+            # Copy now, retire the old copy after nginx stops using it: moving it first would break
+            # the old vhost, and nginx -t, before the transaction could swap the vhosts.
+            if os.path.lexists(tp_new["dir"]):
+                raise AlreadyExists(f"{tp_new['dir']} already exists", hint="move it aside first")
+            plan.add("tls.copy", f"copy {tp_old['dir']} to {tp_new['dir']}", tp_new["dir"],
+                     lambda: copy_private_dir(tp_old["dir"], tp_new["dir"]),
+                     UndoAction("discard_new_dir", path=tp_new["dir"]))
+            tls.update(cert=tp_new["cert"], key=tp_new["key"])
+        version = str(entry["resolved_version"])
+        _unit_step(ctx, plan, new, render_unit(ctx, new, int(entry["port"]), version, Versions(ctx)),
+                   f"write {ctx.paths.unit_file(new)}")
+        _unit_step(ctx, plan, old, None, f"remove {ctx.paths.unit_file(old)}")
+        vhost_new = ctx.paths.vhost_file(new)
+        _nginx_publish_step(ctx, plan, {vhost_new: render_vhost(ctx, new, entry["domain"], int(entry["port"]), tls)},
+                            {ctx.paths.vhost_link(new): vhost_new},
+                            (ctx.paths.vhost_link(old), ctx.paths.vhost_file(old)),
+                            f"publish {vhost_new} and retire {ctx.paths.vhost_file(old)}", vhost_new)
+        if own_tls:
+            trash = os.path.join(ctx.paths.tls_dir, f".trash-{old}-{ctx.op_id}")
+            _rename_path_step(plan, "tls.retire", tp_old["dir"], trash, f"move the old {tp_old['dir']} aside")
+        _rename_path_step(plan, "backups.rename", os.path.join(ctx.paths.backup_root, old),
+                          os.path.join(ctx.paths.backup_root, new), "move the backups directory")
+        _backup_index_rename_step(ctx, plan, old, new)
+        moved = dict(entry, name=new, tls=tls, paths=new_paths, updated_at=_now())
+        _registry_step(ctx, plan, insts.registry, new, moved, f"register {new}")
+        _registry_step(ctx, plan, insts.registry, old, None, f"unregister {old}")
+        _registry_step(ctx, plan, insts.ports_registry, str(entry["port"]),
+                       {"instance": new, "reserved_at": _now()}, f"give port {entry['port']} to {new}")
+        if enabled:
+            _systemctl_step(ctx, plan, "enable", unit_name(new), "disable")
+        if active:
+            _start_and_gate_step(ctx, plan, new, int(entry["port"]), version, gate)
+        if own_tls:
+            plan.add("tls.delete", f"delete the old TLS copy {trash}", trash,
+                     lambda: remove_tree(trash) if os.path.lexists(trash) else None)
+        return plan
+
+    Instances(ctx).get(old)
+    return run_mutation(ctx, Mutation(title=f"rename {old}", build=build, instances=[old, new],
+                                      target={"kind": "instance", "name": old}, args={"old": old, "new": new},
+                                      finish=lambda _p: {"instance": _instance_summary(
+                                          ctx, Instances(ctx).get(new), gate)}))
+
+
+def _backup_index_rename_step(ctx: Context, plan: Plan, old: str, new: str) -> None:
+    reg = ctx.registry("backups")
+    if not os.path.exists(reg.path):
+        return
+    before = reg.load()
+    if not any(b.get("instance") == old for b in before["backups"].values() if isinstance(b, dict)):
+        return
+
+    def do() -> None:
+        with reg.edit(ctx.op_id) as doc:
+            for b in doc["backups"].values():
+                if isinstance(b, dict) and b.get("instance") == old:
+                    b["instance"] = new
+                    b["archive"] = str(b.get("archive", "")).replace(f"{old}/", f"{new}/", 1)
+    plan.add("backups.index", f"point the backup index entries of {old} at {new}", reg.path, do,
+             UndoAction("registry_fields", fields={"backups": before["backups"]}, **_registry_args(reg)))
+
+
+def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: bool) -> Result:
+    """Stop, disable, unpublish, remove the unit, release the port, unregister; data kept unless purged."""
+    entry = Instances(ctx).get(name)
+    if purge_data and not no_backup:
+        raise UsageError("a final backup before --purge-data needs backup support, which this release "
+                         "does not have yet", hint="pass --no-backup as well to delete the data without one")
+
+    def build() -> Plan:
+        insts = Instances(ctx)
+        current = insts.get(name)
+        plan = Plan(f"delete {name}")
+        state = _unit_state(ctx, name)
+        unit = unit_name(name)
+        if _is_active(state):
+            _systemctl_step(ctx, plan, "stop", unit, "start")
+        if state.get("UnitFileState") == "enabled":
+            _systemctl_step(ctx, plan, "disable", unit, "enable")
+        _nginx_publish_step(ctx, plan, {}, {}, (ctx.paths.vhost_link(name), ctx.paths.vhost_file(name)),
+                            f"unpublish {ctx.paths.vhost_file(name)}", ctx.paths.vhost_file(name))
+        _unit_step(ctx, plan, name, None, f"remove {ctx.paths.unit_file(name)}")
+        _registry_step(ctx, plan, insts.ports_registry, str(current["port"]), None,
+                       f"release port {current['port']}")
+        _registry_step(ctx, plan, insts.registry, name, None, f"unregister {name}")
+        if purge_data:
+            trashes = []
+            for what, path in (("dir", ctx.paths.instance_dir(name)), ("tls", _tls_paths(ctx, name)["dir"])):
+                trash = os.path.join(os.path.dirname(path), f".trash-{name}-{ctx.op_id}")
+                if os.path.lexists(path):
+                    trashes.append(trash)
+                    _rename_path_step(plan, f"purge.{what}", path, trash, f"move {path} aside")
+            plan.add("purge.delete", "delete the moved-aside data (no undo past this point)", name,
+                     lambda: [remove_tree(t) for t in trashes if os.path.lexists(t)] and None)
+        return plan
+
+    def ask(_plan: Plan) -> None:
+        if purge_data:
+            question = (f"Delete instance '{name}' ({entry['domain']}, port {entry['port']}) AND its data, "
+                        f"without a backup?\nType the instance name to confirm: ")
+            if ctx.assume_yes:
+                return
+            if not ctx.interactive:
+                raise NeedsConfirmation(f"deleting {name} with its data needs confirmation",
+                                        hint="re-run with --yes, or in a terminal")
+            if ctx.out.ask(question, "name:") != name:
+                raise Declined("the name did not match; nothing was changed")
+            return
+        confirm(ctx, f"Delete instance '{name}' ({entry['domain']}, port {entry['port']})?\n"
+                     f"Its data stays in {ctx.paths.instance_dir(name)} and its backups stay in "
+                     f"{os.path.join(ctx.paths.backup_root, name)}.")
+
+    result = run_mutation(ctx, Mutation(title=f"delete {name}", build=build, instances=[name], confirm=ask,
+                                        target={"kind": "instance", "name": name},
+                                        args={"name": name, "purge_data": purge_data, "no_backup": no_backup}))
+    if result.changed and not purge_data:
+        result.text.append(f"kept: {ctx.paths.instance_dir(name)} (data), {_tls_paths(ctx, name)['dir']} (TLS) "
+                           f"and {os.path.join(ctx.paths.backup_root, name)} (backups)")
+        result.data["kept"] = [ctx.paths.instance_dir(name), _tls_paths(ctx, name)["dir"]]
+    return result
+
+
+# -- TLS commands ------------------------------------------------------------------------
+
+def op_tls_verify(ctx: Context, name: str | None, cert: str | None, key: str | None, chain: str | None) -> Result:
+    domain = None
+    if name:
+        entry = Instances(ctx).get(name)
+        tls = entry.get("tls") or {}
+        cert, key, chain, domain = tls.get("cert"), tls.get("key"), tls.get("chain"), entry.get("domain")
+    if not (cert and key):
+        raise UsageError("give an instance NAME, or --cert FILE and --key FILE")
+    info = verify_pair(ctx, cert, key, chain, domain)
+    text = [f"{k}: {v}" for k, v in info.items()]
+    return Result({"tls": info}, text)
+
+
+def _retls(ctx: Context, name: str, source: str, prepare: Callable[[Plan, dict[str, Any]], None]) -> Result:
+    """Shared tail of tls install/use-system/self-signed: new files, registry, nginx transaction."""
+    def build() -> Plan:
+        insts = Instances(ctx)
+        entry = insts.get(name)
+        plan = Plan(f"tls {source} for {name}")
+        tls: dict[str, Any] = {"source": source, "chain": None}
+        prepare(plan, tls)
+        if tls == entry.get("tls") and source == "system":
+            return Plan(f"tls {source} for {name}")
+        vhost = ctx.paths.vhost_file(name)
+        _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, entry["domain"], int(entry["port"]), tls)},
+                            {}, (), f"serve {name} with the {source} certificate", vhost)
+        _registry_step(ctx, plan, insts.registry, name, dict(entry, tls=tls, updated_at=_now()),
+                       f"record TLS source {source}")
+        return plan
+
+    Instances(ctx).get(name)
+    return run_mutation(ctx, Mutation(title=f"tls {source} {name}", build=build, instances=[name],
+                                      target={"kind": "instance", "name": name}, args={"name": name,
+                                                                                      "source": source}))
+
+
+def _tls_files_step(ctx: Context, plan: Plan, name: str, summary: str, do: Callable[[], None]) -> None:
+    tp = _tls_paths(ctx, name)
+    before = {p: snapshot(p) for p in (tp["key"], tp["cert"], tp["key"] + ".prev", tp["cert"] + ".prev")}
+    plan.add("tls.write", summary, tp["dir"], do, UndoAction("nginx_restore", files=before))
+
+
+def op_tls_install(ctx: Context, name: str, cert: str, key: str, chain: str | None) -> Result:
+    entry = Instances(ctx).get(name)
+    verify_pair(ctx, cert, key, chain, entry.get("domain"))
+    tp = _tls_paths(ctx, name)
+
+    def prepare(plan: Plan, tls: dict[str, Any]) -> None:
+        _tls_files_step(ctx, plan, name, f"install the certificate into {tp['dir']}",
+                        lambda: install_custom_files(ctx, name, cert, key, chain))
+        tls.update(cert=tp["cert"], key=tp["key"])
+    return _retls(ctx, name, "custom", prepare)
+
+
+def op_tls_use_system(ctx: Context, name: str) -> Result:
+    system = check_system_tls(ctx)
+    return _retls(ctx, name, "system", lambda plan, tls: tls.update(system))
+
+
+def op_tls_self_signed(ctx: Context, name: str, days: int) -> Result:
+    entry = Instances(ctx).get(name)
+    if not ctx.runner.available("openssl"):
+        raise MissingTool("openssl is not installed", hint=INSTALL_HINTS["openssl"])
+    tp = _tls_paths(ctx, name)
+
+    def prepare(plan: Plan, tls: dict[str, Any]) -> None:
+        _tls_files_step(ctx, plan, name, f"generate a self-signed certificate for {entry['domain']} ({days} days)",
+                        lambda: make_self_signed(ctx, name, entry["domain"], days))
+        tls.update(cert=tp["cert"], key=tp["key"])
+    result = _retls(ctx, name, "self-signed", prepare)
+    result.warnings.append(f"browsers will not trust {entry['domain']} until its clients trust {tp['cert']}")
+    return result
+
+
+# -- quickstart ------------------------------------------------------------------------
+
+QUICKSTART_TOOLS = (("node", "nodejs"), ("npm", "npm"), ("nginx", "nginx-light"), ("systemctl", "systemd"),
+                    ("openssl", "openssl"))
+
+
+def op_quickstart(ctx: Context, name: str, domain: str, version: str) -> Result:
+    """init, version install --set-current, instance create: each part idempotent, so a re-run resumes."""
+    import shutil
+    missing = [pkg for tool, pkg in QUICKSTART_TOOLS if not ctx.runner.available(tool)]
+    missing += [tool for tool in ("make", "g++", "python3") if shutil.which(tool) is None]
+    if missing:
+        raise MissingTool("quickstart needs tools this host does not have",
+                          hint="apt-get install " + " ".join(sorted(set(missing))))
+    systemd_hint(ctx)
+    if ctx.dry_run:
+        raise UsageError("quickstart runs several commands, each with its own plan",
+                         hint="dry-run them one by one: init, version install, instance create")
+    parts: dict[str, Any] = {}
+    parts["init"] = op_init(ctx, allow_create_user=ctx.assume_yes).changed
+    _next_op(ctx)
+    installed = op_version_install(ctx, version, set_current=True)
+    parts["version"] = installed.data.get("version", {}).get("version")
+    _next_op(ctx)
+    tls = None
+    cert = ctx.config.get("tls", "system_cert")
+    if not (os.path.isfile(cert) and os.path.isfile(ctx.config.get("tls", "system_key"))):
+        tls = "self-signed"
+        ctx.out.warn(f"no system certificate at {cert}: using a self-signed one (browsers will warn)")
+    created = op_instance_create(ctx, name, domain=domain, port=None, version="current", tls=tls, cert=None,
+                                 key=None, chain=None, start=True)
+    inst = created.data.get("instance", {})
+    url = inst.get("url")
+    text = [f"{name} is up: {url}", f"next: open {url} and set the server password",
+            f"      abssctl instance status {name} shows its health"]
+    return Result({"instance": inst, "version": parts["version"], "init_changed": parts["init"], "url": url},
+                  text, changed=bool(parts["init"] or installed.changed or created.changed))
+
+
+def _next_op(ctx: Context) -> None:
+    """Each quickstart part is its own operation in the log, with its own op id."""
+    ctx.op_id = new_op_id()
+    ctx.started = utc_now()
+
+
+# ============================================================================
 # 9. CLI wiring
 # ============================================================================
 
@@ -3586,6 +4816,71 @@ def cmd_ports_list(ctx: Context, args: argparse.Namespace) -> Result:
 
 def cmd_history(ctx: Context, args: argparse.Namespace) -> Result:
     return op_history(ctx, limit=args.n, instance=args.instance)
+
+
+def cmd_instance_create(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_create(ctx, args.name, domain=args.domain, port=args.port, version=args.binding,
+                              tls=args.tls, cert=args.cert, key=args.key, chain=args.chain,
+                              start=not args.no_start)
+
+
+def cmd_instance_status(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_status(ctx, args.name)
+
+
+def cmd_instance_lifecycle(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_lifecycle(ctx, args.name, args.lifecycle)
+
+
+def cmd_instance_logs(ctx: Context, args: argparse.Namespace) -> Result:
+    if args.follow and ctx.out.json:
+        raise UsageError("--follow streams text; it cannot be combined with --json")
+    return op_instance_logs(ctx, args.name, lines=args.n, since=args.since, follow=args.follow,
+                            emit_line=lambda line: ctx.out.write_lines([line]))
+
+
+def cmd_instance_env(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_env(ctx, args.name)
+
+
+def cmd_instance_set_port(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_set_port(ctx, args.name, args.port)
+
+
+def cmd_instance_set_domain(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_set_domain(ctx, args.name, args.domain)
+
+
+def cmd_instance_rename(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_rename(ctx, args.old, args.new)
+
+
+def cmd_instance_delete(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_delete(ctx, args.name, purge_data=args.purge_data, no_backup=args.no_backup)
+
+
+def cmd_instance_reset_password(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_reset_password(ctx, args.name)
+
+
+def cmd_tls_verify(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_tls_verify(ctx, args.name, args.cert, args.key, args.chain)
+
+
+def cmd_tls_install(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_tls_install(ctx, args.name, args.cert, args.key, args.chain)
+
+
+def cmd_tls_use_system(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_tls_use_system(ctx, args.name)
+
+
+def cmd_tls_self_signed(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_tls_self_signed(ctx, args.name, args.days)
+
+
+def cmd_quickstart(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_quickstart(ctx, args.name, args.domain, args.version)
 
 
 def cmd_instance_list(ctx: Context, args: argparse.Namespace) -> Result:
@@ -3743,13 +5038,106 @@ def _add_ports_parser(groups: argparse._SubParsersAction) -> None:
           "abssctl ports list", "abssctl ports list --json")
 
 
+def _port_arg(value: str) -> int:
+    return validate_port(value)
+
+
 def _add_instance_parser(groups: argparse._SubParsersAction) -> None:
-    verbs = _group(groups, "instance", "inspect instances")
+    verbs = _group(groups, "instance", "create, run, change and delete instances")
+    p = _verb(verbs, "create", "create an instance: dirs, config, unit, health-gated start, HTTPS vhost",
+              cmd_instance_create, "abssctl instance create alice --domain alice.budget.example.org",
+              "abssctl instance create bob --domain bob.example.org --tls self-signed --json", mutating=True)
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+    p.add_argument("--domain", type=_argtype(validate_fqdn), help="its FQDN (default NAME.<server_name_suffix>)")
+    p.add_argument("--port", type=_argtype(_port_arg), help="loopback port (default: the lowest free one)")
+    p.add_argument("--version", dest="binding", default="current",
+                   type=_argtype(lambda v: v if v == "current" else validate_version(v, allow_latest=False)),
+                   help="current (default) or an installed exact version")
+    p.add_argument("--tls", choices=("system", "self-signed", "custom"), help="certificate source "
+                   "(default [tls] default_source)")
+    p.add_argument("--cert", metavar="FILE", help="with --tls custom: the certificate")
+    p.add_argument("--key", metavar="FILE", help="with --tls custom: its key")
+    p.add_argument("--chain", metavar="FILE", help="with --tls custom: intermediate certificates")
+    p.add_argument("--no-start", action="store_true", help="do not start it (the vhost is still written)")
     _verb(verbs, "list", "list registered instances (reads the registry only)", cmd_instance_list,
           "abssctl instance list", "abssctl instance list --json")
     p = _verb(verbs, "show", "show one instance's registry entry, server config and backups",
               cmd_instance_show, "abssctl instance show alice --json")
     p.add_argument("name", type=_argtype(validate_name), help="instance name")
+    p = _verb(verbs, "status", "live state: unit, port, /health, /info version", cmd_instance_status,
+              "abssctl instance status", "abssctl instance status alice --json")
+    p.add_argument("name", nargs="?", type=_argtype(validate_name), help="instance name (default: all)")
+    for verb, text in (("start", "start an instance, then the health gate"), ("stop", "stop an instance"),
+                       ("restart", "restart an instance, then the health gate"),
+                       ("enable", "start an instance at boot"), ("disable", "do not start an instance at boot")):
+        p = _verb(verbs, verb, text, cmd_instance_lifecycle, f"abssctl instance {verb} alice", mutating=True)
+        p.add_argument("name", type=_argtype(validate_name), help="instance name")
+        p.set_defaults(lifecycle=verb)
+    p = _verb(verbs, "logs", "show the server's journal", cmd_instance_logs, "abssctl instance logs alice -n 50",
+              "abssctl instance logs alice -f")
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+    p.add_argument("-n", type=_argtype(lambda v: bounded_int(v, "-n", 1, 100000)), default=100, metavar="N",
+                   help="lines (default 100)")
+    p.add_argument("--since", metavar="TS", help="journalctl --since value, e.g. '1 hour ago'")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
+    p = _verb(verbs, "env", "print the unit's environment and the command it runs", cmd_instance_env,
+              "abssctl instance env alice")
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+    p = _verb(verbs, "set-port", "move an instance to another loopback port", cmd_instance_set_port,
+              "abssctl instance set-port alice 5010", mutating=True)
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+    p.add_argument("port", type=_argtype(_port_arg), help="the new port")
+    for alias in ("set-domain", "set-fqdn"):
+        p = _verb(verbs, alias, "serve an instance under another domain" + (" (alias of set-domain)"
+                  if alias == "set-fqdn" else ""), cmd_instance_set_domain,
+                  f"abssctl instance {alias} alice alice.example.net", mutating=True)
+        p.add_argument("name", type=_argtype(validate_name), help="instance name")
+        p.add_argument("domain", type=_argtype(validate_fqdn), help="the new FQDN")
+    p = _verb(verbs, "rename", "rename an instance: dirs, unit, vhost, TLS, port, registry, backups",
+              cmd_instance_rename, "abssctl instance rename alice alicia", mutating=True)
+    p.add_argument("old", type=_argtype(validate_name), help="current name")
+    p.add_argument("new", type=_argtype(validate_name), help="new name")
+    p = _verb(verbs, "delete", "remove an instance (prompts); its data is kept unless --purge-data",
+              cmd_instance_delete, "abssctl instance delete alice",
+              "abssctl instance delete alice --purge-data --no-backup --yes", mutating=True)
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+    p.add_argument("--purge-data", action="store_true", help="also delete its data and TLS files")
+    p.add_argument("--no-backup", action="store_true", help="with --purge-data: no final backup")
+    p = _verb(verbs, "reset-password", "reset the server password with the server's own tool (needs a TTY)",
+              cmd_instance_reset_password, "abssctl instance reset-password alice", mutating=True)
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+
+
+def _add_tls_parser(groups: argparse._SubParsersAction) -> None:
+    verbs = _group(groups, "tls", "certificates of instances")
+    p = _verb(verbs, "verify", "check a certificate and key: match, expiry, SAN, modes", cmd_tls_verify,
+              "abssctl tls verify alice", "abssctl tls verify --cert c.pem --key k.pem")
+    p.add_argument("name", nargs="?", type=_argtype(validate_name), help="instance name")
+    p.add_argument("--cert", metavar="FILE")
+    p.add_argument("--key", metavar="FILE")
+    p.add_argument("--chain", metavar="FILE")
+    p = _verb(verbs, "install", "install a custom certificate for an instance", cmd_tls_install,
+              "abssctl tls install alice --cert fullchain.pem --key privkey.pem", mutating=True)
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+    p.add_argument("--cert", metavar="FILE", required=True)
+    p.add_argument("--key", metavar="FILE", required=True)
+    p.add_argument("--chain", metavar="FILE")
+    p = _verb(verbs, "use-system", "serve an instance with the system certificate ([tls] system_cert)",
+              cmd_tls_use_system, "abssctl tls use-system alice", mutating=True)
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+    p = _verb(verbs, "self-signed", "generate a self-signed certificate for an instance", cmd_tls_self_signed,
+              "abssctl tls self-signed alice --days 825", mutating=True)
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+    p.add_argument("--days", type=_argtype(lambda v: bounded_int(v, "--days", 1, 3650)), default=825)
+
+
+def _add_quickstart_parser(groups: argparse._SubParsersAction) -> None:
+    p = _single(groups, "quickstart", "init, install a version and bring up a first instance",
+                cmd_quickstart, "abssctl quickstart alice --domain alice.budget.example.org --yes",
+                mutating=True)
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+    p.add_argument("--domain", type=_argtype(validate_fqdn), required=True, help="its FQDN")
+    p.add_argument("--version", default="latest", type=_argtype(validate_version), help="default: latest")
 
 
 def _exact_version(value: str) -> str:
@@ -3816,8 +5204,8 @@ def _add_complete_parser(groups: argparse._SubParsersAction) -> None:
 
 # name -> adder. Order is the order of --help.
 GROUPS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
-    "init": _add_init_parser, "version": _add_version_parser, "instance": _add_instance_parser,
-    "ports": _add_ports_parser,
+    "quickstart": _add_quickstart_parser, "init": _add_init_parser, "version": _add_version_parser,
+    "instance": _add_instance_parser, "tls": _add_tls_parser, "ports": _add_ports_parser,
     "config": _add_config_parser, "history": _add_history_parser,
     "completion": _add_completion_parser, "man": _add_man_parser,
 }
@@ -4131,7 +5519,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return ExitCode.OK
         out.json, out.quiet, out.debug = args.json, args.quiet, args.debug
         out.color = out.color and not args.no_color
-        result = args.handler(make_context(args, out), args)
+        ctx = make_context(args, out)
+        if args.mutating and not args.dry_run:
+            recover_before_validation(ctx)
+        result = args.handler(ctx, args)
     except AbssctlError as exc:
         return report_error(out, exc)
     except (KeyboardInterrupt, _Terminated):

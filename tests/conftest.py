@@ -9,6 +9,16 @@ from rig.fakes import *  # noqa: F401,F403  (sandbox fixture, fake tools on PATH
 from rig.nginx_sandbox import *  # noqa: F401,F403  (real_nginx fixture)
 from rig.systemd_sandbox import *  # noqa: F401,F403  (systemd_sandbox fixture)
 from rig.npm_registry import *  # noqa: F401,F403  (npm_registry fixture)
+from rig.host import *  # noqa: F401,F403  (abssctl_host: real nginx + systemctl + npm registry)
+
+
+@pytest.fixture(autouse=True)
+def _keep_umask():
+    """abssctl.main() sets umask 027 for mutating commands; in-process tests must not leak it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

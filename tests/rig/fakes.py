@@ -1070,6 +1070,9 @@ def main():
             return 1
         if KNOBS.get("eval_stdout"):
             sys.stdout.write(KNOBS["eval_stdout"])
+        elif len(args) > 2 and args[2].startswith("["):
+            # abssctl's native-module check passes the module names as a JSON list: all load.
+            out(json.dumps({name: "ok" for name in json.loads(args[2])}))
         return 0
     pkg = package_of(a)
     if pkg is None:

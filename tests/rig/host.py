@@ -1,0 +1,144 @@
+"""A whole host in tmp_path for the integration tier: real nginx, the systemctl replacement, real npm
+against the local registry fixture, real openssl, and abssctl run in-process against it."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+__all__ = ["abssctl_host", "Host", "HostRun"]
+
+
+class HostRun:
+    """One abssctl.main() call: rc, stdout, stderr, and the parsed JSON document if any."""
+
+    def __init__(self, rc: int, out: str, err: str) -> None:
+        self.rc, self.out, self.err = rc, out, err
+        try:
+            self.doc: Any = json.loads(out)
+        except ValueError:
+            self.doc = None
+
+    def __repr__(self) -> str:
+        return f"HostRun(rc={self.rc}, err={self.err[-2000:]!r}, out={self.out[-2000:]!r})"
+
+
+class Host:
+    """Paths, config and helpers of one sandboxed host."""
+
+    def __init__(self, root: Path, nginx: Any, systemd: Any, registry: Any, npm_cache: Path) -> None:
+        self.root = root
+        self.nginx = nginx
+        self.systemd = systemd
+        self.registry = registry
+        self.npm_cache = npm_cache
+        self.config = root / "etc" / "abssctl" / "config.toml"
+        self.paths = {
+            "install_root": root / "srv/versions", "instance_root": root / "srv/instances",
+            "backup_root": root / "srv/backups", "state_dir": root / "var/lib/abssctl",
+            "log_dir": root / "var/log/abssctl", "run_dir": root / "run/abssctl",
+            "templates_dir": root / "etc/abssctl/templates", "tls_dir": root / "etc/abssctl/tls",
+            "systemd_unit_dir": systemd.unit_dir, "nginx_sites_available": nginx.sites_available,
+            "nginx_sites_enabled": nginx.sites_enabled,
+        }
+        self.settings: dict[str, dict[str, Any]] = {
+            "paths": {k: str(v) for k, v in self.paths.items()},
+            "service": {"user": "root", "group": "root"},
+            "ports": {"base": 0, "max": 0},
+            "nginx": {"http_port": nginx.http_port, "https_port": nginx.https_port},
+            "npm": {"registry": registry.url, "allow_scripts": ["fake-native"]},
+            "tls": {"system_cert": str(root / "etc/ssl/cert.pem"), "system_key": str(root / "etc/ssl/cert.key")},
+            "health": {"timeout": 20, "interval": 0.1},
+            "commands": {"systemctl": systemd.command, "journalctl": systemd.journalctl_command,
+                         "nginx": nginx.command, "nginx_reload": nginx.reload_command,
+                         "node": ["/usr/bin/node"], "npm": [shutil.which("npm") or "/usr/bin/npm"],
+                         "openssl": [shutil.which("openssl") or "/usr/bin/openssl"],
+                         "zstd": [shutil.which("zstd") or "/usr/bin/zstd"]},
+        }
+        from rig.nginx_sandbox import free_port
+        base = free_port()
+        while base > 60000:
+            base = free_port()
+        self.settings["ports"] = {"base": base, "max": base + 40}
+        self.write_config()
+
+    def write_config(self) -> None:
+        lines = []
+        for section, values in self.settings.items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        self.config.parent.mkdir(parents=True, exist_ok=True)
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def configure(self, section: str, **values: Any) -> None:
+        self.settings.setdefault(section, {}).update(values)
+        self.write_config()
+
+    def run(self, *argv: Any) -> HostRun:
+        import abssctl
+        out, err = io.StringIO(), io.StringIO()
+        saved = sys.stdin
+        sys.stdin = io.StringIO("")
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                rc = abssctl.main(["--config", str(self.config), *map(str, argv)])
+        finally:
+            sys.stdin = saved
+        return HostRun(rc, out.getvalue(), err.getvalue())
+
+    def ok(self, *argv: Any) -> Any:
+        got = self.run("--json", *argv)
+        assert got.rc == 0, got
+        return got.doc
+
+    def registry_doc(self, name: str) -> dict[str, Any]:
+        return json.loads((self.paths["state_dir"] / "registry" / f"{name}.json").read_text())
+
+    def tree(self) -> dict[str, tuple[int, int, str]]:
+        """{path: (mode, size, sha256|link)} of the managed paths (not nginx's or systemd's own files)."""
+        import hashlib
+        import stat
+        snap = {}
+        roots = [self.root / "srv", self.root / "var", self.root / "etc", self.nginx.sites_available,
+                 self.nginx.sites_enabled, self.systemd.unit_dir]
+        for top in roots:
+            for dirpath, dirnames, filenames in os.walk(top):
+                dirnames.sort()
+                for name in sorted(dirnames + filenames):
+                    path = Path(dirpath) / name
+                    if path.name.endswith(".lock") or "log" in path.parts[-2:]:
+                        continue
+                    st = path.lstat()
+                    if stat.S_ISLNK(st.st_mode):
+                        snap[str(path)] = (st.st_mode, 0, os.readlink(path))
+                    elif stat.S_ISREG(st.st_mode):
+                        snap[str(path)] = (st.st_mode, st.st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+                    else:
+                        snap[str(path)] = (st.st_mode, 0, "")
+        return snap
+
+
+@pytest.fixture
+def abssctl_host(tmp_path: Path, real_nginx: Any, systemd_sandbox: Any, npm_registry: Any,
+                 tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
+    """A host with init run and the fake server 1.0.0 installed as current."""
+    cache = tmp_path_factory.getbasetemp() / "npm-cache"
+    cache.mkdir(exist_ok=True)
+    monkeypatch.setenv("npm_config_cache", str(cache))
+    monkeypatch.setenv("npm_config_fetch_retries", "0")
+    monkeypatch.setenv("npm_config_update_notifier", "false")
+    for name in [n for n in os.environ if n.startswith("ABSSCTL_")]:
+        monkeypatch.delenv(name)
+    root = tmp_path / "host"
+    host = Host(root, real_nginx, systemd_sandbox, npm_registry, cache)
+    assert host.run("init").rc == 0
+    got = host.run("--json", "version", "install", "1.0.0", "--set-current")
+    assert got.rc == 0, got
+    yield host
