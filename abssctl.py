@@ -15,7 +15,7 @@ Sections (``grep -n '^# [0-9]' abssctl.py``):
     7a  provider: systemd            7b  provider: nginx            7c  providers: npm, node
     7d  provider: TLS
     8a  plans, steps, undo           8b  operations: host and state  8c  operations: versions
-    8d  operations: instances, TLS, quickstart
+    8d  operations: instances, TLS, quickstart          8e  operations: backups
     9   CLI wiring
     10  main
 
@@ -1252,14 +1252,28 @@ class ExtractReport:
 
 def safe_extract(tar: Any, dest: str, *, prefix: str, expected: Mapping[str, str] | None,
                  max_bytes: int, allow_symlinks: bool, skip: Sequence[str] = (), dir_mode: int = 0o755,
-                 file_mode: int = 0o644, uid: int = -1, gid: int = -1) -> ExtractReport:
+                 file_mode: int = 0o644, uid: int = -1, gid: int = -1, source: Any = None) -> ExtractReport:
     """Write a tar stream's members under ``dest`` ourselves, refusing anything unsafe (DESIGN §6.3).
 
     ``prefix`` (e.g. ``tree/``) is stripped; ``expected`` maps relative paths to sha256 and every
     one must arrive intact; members named in ``skip`` (already read headers) are passed over once.
-    Archive modes and owners are ignored. Raises CorruptState.
+    Archive modes and owners are ignored; ours are ``dir_mode``/``file_mode`` and ``uid``/``gid``.
+    ``tar`` may be any iterable of members of ``source`` (default: ``tar`` itself). Raises CorruptState.
     """
     import tarfile
+    source = tar if source is None else source
+
+    def make_dirs(path: str) -> None:
+        missing = []
+        while not os.path.isdir(path) and len(path) > len(dest):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for d in reversed(missing):
+            os.mkdir(d, dir_mode)
+            os.chmod(d, dir_mode)
+            if uid != -1 or gid != -1:
+                os.chown(d, uid, gid)
+
     data_filter = getattr(tarfile, "data_filter", None)     # 3.11.4+; Debian 12 has 3.11.2
     seen: set[str] = set()
     links: list[tuple[str, str]] = []
@@ -1287,12 +1301,12 @@ def safe_extract(tar: Any, dest: str, *, prefix: str, expected: Mapping[str, str
         seen.add(rel)
         target = os.path.join(dest, rel) if rel else dest
         if member.isdir():
-            ensure_dir(target, dir_mode)
+            make_dirs(target)
         elif member.isreg() and not member.issparse() and member.type != tarfile.CONTTYPE:
             if report.bytes + member.size > max_bytes:
                 bad(member, f"would exceed the space allowed ({human_bytes(max_bytes)})")
-            ensure_dir(os.path.dirname(target), dir_mode)
-            digest = _write_member(tar, member, target, file_mode, uid, gid)
+            make_dirs(os.path.dirname(target))
+            digest = _write_member(source, member, target, file_mode, uid, gid)
             if expected is not None and rel not in expected:
                 bad(member, "is not listed in the checksums")
             if expected is not None and expected[rel] != digest:
@@ -1310,7 +1324,7 @@ def safe_extract(tar: Any, dest: str, *, prefix: str, expected: Mapping[str, str
         else:
             bad(member, "is a link, device, FIFO or sparse file, which archives may not hold")
     for target, linkname in links:                # last, so no file is ever written through one
-        ensure_dir(os.path.dirname(target), dir_mode)
+        make_dirs(os.path.dirname(target))
         os.symlink(linkname, target)
     if expected is not None and set(expected) - set(report.sums):
         missing = sorted(set(expected) - set(report.sums))
@@ -2344,6 +2358,7 @@ def _undo_nginx_restore(ctx: Context, args: Mapping[str, Any]) -> None:
 
 
 UNDO_HANDLERS: dict[str, Callable[[Context, Mapping[str, Any]], None]] = {
+    "data_swap": lambda ctx, args: _undo_data_swap(ctx, args),
     "discard_new_dir": _undo_discard_new_dir,
     "restore_file": _undo_restore_file,
     "unit_remove": _undo_unit_remove,
@@ -3110,11 +3125,11 @@ class Installer:
 
 def _bin_of(manifest: Mapping[str, Any]) -> str:
     b = manifest.get("bin")
-    if isinstance(b, str):
-        return b
-    if isinstance(b, dict) and isinstance(b.get("actual-server"), str):
-        return b["actual-server"]
-    raise ProviderError("the installed package declares no actual-server bin")
+    if isinstance(b, dict):
+        b = b.get("actual-server")
+    if not isinstance(b, str):
+        raise ProviderError("the installed package declares no actual-server bin")
+    return os.path.normpath(b)               # "./build/bin/x.js" and "build/bin/x.js" are one path
 
 
 def _service_user(ctx: Context) -> str | None:
@@ -3225,6 +3240,8 @@ def _resolve_version(ctx: Context, npm: Npm, requested: str) -> str:
     found = npm.view(f"{npm.package}@{version}", ["version", "engines"])
     if isinstance(found, list):
         found = found[-1] if found else None
+    if isinstance(found, str):                # npm prints a bare string when engines is absent
+        found = {"version": found}
     if not isinstance(found, dict) or found.get("version") != version:
         raise NotFound(f"{npm.package}@{version} is not in the npm registry",
                        hint="see abssctl version list --remote")
@@ -3301,10 +3318,16 @@ def _staging_steps(ctx: Context, plan: Plan, installer: Installer, npm: Npm, ver
              lambda: atomic_write(os.path.join(staging, "package.json"),
                                   (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o644, tag=ctx.op_id))
     started = time.monotonic()
+    last = [started]
 
     def on_idle(line: str) -> None:
-        doing = line.strip()[:80] if line.strip() else "working"
-        ctx.out.progress(f"[{elapsed(time.monotonic() - started)}] npm install {version}: {doing}", tick=True)
+        now = time.monotonic()
+        if now - last[0] < 5:                     # one line every 5 s is enough for a 3-minute job
+            return
+        last[0] = now
+        doing = line.strip()[:80] if line.strip() and not line.strip().startswith(("npm warn", "}")) \
+            else "installing"
+        ctx.out.progress(f"[{elapsed(now - started)}] npm install {version}: {doing}")
 
     plan.add("npm.install", f"npm install {npm.package}@{version} (about 1.5 min, plus native builds)", staging,
              lambda: npm.install(staging, installer.node, on_idle))
@@ -3459,30 +3482,44 @@ def _write_bundle_tar(tar: Any, tree: str, manifest: bytes, sums: bytes,
         tar.addfile(info)
 
 
-def write_tar_stream(ctx: Context, dest_fd: int, compression: str, writer: Callable[[Any], None]) -> None:
-    """Feed a tar stream to ``writer`` and write it to ``dest_fd`` through zstd, gzip or nothing."""
+def write_tar_stream(ctx: Context, sink: Any, compression: str, writer: Callable[[Any], None]) -> None:
+    """Feed a tar stream to ``writer``; its bytes reach ``sink.write`` through zstd, gzip or nothing."""
     import tarfile
+    import threading
     if compression == "zstd":
-        proc = ctx.runner.popen("zstd", ["-q", "-T0", "-c"], stdin="pipe", stdout=dest_fd)
+        proc = ctx.runner.popen("zstd", ["-q", "-T0", "-c"], stdin="pipe", stdout="pipe")
+        failure: list[BaseException] = []
+
+        def pump() -> None:
+            try:
+                while chunk := proc.stdout.read(CHUNK):
+                    sink.write(chunk)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                failure.append(exc)
+                stop_process(proc, grace=1)
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
         try:
             with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 writer(tar)
             proc.stdin.close()
-            rc = proc.wait(timeout=600)
+            reader.join(timeout=600)
+            rc = proc.wait(timeout=60)
         finally:
             stop_process(proc)
+        if failure:
+            raise failure[0]
         if rc != 0:
             raise ProviderError(f"zstd exited {rc} while compressing")
         return
-    with os.fdopen(os.dup(dest_fd), "wb") as f:
-        if compression == "gzip":
-            import gzip
-            with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz, \
-                    tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                writer(tar)
-        else:
-            with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                writer(tar)
+    if compression == "gzip":
+        import gzip
+        with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=6, mtime=0) as gz, \
+                tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            writer(tar)
+        return
+    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        writer(tar)
 
 
 def open_tar_stream(ctx: Context, path: str) -> tuple[Any, Callable[[], None]]:
@@ -3550,14 +3587,15 @@ def op_version_export(ctx: Context, version: str, output: str) -> Result:
         ctx.out.progress(f"writing {dest} ({compression})")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
-            write_tar_stream(ctx, fd, compression,
+            sink = HashingWriter(fd)
+            write_tar_stream(ctx, sink, compression,
                              lambda tar: _write_bundle_tar(tar, tree, data, sums, listing, int(now)))
             os.fchmod(fd, 0o644)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, dest)
-        digest = sha256_file(dest)
+        digest = sink.sha.hexdigest()
         atomic_write(dest + ".sha256", f"{digest}  {os.path.basename(dest)}\n".encode(), mode=0o644,
                      tag=ctx.op_id)
         result.update({"path": dest, "sha256": digest, "size_bytes": os.path.getsize(dest),
@@ -3676,10 +3714,14 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
         if total * 1.1 > disk_free(installer.staging):
             raise DiskFull(f"the bundle needs {human_bytes(total)}; {ctx.paths.install_root} has less free")
         ctx.out.progress(f"extracting {version} ({human_bytes(total)})")
+        import tarfile
         tar, close = open_tar_stream(ctx, path)
         try:
             safe_extract(tar, installer.staging, prefix="tree/", expected=sums, max_bytes=total,
                          allow_symlinks=True, skip=("abssctl-bundle.json", "SHA256SUMS"))
+        except (tarfile.TarError, EOFError, zlib_error()) as exc:
+            raise CorruptState(f"{path} is damaged or truncated ({exc})",
+                               hint="copy the bundle again, or export it again") from None
         finally:
             close()
 
@@ -4607,12 +4649,11 @@ def _backup_index_rename_step(ctx: Context, plan: Plan, old: str, new: str) -> N
              UndoAction("registry_fields", fields={"backups": before["backups"]}, **_registry_args(reg)))
 
 
-def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: bool) -> Result:
+def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: bool,
+                       message: str | None = None) -> Result:
     """Stop, disable, unpublish, remove the unit, release the port, unregister; data kept unless purged."""
     entry = Instances(ctx).get(name)
-    if purge_data and not no_backup:
-        raise UsageError("a final backup before --purge-data needs backup support, which this release "
-                         "does not have yet", hint="pass --no-backup as well to delete the data without one")
+    final: dict[str, Any] = {}
 
     def build() -> Plan:
         insts = Instances(ctx)
@@ -4630,6 +4671,9 @@ def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: 
         _registry_step(ctx, plan, insts.ports_registry, str(current["port"]), None,
                        f"release port {current['port']}")
         _registry_step(ctx, plan, insts.registry, name, None, f"unregister {name}")
+        if purge_data and not no_backup:
+            plan.add("backup.pre-delete", f"take a final cold backup of {name}", name,
+                     lambda: final.update(take_backup(ctx, name, reason="pre-delete", message=message)))
         if purge_data:
             trashes = []
             for what, path in (("dir", ctx.paths.instance_dir(name)), ("tls", _tls_paths(ctx, name)["dir"])):
@@ -4642,6 +4686,11 @@ def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: 
         return plan
 
     def ask(_plan: Plan) -> None:
+        if purge_data and not no_backup:
+            confirm(ctx, f"Delete instance '{name}' ({entry['domain']}, port {entry['port']}) and its data?\n"
+                         f"A final backup is taken first: {os.path.join(ctx.paths.backup_root, name)}/<id>",
+                    "[y] yes, back up then delete   [N] no")
+            return
         if purge_data:
             question = (f"Delete instance '{name}' ({entry['domain']}, port {entry['port']}) AND its data, "
                         f"without a backup?\nType the instance name to confirm: ")
@@ -4660,6 +4709,9 @@ def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: 
     result = run_mutation(ctx, Mutation(title=f"delete {name}", build=build, instances=[name], confirm=ask,
                                         target={"kind": "instance", "name": name},
                                         args={"name": name, "purge_data": purge_data, "no_backup": no_backup}))
+    if final:
+        result.data["backup"] = _backup_output(ctx, final)
+        result.text.append(f"final backup: {final['id']}")
     if result.changed and not purge_data:
         result.text.append(f"kept: {ctx.paths.instance_dir(name)} (data), {_tls_paths(ctx, name)['dir']} (TLS) "
                            f"and {os.path.join(ctx.paths.backup_root, name)} (backups)")
@@ -4789,6 +4841,941 @@ def _next_op(ctx: Context) -> None:
 
 
 # ============================================================================
+# 8e. Operations: backups and restore
+# ============================================================================
+
+BACKUP_REASONS = ("manual", "pre-switch", "pre-set-version", "pre-restore", "pre-delete")
+SQLITE_NAMES = LazyRegex(r"^(server-files/account\.sqlite|user-files/group-[^/]*\.sqlite)$")
+SQLITE_SIDE = (".sqlite-wal", ".sqlite-shm", ".sqlite-journal")
+ARCHIVE_EXT = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
+MANIFEST_SCHEMA = 1
+
+
+class BlobChanged(Exception):
+    """A file changed while it was read: the archive restarts."""
+
+
+class HashingWriter:
+    """A write-only file object over an fd that hashes what passes through."""
+
+    def __init__(self, fd: int) -> None:
+        import hashlib
+        self.fd = fd
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class HashingReader:
+    """A read-only file object that hashes what is read and counts bytes for progress."""
+
+    def __init__(self, f: Any, on_read: Callable[[int], None] | None = None) -> None:
+        import hashlib
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.on_read = on_read
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n if n and n > 0 else CHUNK)
+        self.sha.update(data)
+        self.size += len(data)
+        if self.on_read:
+            self.on_read(len(data))
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+class MemberReader:
+    """Feeds one file into tarfile, hashing it and noticing if it grows or shrinks meanwhile."""
+
+    def __init__(self, f: Any, size: int, progress: Callable[[int], None]) -> None:
+        import hashlib
+        self.f = f
+        self.left = size
+        self.sha = hashlib.sha256()
+        self.progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(min(self.left, CHUNK if n < 0 else n))
+        self.left -= len(data)
+        self.sha.update(data)
+        self.progress(len(data))
+        return data
+
+
+def new_backup_id(name: str, now: float) -> str:
+    import time
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + f"-{name}-{os.urandom(2).hex()}"
+
+
+def compression_for(ctx: Context, wanted: str) -> str:
+    if wanted == "auto":
+        return "zstd" if ctx.runner.available("zstd") else "gzip"
+    if wanted == "zstd" and not ctx.runner.available("zstd"):
+        raise MissingTool("zstd is not installed", hint="apt-get install zstd, or pass --compression gzip")
+    return wanted
+
+
+def data_files(data_dir: str) -> tuple[list[str], int]:
+    """Relative paths under data/ in archive order (.migrate, server-files, user-files, rest) and bytes."""
+    found: list[str] = []
+    total = 0
+    for root, dirs, files in os.walk(data_dir):
+        dirs.sort()
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(root, name), data_dir)
+            if rel.endswith(SQLITE_SIDE) or os.path.islink(os.path.join(root, name)):
+                continue
+            found.append(rel)
+            total += os.lstat(os.path.join(root, name)).st_size
+
+    def order(rel: str) -> tuple[int, str]:
+        top = rel.split("/", 1)[0]
+        return ({".migrate": 0, "server-files": 1, "user-files": 2}.get(top, 3), rel)
+    return sorted(found, key=order), total
+
+
+def sqlite_snapshot(src: str, dst: str) -> None:
+    """A consistent copy of a live database through SQLite's online-backup API, as one file."""
+    import sqlite3
+    source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, timeout=30)
+    try:
+        target = sqlite3.connect(dst)
+        try:
+            source.backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            target.close()
+    finally:
+        source.close()
+
+
+def read_migrations(path: str) -> list[str]:
+    doc = read_json_file(path) if os.path.exists(path) else None
+    items = (doc or {}).get("migrations", []) if isinstance(doc, dict) else []
+    return [m["title"] for m in items if isinstance(m, dict) and isinstance(m.get("title"), str)
+            and m.get("timestamp") is not None]
+
+
+class BackupWriter:
+    """Writes one instance's archive: snapshots, the tar stream, hashes, manifest (DESIGN §4.8.1)."""
+
+    def __init__(self, ctx: Context, name: str, entry: Mapping[str, Any], compression: str, reason: str,
+                 message: str | None, labels: Sequence[str]) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.entry = entry
+        self.compression = compression
+        self.reason = reason
+        self.message = message
+        self.labels = list(labels)
+        self.now = utc_now()
+        self.id = new_backup_id(name, self.now)
+        self.dir = os.path.join(ctx.paths.backup_root, name)
+        self.archive = os.path.join(self.dir, self.id + ARCHIVE_EXT[compression])
+        self.tmp = os.path.join(self.dir, f".{self.id}{ARCHIVE_EXT[compression]}.abssctl-tmp-{ctx.op_id}")
+        self.snap_dir = os.path.join(self.dir, f".abssctl-tmp-{ctx.op_id}")
+        self.data_dir = os.path.join(ctx.paths.instance_dir(name), "data")
+        self.done = 0
+        self.total = 0
+        self.started = 0.0
+
+    def run(self) -> dict[str, Any]:
+        import time
+        ensure_dir(self.ctx.paths.backup_root, 0o700)
+        ensure_dir(self.dir, 0o700)
+        files, self.total = data_files(self.data_dir)
+        free = disk_free(self.dir)
+        if free < 1.1 * self.total:
+            raise DiskFull(f"backup of {self.name} needs about {human_bytes(int(self.total * 1.1))}; "
+                           f"{self.ctx.paths.backup_root} has {human_bytes(free)} free",
+                           hint="free some space, or prune old backups: abssctl backup prune")
+        self.started = time.monotonic()
+        try:
+            for attempt in range(3):
+                try:
+                    result = self._attempt(files)
+                    break
+                except BlobChanged as exc:
+                    if attempt == 2:
+                        raise ProviderError(f"the instance kept rewriting {exc}; retry later") from None
+                    self.ctx.out.progress(f"backup {self.name}: {exc} changed while it was read; restarting")
+                    files, self.total = data_files(self.data_dir)
+        finally:
+            for path in (self.tmp, self.snap_dir):
+                if os.path.lexists(path):
+                    remove_tree(path) if os.path.isdir(path) else os.unlink(path)
+        return result
+
+    def _progress(self, n: int) -> None:
+        import time
+        self.done += n
+        spent = max(0.001, time.monotonic() - self.started)
+        self.ctx.out.progress(f"[{elapsed(spent)}] backup {self.name}: {human_bytes(self.done)} / "
+                              f"{human_bytes(self.total)}, {human_bytes(int(self.done / spent))}/s", tick=True)
+
+    def _snapshots(self, files: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+        """Start SQLite snapshots on a worker thread; returns the pool and rel -> future."""
+        from concurrent.futures import ThreadPoolExecutor
+        if os.path.isdir(self.snap_dir):
+            remove_tree(self.snap_dir)
+        ensure_dir(self.snap_dir, 0o700)
+        pool = ThreadPoolExecutor(max_workers=1)
+        futures = {}
+        for rel in files:
+            if SQLITE_NAMES.match(rel):
+                dst = os.path.join(self.snap_dir, rel.replace("/", "__"))
+                futures[rel] = pool.submit(sqlite_snapshot, os.path.join(self.data_dir, rel), dst)
+        return pool, futures
+
+    def _attempt(self, files: Sequence[str]) -> dict[str, Any]:
+        self.done = 0
+        pool, futures = self._snapshots(files)
+        listing: list[dict[str, Any]] = []
+        try:
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                out = HashingWriter(fd)
+                write_tar_stream(self.ctx, out, self.compression, lambda tar: self._write(tar, files, futures,
+                                                                                          listing))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            pool.shutdown(wait=True)
+            self._give_back_side_files(files)
+        os.replace(self.tmp, self.archive)
+        digest = out.sha.hexdigest()
+        atomic_write(os.path.join(self.dir, self.id + ".sha256"),
+                     f"{digest}  {os.path.basename(self.archive)}\n".encode(), mode=0o600, tag=self.ctx.op_id)
+        fsync_dir(self.dir)
+        return self._index_entry(digest, out.size, listing)
+
+    def _give_back_side_files(self, files: Sequence[str]) -> None:
+        """Opening a live database read-only can create -wal/-shm files as root: return them."""
+        try:
+            st = os.stat(self.data_dir)
+        except FileNotFoundError:
+            return
+        for rel in files:
+            if SQLITE_NAMES.match(rel):
+                for side in ("-wal", "-shm"):
+                    path = os.path.join(self.data_dir, rel + side)
+                    if os.path.exists(path) and os.stat(path).st_uid != st.st_uid:
+                        os.chown(path, st.st_uid, st.st_gid)
+
+    def _write(self, tar: Any, files: Sequence[str], futures: Mapping[str, Any],
+               listing: list[dict[str, Any]]) -> None:
+        import tarfile
+        tar.copybufsize = CHUNK
+        mtime = int(self.now)
+        for rel in files:
+            live = os.path.join(self.data_dir, rel)
+            kind = "file"
+            if rel in futures:
+                futures[rel].result()
+                live = os.path.join(self.snap_dir, rel.replace("/", "__"))
+                kind = "sqlite"
+            listing.append(self._add_file(tar, f"{self.id}/data/{rel}", live, f"data/{rel}", kind, mtime))
+        cfg = self.ctx.paths
+        extras = [("config/config.json", os.path.join(cfg.instance_dir(self.name), "config.json")),
+                  (f"config/{unit_name(self.name)}", cfg.unit_file(self.name)),
+                  (f"config/{vhost_name(self.name)}", cfg.vhost_file(self.name))]
+        for rel, path in extras:
+            if os.path.isfile(path):
+                listing.append(self._add_file(tar, f"{self.id}/{rel}", path, rel, "config", mtime))
+        entry_json = (json.dumps(self.entry, sort_keys=True, indent=2) + "\n").encode()
+        listing.append(self._add_bytes(tar, f"{self.id}/config/instance.json", "config/instance.json",
+                                       entry_json, mtime))
+        manifest = self._manifest(listing)
+        info = tarfile.TarInfo(f"{self.id}/manifest.json")
+        data = (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode()
+        info.size, info.mtime, info.mode = len(data), mtime, 0o600
+        import io
+        tar.addfile(info, io.BytesIO(data))
+        self.manifest = manifest
+
+    def _add_file(self, tar: Any, arcname: str, path: str, rel: str, kind: str, mtime: int) -> dict[str, Any]:
+        import tarfile
+        with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
+            info = tarfile.TarInfo(arcname)
+            info.size, info.mtime, info.mode = before.st_size, mtime, 0o640
+            reader = MemberReader(f, before.st_size, self._progress)
+            tar.addfile(info, reader)
+            after = os.fstat(f.fileno())
+        if kind == "file" and (after.st_size != before.st_size or after.st_mtime_ns != before.st_mtime_ns):
+            raise BlobChanged(rel)
+        return {"path": rel, "size": before.st_size, "sha256": reader.sha.hexdigest(), "kind": kind}
+
+    def _add_bytes(self, tar: Any, arcname: str, rel: str, data: bytes, mtime: int) -> dict[str, Any]:
+        import hashlib
+        import io
+        import tarfile
+        info = tarfile.TarInfo(arcname)
+        info.size, info.mtime, info.mode = len(data), mtime, 0o640
+        tar.addfile(info, io.BytesIO(data))
+        return {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "kind": "config"}
+
+    def _manifest(self, listing: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        versions = Versions(self.ctx)
+        version = str(self.entry.get("resolved_version") or "")
+        node = ((versions.doc["versions"].get(version) or {}).get("node") or {})
+        tls = dict(self.entry.get("tls") or {})
+        cert = tls.get("cert")
+        tls["cert_sha256"] = sha256_file(cert) if cert and os.path.isfile(cert) else None
+        data_bytes = sum(f["size"] for f in listing if f["path"].startswith("data/"))
+        return {"schema_version": MANIFEST_SCHEMA, "id": self.id, "instance": self.name,
+                "created_at": rfc3339(self.now), "abssctl_version": __version__, "server_version": version,
+                "version_binding": self.entry.get("version"), "node_abi": node.get("abi"),
+                "migrations": read_migrations(os.path.join(self.data_dir, ".migrate")),
+                "domain": self.entry.get("domain"), "port": self.entry.get("port"), "tls": tls,
+                "reason": self.reason, "message": self.message, "labels": self.labels,
+                "sqlite_method": "online-backup", "files": list(listing),
+                "totals": {"files": len(listing), "bytes": data_bytes}}
+
+    def _index_entry(self, digest: str, size: int, listing: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        m = self.manifest
+        return {"id": self.id, "instance": self.name, "created_at": m["created_at"],
+                "archive": os.path.relpath(self.archive, self.ctx.paths.backup_root),
+                "compression": self.compression, "size_bytes": size, "sha256": digest,
+                "server_version": m["server_version"], "reason": self.reason, "message": self.message,
+                "labels": self.labels, "files": len(listing), "data_bytes": m["totals"]["bytes"],
+                "migrations": m["migrations"], "domain": m["domain"], "port": m["port"],
+                "status": "ok", "verified_at": None, "op_id": self.ctx.op_id}
+
+
+def record_backup(ctx: Context, name: str, entry: Mapping[str, Any]) -> None:
+    """Add the index entry (under backups.lock) and the instance's last_backup_id."""
+    with ctx.registry("backups").edit(ctx.op_id) as doc:
+        doc["backups"][entry["id"]] = dict(entry)
+    reg = ctx.registry("instances")
+    with reg.edit(ctx.op_id) as doc:
+        if name in doc["instances"]:
+            doc["instances"][name]["last_backup_id"] = entry["id"]
+
+
+def take_backup(ctx: Context, name: str, *, reason: str, message: str | None = None,
+                labels: Sequence[str] = (), compression: str = "auto") -> dict[str, Any]:
+    """Write and record one backup of an instance; used by backup create and by safety backups."""
+    entry = Instances(ctx).get(name)
+    writer = BackupWriter(ctx, name, entry, compression_for(ctx, compression), reason, message, labels)
+    result = writer.run()
+    record_backup(ctx, name, result)
+    ctx.out.progress(f"backup {name}: {result['id']} ({human_bytes(result['size_bytes'])})")
+    return result
+
+
+def _backup_output(ctx: Context, entry: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("id", "instance", "compression", "size_bytes", "sha256", "files", "data_bytes",
+            "server_version", "reason", "created_at", "status", "message", "labels")
+    out = {k: entry.get(k) for k in keys}
+    out["archive"] = os.path.join(ctx.paths.backup_root, str(entry.get("archive")))
+    return out
+
+
+def op_backup_create(ctx: Context, names: Sequence[str], *, message: str | None, labels: Sequence[str],
+                     compression: str) -> Result:
+    """Back up each instance in turn; one failure does not stop the others; exit is the worst."""
+    insts = Instances(ctx)
+    for name in names:
+        insts.get(name)
+    compression_for(ctx, compression)
+    results: list[dict[str, Any]] = []
+    worst: AbssctlError | None = None
+    for name in names:
+        made: dict[str, Any] = {}
+
+        def build(name: str = name, made: dict[str, Any] = made) -> Plan:
+            plan = Plan(f"back up {name}")
+            plan.add("backup.write", f"snapshot and archive {name} into {ctx.paths.backup_root}/{name}/",
+                     name, lambda: made.update(take_backup(ctx, name, reason="manual", message=message,
+                                                           labels=labels, compression=compression)))
+            return plan
+        try:
+            res = run_mutation(ctx, Mutation(title=f"backup {name}", build=build, instances=[name],
+                                             target={"kind": "instance", "name": name},
+                                             args={"name": name, "message": message, "labels": list(labels)}))
+            if ctx.dry_run:
+                return res
+            results.append({"ok": True, "backup": _backup_output(ctx, made)})
+        except AbssctlError as exc:
+            if len(names) == 1:
+                raise
+            worst = exc if worst is None or exc.exit_code > worst.exit_code else worst
+            results.append({"ok": False, "instance": name, "error": error_doc(exc)})
+        _next_op(ctx)
+    if len(names) == 1:
+        backup = results[0]["backup"]
+        return Result({"backup": backup, "op_id": ctx.op_id}, [f"{backup['id']}: {backup['archive']} "
+                                                              f"({human_bytes(backup['size_bytes'])})"],
+                      changed=True)
+    text = [f"{r['backup']['id']}: ok" if r["ok"] else f"{r['instance']}: {r['error']['message']}"
+            for r in results]
+    result = Result({"results": results}, text, changed=any(r["ok"] for r in results))
+    if worst is not None:
+        result.ok = False
+        result.error = worst
+    return result
+
+
+def op_backup_list(ctx: Context, instance: str | None) -> Result:
+    index = ctx.registry("backups").load()["backups"]
+    rows = [b for b in index.values() if isinstance(b, dict) and (instance is None or b.get("instance") == instance)]
+    rows.sort(key=lambda b: (str(b.get("created_at")), str(b.get("id"))), reverse=True)
+    text = table(("ID", "INSTANCE", "CREATED", "SIZE", "REASON", "STATUS", "MESSAGE"),
+                 [(b.get("id"), b.get("instance"), b.get("created_at"), human_bytes(int(b.get("size_bytes") or 0)),
+                   b.get("reason"), b.get("status"), b.get("message")) for b in rows]) if rows \
+        else ["no backups yet; take one with: abssctl backup create NAME"]
+    return Result({"backups": rows}, text)
+
+
+def _backup_entry(ctx: Context, backup_id: str) -> dict[str, Any]:
+    entry = ctx.registry("backups").load()["backups"].get(backup_id)
+    if not isinstance(entry, dict):
+        raise NotFound(f"no backup {backup_id}", hint="see abssctl backup list (or backup reconcile for copied files)")
+    return entry
+
+
+def archive_path(ctx: Context, entry: Mapping[str, Any]) -> str:
+    """The absolute archive path of an index entry, kept under backup_root."""
+    rel = str(entry.get("archive") or "")
+    path = os.path.realpath(os.path.join(ctx.paths.backup_root, rel))
+    if not path.startswith(os.path.realpath(ctx.paths.backup_root) + "/"):
+        raise CorruptState(f"the index entry {entry.get('id')} points outside {ctx.paths.backup_root}")
+    return path
+
+
+class ArchiveScan:
+    """One pass over an archive: its sha256, and every member hashed or extracted (DESIGN §4.8.3/§4.8.6)."""
+
+    def __init__(self, ctx: Context, path: str) -> None:
+        self.ctx = ctx
+        self.path = path
+        self.sha256 = ""
+        self.manifest: dict[str, Any] | None = None
+        self.sums: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}
+
+    def run(self, consume: Callable[[Any, Iterator[Any]], None]) -> None:
+        """Hand ``consume(tar, members)`` every member but the manifest; the file is hashed on the way."""
+        import tarfile
+        import threading
+        with open(self.path, "rb") as raw:
+            magic = raw.read(4)
+            raw.seek(0)
+            reader = HashingReader(raw)
+            if magic != ZSTD_MAGIC:
+                mode = "r|gz" if magic[:2] == GZIP_MAGIC else "r|"
+                self._consume(lambda: tarfile.open(fileobj=reader, mode=mode), consume)
+                reader.drain()
+                self.sha256 = reader.sha.hexdigest()
+                return
+            proc = self.ctx.runner.popen("zstd", ["-d", "-q", "-c"], stdin="pipe", stdout="pipe")
+
+            def feed() -> None:
+                try:
+                    while chunk := reader.read(CHUNK):
+                        proc.stdin.write(chunk)
+                except OSError:
+                    pass
+                finally:
+                    try:
+                        proc.stdin.close()
+                    except OSError:
+                        pass
+            feeder = threading.Thread(target=feed, daemon=True)
+            feeder.start()
+            try:
+                self._consume(lambda: tarfile.open(fileobj=proc.stdout, mode="r|"), consume)
+                while proc.stdout.read(CHUNK):
+                    pass
+                feeder.join(timeout=600)
+                rc = proc.wait(timeout=60)
+            finally:
+                stop_process(proc, grace=2)
+            if rc != 0:
+                raise CorruptState(f"{self.path} does not decompress (zstd exited {rc})",
+                                   hint="use another copy of this backup")
+            self.sha256 = reader.sha.hexdigest()
+
+    def _consume(self, opener: Callable[[], Any], consume: Callable[[Any, Iterator[Any]], None]) -> None:
+        import tarfile
+        try:
+            tar = opener()
+            consume(tar, self._members(tar))
+        except (tarfile.TarError, EOFError, zlib_error()) as exc:
+            raise CorruptState(f"{self.path} is damaged or truncated ({exc})",
+                               hint="use another copy of this backup") from None
+
+    def _members(self, tar: Any) -> Iterator[Any]:
+        for member in tar:
+            if member.name.endswith("/manifest.json") and member.name.count("/") == 1 and member.isreg():
+                if member.size > (64 << 20):
+                    raise CorruptState(f"{self.path}: manifest.json is implausibly large")
+                try:
+                    self.manifest = json.loads(tar.extractfile(member).read())
+                except ValueError:
+                    raise CorruptState(f"{self.path}: manifest.json is not valid JSON") from None
+                continue
+            yield member
+
+    def check_manifest(self, got: Mapping[str, str], backup_id: str) -> None:
+        m = self.manifest
+        if not isinstance(m, dict) or m.get("id") != backup_id:
+            raise CorruptState(f"{self.path} has no manifest for {backup_id} (truncated, or not an abssctl backup)")
+        want = {f["path"]: f["sha256"] for f in m.get("files", []) if isinstance(f, dict)}
+        if set(want) != set(got):
+            missing = sorted(set(want) ^ set(got))
+            raise CorruptState(f"{self.path}: members and manifest disagree (e.g. {missing[0]})")
+        bad = sorted(p for p in want if want[p] != got[p])
+        if bad:
+            raise ChecksumMismatch(f"{self.path}: {bad[0]} does not match its manifest sha256",
+                                   hint="the archive is damaged; use another backup")
+
+
+def zlib_error() -> type:
+    import zlib
+    return zlib.error
+
+
+def verify_backup(ctx: Context, entry: dict[str, Any], deep: bool) -> dict[str, Any]:
+    """Checks of one backup; raises ChecksumMismatch/CorruptState (exit 3) after noting the status."""
+    import sqlite3
+    path = archive_path(ctx, entry)
+    checks: dict[str, Any] = {"archive_sha256": None, "manifest": None, "files": None, "sqlite": {}}
+    if not os.path.isfile(path):
+        _set_backup_status(ctx, entry["id"], "missing")
+        raise HostError(f"the archive of {entry['id']} is missing: {path}",
+                        hint="run abssctl backup reconcile --apply to mark it", details={"checks": checks})
+    sidecar = os.path.splitext(path)[0].rsplit(".tar", 1)[0] + ".sha256"
+    recorded = []
+    if os.path.exists(sidecar):
+        with open(sidecar, encoding="utf-8", errors="replace") as f:
+            recorded = f.read().split()[:1]
+    scan = ArchiveScan(ctx, path)
+    got: dict[str, str] = {}
+    tmp = os.path.join(ctx.paths.backup_root, f".abssctl-tmp-{ctx.op_id}")
+    try:
+        if deep:
+            ensure_dir(tmp, 0o700)
+            got.update(extract_backup(scan, entry, tmp))
+        else:
+            digest = sha256_file(path)
+            scan.sha256 = digest
+        ok = scan.sha256 == entry.get("sha256") and (not recorded or recorded[0] == scan.sha256)
+        checks["archive_sha256"] = "ok" if ok else "mismatch"
+        if not ok:
+            _set_backup_status(ctx, entry["id"], "corrupt")
+            raise ChecksumMismatch(f"{entry['id']}: the archive sha256 does not match the index or sidecar",
+                                   hint="the archive is damaged; use another backup", details={"checks": checks})
+        if deep:
+            scan.check_manifest(got, entry["id"])
+            checks["manifest"] = checks["files"] = "ok"
+            for rel in sorted(got):
+                if rel.endswith(".sqlite"):
+                    db = sqlite3.connect(f"file:{os.path.join(tmp, rel)}?mode=ro", uri=True)
+                    try:
+                        result = db.execute("PRAGMA integrity_check").fetchone()[0]
+                    finally:
+                        db.close()
+                    checks["sqlite"][rel] = result
+                    if result != "ok":
+                        raise ChecksumMismatch(f"{entry['id']}: {rel} fails integrity_check ({result})")
+            read_migrations(os.path.join(tmp, "data", ".migrate"))
+    except (ChecksumMismatch, CorruptState) as exc:
+        _set_backup_status(ctx, entry["id"], "corrupt")
+        exc.details.setdefault("checks", checks)
+        raise
+    finally:
+        if os.path.isdir(tmp):
+            remove_tree(tmp)
+    _set_backup_status(ctx, entry["id"], "ok" if entry.get("status") != "adopted" else "adopted",
+                       verified=True)
+    return {"id": entry["id"], "status": "ok", "checks": checks}
+
+
+def extract_backup(scan: ArchiveScan, entry: Mapping[str, Any], dest: str, *, uid: int = -1,
+                   gid: int = -1) -> dict[str, str]:
+    """Stream-extract a backup into ``dest`` with safe_extract's rules; rel path -> sha256."""
+    sums: dict[str, str] = {}
+    limit = int(int(entry.get("data_bytes") or 0) * 1.1) + (64 << 20)
+
+    def consume(tar: Any, members: Iterator[Any]) -> None:
+        sums.update(safe_extract(members, dest, prefix=f"{entry['id']}/", expected=None, max_bytes=limit,
+                                 allow_symlinks=False, source=tar, dir_mode=0o750, file_mode=0o640,
+                                 uid=uid, gid=gid).sums)
+    scan.run(consume)
+    scan.check_manifest(sums, str(entry["id"]))
+    return sums
+
+
+def _set_backup_status(ctx: Context, backup_id: str, status: str, verified: bool = False) -> None:
+    with ctx.registry("backups").edit(ctx.op_id) as doc:
+        entry = doc["backups"].get(backup_id)
+        if isinstance(entry, dict):
+            entry["status"] = status
+            if verified:
+                entry["verified_at"] = _now()
+
+
+def op_backup_show(ctx: Context, backup_id: str) -> Result:
+    entry = _backup_entry(ctx, backup_id)
+    path = archive_path(ctx, entry)
+    summary = None
+    if os.path.isfile(path):
+        scan = ArchiveScan(ctx, path)
+        scan.run(lambda tar, members: [None for _m in members] and None)
+        m = scan.manifest or {}
+        summary = {k: m.get(k) for k in ("server_version", "version_binding", "node_abi", "domain", "port",
+                                         "migrations", "totals", "sqlite_method", "abssctl_version")}
+        summary["files"] = [{"path": f.get("path"), "size": f.get("size"), "kind": f.get("kind")}
+                            for f in m.get("files", []) if isinstance(f, dict)]
+    out = dict(entry, archive=path, manifest=summary)
+    text = [f"{k}: {v}" for k, v in sorted(entry.items()) if k != "migrations"]
+    if summary:
+        text.append(f"manifest: {summary['totals']} on {summary['server_version']}")
+    return Result({"backup": out}, text)
+
+
+def op_backup_verify(ctx: Context, backup_id: str | None, *, deep: bool) -> Result:
+    index = ctx.registry("backups").load()["backups"]
+    ids = [backup_id] if backup_id else sorted(index)
+    if backup_id:
+        _backup_entry(ctx, backup_id)
+    results, worst = [], None
+    for bid in ids:
+        try:
+            results.append(verify_backup(ctx, dict(index[bid]), deep))
+        except AbssctlError as exc:
+            results.append({"id": bid, "status": "missing" if "missing" in exc.message else "corrupt",
+                            "checks": exc.details.get("checks"), "error": exc.message})
+            worst = exc if worst is None or exc.exit_code > worst.exit_code else worst
+    text = [f"{r['id']}: {r['status']}" + (f" ({r['error']})" if r.get("error") else "") for r in results]
+    if worst is not None and len(ids) == 1:
+        raise worst
+    result = Result({"results": results}, text)
+    if worst is not None:
+        result.ok, result.error = False, worst
+    return result
+
+
+def op_backup_prune(ctx: Context, instance: str | None, *, keep: int | None, older_than: int | None) -> Result:
+    """Drop old ok backups per instance; never the newest ok one, one labelled keep, or a journaled one."""
+    import time
+    if keep is None and older_than is None:
+        keep = int(ctx.config.get("backups", "keep"))
+    live = json.dumps([d for _p, d in list_journals(ctx.paths.journal_dir)])
+
+    def doomed() -> list[dict[str, Any]]:
+        index = ctx.registry("backups").load()["backups"]
+        by_instance: dict[str, list[dict[str, Any]]] = {}
+        for b in index.values():
+            if isinstance(b, dict) and (instance is None or b.get("instance") == instance):
+                by_instance.setdefault(str(b.get("instance")), []).append(b)
+        gone = []
+        for items in by_instance.values():
+            ok = sorted((b for b in items if b.get("status") in ("ok", "adopted")),
+                        key=lambda b: str(b.get("created_at")), reverse=True)
+            protected = {ok[0]["id"]} if ok else set()
+            for n, b in enumerate(ok):
+                if b["id"] in protected or "keep" in (b.get("labels") or []) or b["id"] in live:
+                    continue
+                age_days = (time.time() - _parse_ts(str(b.get("created_at")))) / 86400
+                if (keep is not None and n >= keep) or (older_than is not None and age_days > older_than):
+                    gone.append(b)
+        return sorted(gone, key=lambda b: str(b.get("created_at")))
+
+    def build() -> Plan:
+        plan = Plan("prune backups")
+        for b in doomed():
+            path = archive_path(ctx, b)
+            sidecar = path.rsplit(".tar", 1)[0] + ".sha256"
+
+            def drop(b: Mapping[str, Any] = b, path: str = path, sidecar: str = sidecar) -> None:
+                with ctx.registry("backups").edit(ctx.op_id) as doc:
+                    doc["backups"].pop(b["id"], None)
+                for p in (path, sidecar):
+                    if os.path.lexists(p):
+                        os.unlink(p)
+            plan.add("backup.remove", f"remove {b['id']} ({b.get('reason')}, {b.get('created_at')}, "
+                                      f"{human_bytes(int(b.get('size_bytes') or 0))})", path, drop)
+        return plan
+
+    def ask(plan: Plan) -> None:
+        confirm(ctx, "Remove these backups?\n" + "\n".join(f"  {s.summary}" for s in plan.steps))
+
+    return run_mutation(ctx, Mutation(title="prune", build=build, global_mode="exclusive", confirm=ask,
+                                      target={"kind": "backups", "name": instance},
+                                      args={"instance": instance, "keep": keep, "older_than": older_than}))
+
+
+def _parse_ts(text: str) -> float:
+    import calendar
+    import time
+    try:
+        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return 0.0
+
+
+ARCHIVE_NAME_RE = LazyRegex(r"^(\d{8}-\d{6}-[a-z][a-z0-9-]{0,31}-[0-9a-f]{4})\.tar(\.zst|\.gz)?$")
+
+
+def op_backup_reconcile(ctx: Context, *, apply_changes: bool) -> Result:
+    """Report index entries without files, files without entries, and stale temp files; --apply fixes."""
+    import time
+    root = ctx.paths.backup_root
+    index = ctx.registry("backups").load()["backups"]
+    missing = sorted(b for b, e in index.items() if isinstance(e, dict) and e.get("status") != "missing"
+                     and not os.path.isfile(archive_path(ctx, e)))
+    orphans, leftovers = [], []
+    live = json.dumps([d for _p, d in list_journals(ctx.paths.journal_dir)])
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        sub = os.path.join(root, name)
+        if not os.path.isdir(sub) or name.startswith("."):
+            if name.startswith(".abssctl-tmp-"):
+                leftovers.append(sub)
+            continue
+        for fname in sorted(os.listdir(sub)):
+            m = ARCHIVE_NAME_RE.match(fname)
+            path = os.path.join(sub, fname)
+            if m and m.group(1) not in index:
+                orphans.append(path)
+            elif ".abssctl-tmp-" in fname and time.time() - os.lstat(path).st_mtime > 3600 \
+                    and fname.rsplit(".abssctl-tmp-", 1)[-1] not in live:
+                leftovers.append(path)
+    report = {"missing": missing, "orphans": orphans, "leftovers": leftovers}
+    if not apply_changes:
+        text = [f"missing: {len(missing)}", *[f"  {m}" for m in missing], f"orphans: {len(orphans)}",
+                *[f"  {o}" for o in orphans], f"leftovers: {len(leftovers)}", *[f"  {x}" for x in leftovers]]
+        if missing or orphans or leftovers:
+            text.append("run abssctl backup reconcile --apply to fix these")
+        return Result(report, text)
+
+    def build() -> Plan:
+        plan = Plan("reconcile backups")
+        for bid in missing:
+            plan.add("index.missing", f"mark {bid} missing", bid,
+                     lambda bid=bid: _set_backup_status(ctx, bid, "missing"))
+        for path in orphans:
+            plan.add("index.adopt", f"adopt {path}", path, lambda path=path: adopt_archive(ctx, path))
+        for path in leftovers:
+            plan.add("fs.leftover", f"remove {path}", path, lambda path=path: remove_tree(path))
+        return plan
+
+    result = run_mutation(ctx, Mutation(title="reconcile", build=build, global_mode="exclusive",
+                                        target={"kind": "backups"}, args={"apply": True}))
+    result.data.update(report)
+    return result
+
+
+def adopt_archive(ctx: Context, path: str) -> None:
+    """Index a copied archive after checking every member against its manifest (adopted or corrupt)."""
+    m = ARCHIVE_NAME_RE.match(os.path.basename(path))
+    assert m is not None
+    backup_id = m.group(1)
+    scan = ArchiveScan(ctx, path)
+    sums: dict[str, str] = {}
+    status = "adopted"
+
+    def consume(tar: Any, members: Iterator[Any]) -> None:
+        import hashlib
+        for member in members:
+            if member.isreg():
+                h = hashlib.sha256()
+                src = tar.extractfile(member)
+                while chunk := src.read(CHUNK):
+                    h.update(chunk)
+                sums[member.name[len(backup_id) + 1:]] = h.hexdigest()
+    try:
+        scan.run(consume)
+        scan.check_manifest(sums, backup_id)
+    except (CorruptState, ChecksumMismatch):
+        status = "corrupt"
+    sidecar = path.rsplit(".tar", 1)[0] + ".sha256"
+    if os.path.exists(sidecar):
+        with open(sidecar, encoding="utf-8", errors="replace") as f:
+            if f.read().split()[:1] != [scan.sha256]:
+                status = "corrupt"
+    else:
+        atomic_write(sidecar, f"{scan.sha256}  {os.path.basename(path)}\n".encode(), mode=0o600, tag=ctx.op_id)
+    man = scan.manifest or {}
+    name = os.path.basename(os.path.dirname(path))
+    entry = {"id": backup_id, "instance": name, "created_at": man.get("created_at"),
+             "archive": os.path.relpath(path, ctx.paths.backup_root),
+             "compression": "zstd" if path.endswith(".zst") else "gzip" if path.endswith(".gz") else "none",
+             "size_bytes": os.path.getsize(path), "sha256": scan.sha256, "server_version": man.get("server_version"),
+             "reason": man.get("reason", "manual"), "message": man.get("message"), "labels": man.get("labels", []),
+             "files": len(man.get("files", [])), "data_bytes": (man.get("totals") or {}).get("bytes"),
+             "migrations": man.get("migrations", []), "domain": man.get("domain"), "port": man.get("port"),
+             "status": status, "verified_at": _now(), "op_id": ctx.op_id}
+    with ctx.registry("backups").edit(ctx.op_id) as doc:
+        doc["backups"][backup_id] = entry
+
+
+# -- restore -------------------------------------------------------------------------------
+
+def _check_restorable(ctx: Context, entry: Mapping[str, Any], version: str) -> None:
+    """Every migration the backup's data went through must be known to the target version."""
+    known = set((Versions(ctx).doc["versions"].get(version) or {}).get("migrations") or [])
+    unknown = [t for t in entry.get("migrations") or [] if t not in known]
+    if unknown:
+        raise UsageError(f"backup {entry['id']} was taken on {entry.get('server_version')}; {entry['instance']} "
+                         f"runs {version}, which cannot load data migrated by {entry.get('server_version')}",
+                         hint=f"run abssctl instance set-version {entry['instance']} {entry.get('server_version')} "
+                              "first, or pick an older backup", details={"unknown_migrations": unknown})
+
+
+def _undo_data_swap(ctx: Context, args: Mapping[str, Any]) -> None:
+    """Put the pre-restore data back; the restored copy goes to a trash name, then away."""
+    live, aside, trash = args["live"], args["aside"], args["trash"]
+    if os.path.isdir(aside):
+        if os.path.isdir(live):
+            os.rename(live, trash)
+        os.rename(aside, live)
+    if os.path.isdir(trash):
+        remove_tree(trash)
+
+
+def op_backup_restore(ctx: Context, backup_id: str, *, instance: str | None, pre_backup: bool,
+                      message: str | None) -> Result:
+    entry = _backup_entry(ctx, backup_id)
+    target = instance or str(entry["instance"])
+    archive = archive_path(ctx, entry)
+    if not os.path.isfile(archive):
+        raise NotFound(f"the archive of {backup_id} is missing: {archive}", hint="run abssctl backup reconcile")
+    insts = Instances(ctx)
+    if target not in insts.doc["instances"]:
+        if target != entry["instance"]:
+            raise NotFound(f"no instance named {target!r}",
+                           hint="to clone a backup into another name, create that instance first")
+        _recreate_for_restore(ctx, entry)
+        _next_op(ctx)
+        insts = Instances(ctx)
+    inst = insts.get(target)
+    version = str(inst["resolved_version"])
+    _check_restorable(ctx, entry, version)
+    root = ctx.paths.instance_dir(target)
+    need = int(int(entry.get("data_bytes") or 0) * 1.1)
+    if disk_free(root) < need:
+        raise DiskFull(f"restoring {backup_id} needs {human_bytes(need)} free under {root}")
+    gate: dict[str, Any] = {}
+    made: dict[str, Any] = {}
+
+    def build() -> Plan:
+        import pwd
+        plan = Plan(f"restore {backup_id} into {target}")
+        current = Instances(ctx).get(target)
+        paths = instance_paths(ctx, target)
+        staging = os.path.join(root, f".abssctl-tmp-{ctx.op_id}")
+        live, aside = paths["data"], os.path.join(root, f"data.pre-restore-{ctx.op_id}")
+        active = _is_active(_unit_state(ctx, target))
+        pw = pwd.getpwnam(ctx.config.get("service", "user"))
+
+        def stage() -> None:
+            ensure_dir(staging, 0o750)
+            os.chown(staging, pw.pw_uid, pw.pw_gid)
+            ctx.out.progress(f"verifying and staging {backup_id}")
+            scan = ArchiveScan(ctx, archive)
+            extract_backup(scan, entry, staging, uid=pw.pw_uid, gid=pw.pw_gid)
+            if scan.sha256 != entry.get("sha256"):
+                raise ChecksumMismatch(f"{backup_id}: the archive sha256 does not match the index",
+                                       hint="the archive is damaged; use another backup")
+            if not os.path.isdir(os.path.join(staging, "data")):
+                raise CorruptState(f"{backup_id} holds no data directory")
+        plan.add("restore.stage", f"verify {archive} and stage it in {staging}", staging, stage,
+                 UndoAction("remove_tree", path=staging))
+        if active:
+            _systemctl_step(ctx, plan, "stop", unit_name(target), "start")
+        if pre_backup:
+            plan.add("backup.pre-restore", f"take a cold pre-restore backup of {target}", target,
+                     lambda: made.update(take_backup(ctx, target, reason="pre-restore", message=message)))
+        trash = os.path.join(root, f".trash-data-{ctx.op_id}")
+
+        def swap() -> None:
+            os.rename(live, aside)
+            os.rename(os.path.join(staging, "data"), live)
+        plan.add("data.swap", f"move {live} aside to {aside} and the restored data in", live, swap,
+                 UndoAction("data_swap", live=live, aside=aside, trash=trash))
+        _file_step(ctx, plan, "config.write", paths["config"], server_config(root, int(current["port"])), 0o640,
+                   ctx.service_gid(), f"rewrite {paths['config']}")
+        _unit_step(ctx, plan, target, render_unit(ctx, target, int(current["port"]), version, Versions(ctx)),
+                   f"rewrite {paths['unit']}")
+        if active:
+            _start_and_gate_step(ctx, plan, target, int(current["port"]), version, gate)
+        _registry_step(ctx, plan, Instances(ctx).registry, target,
+                       dict(current, data_version=entry.get("server_version") or version,
+                            last_restore={"backup_id": backup_id, "at": _now()}, updated_at=_now()),
+                       f"record the restore of {backup_id}")
+
+        def finish_up() -> None:
+            remove_tree(staging)
+            if made:
+                os.rename(aside, os.path.join(root, f".trash-pre-restore-{ctx.op_id}"))
+                remove_tree(os.path.join(root, f".trash-pre-restore-{ctx.op_id}"))
+            with ctx.registry("backups").edit(ctx.op_id) as doc:
+                if backup_id in doc["backups"]:
+                    doc["backups"][backup_id]["last_restored_at"] = _now()
+        plan.add("restore.cleanup", "remove the staging dir (and the old data, once a pre-restore backup "
+                                    "holds it)", root, finish_up)
+        return plan
+
+    def ask(_plan: Plan) -> None:
+        way_back = "A pre-restore backup is taken first." if pre_backup else \
+            f"No pre-restore backup: the current data is kept in {root}/data.pre-restore-<op id>."
+        confirm(ctx, f"Restore backup {backup_id} ({entry.get('created_at')}, {entry.get('server_version')}) "
+                     f"into '{target}'? Its current data is replaced.\n{way_back}",
+                "[y] yes, restore   [N] no")
+
+    result = run_mutation(ctx, Mutation(title=f"restore {target}", build=build, instances=[target], confirm=ask,
+                                        target={"kind": "instance", "name": target},
+                                        args={"backup_id": backup_id, "instance": target,
+                                              "pre_backup": pre_backup}))
+    aside = os.path.join(root, f"data.pre-restore-{ctx.op_id}")
+    result.data["restore"] = {"backup_id": backup_id, "instance": target, "health": gate.get("health"),
+                              "pre_restore_backup": made.get("id"),
+                              "kept": aside if os.path.isdir(aside) else None}
+    if os.path.isdir(aside):
+        result.text.append(f"the previous data is kept in {aside} (no pre-restore backup was taken)")
+    if not gate and result.changed:
+        result.text.append(f"{target} was stopped before the restore and stays stopped")
+    return result
+
+
+def _recreate_for_restore(ctx: Context, entry: Mapping[str, Any]) -> None:
+    """An unregistered target named like the backup's instance is created first (DESIGN §4.8.6)."""
+    name = str(entry["instance"])
+    versions = Versions(ctx)
+    version = entry.get("server_version")
+    binding = version if version in versions.doc["versions"] else "current"
+    port = entry.get("port")
+    insts = Instances(ctx)
+    if port is not None and (str(port) in insts.ports or port_in_use(ctx.config.get("ports", "bind"), int(port))):
+        port = None
+    domain = entry.get("domain")
+    if domain and insts.domain_owner(str(domain)):
+        raise Conflict(f"domain {domain} of backup {entry['id']} now belongs to {insts.domain_owner(str(domain))}")
+    ctx.out.progress(f"recreating instance {name} for the restore")
+    op_instance_create(ctx, name, domain=domain, port=port, version=str(binding), tls=None, cert=None, key=None,
+                       chain=None, start=True)
+
+
+# ============================================================================
 # 9. CLI wiring
 # ============================================================================
 
@@ -4856,11 +5843,49 @@ def cmd_instance_rename(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def cmd_instance_delete(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_instance_delete(ctx, args.name, purge_data=args.purge_data, no_backup=args.no_backup)
+    return op_instance_delete(ctx, args.name, purge_data=args.purge_data, no_backup=args.no_backup,
+                              message=args.backup_message)
 
 
 def cmd_instance_reset_password(ctx: Context, args: argparse.Namespace) -> Result:
     return op_instance_reset_password(ctx, args.name)
+
+
+def cmd_backup_create(ctx: Context, args: argparse.Namespace) -> Result:
+    if bool(args.name) == bool(args.all):
+        raise UsageError("give an instance NAME or --all, not both or neither")
+    names = sorted(Instances(ctx).doc["instances"]) if args.all else [args.name]
+    if not names:
+        raise NotFound("there are no instances to back up")
+    return op_backup_create(ctx, names, message=args.message, labels=args.label or [],
+                            compression=args.compression or ctx.config.get("backups", "compression"))
+
+
+def cmd_backup_list(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_backup_list(ctx, args.instance)
+
+
+def cmd_backup_show(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_backup_show(ctx, args.backup_id)
+
+
+def cmd_backup_verify(ctx: Context, args: argparse.Namespace) -> Result:
+    if bool(args.backup_id) == bool(args.all):
+        raise UsageError("give a backup ID or --all, not both or neither")
+    return op_backup_verify(ctx, args.backup_id, deep=args.deep)
+
+
+def cmd_backup_prune(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_backup_prune(ctx, args.instance, keep=args.keep, older_than=args.older_than)
+
+
+def cmd_backup_reconcile(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_backup_reconcile(ctx, apply_changes=args.apply)
+
+
+def cmd_backup_restore(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_backup_restore(ctx, args.backup_id, instance=args.instance, pre_backup=not args.no_pre_backup,
+                             message=args.backup_message)
 
 
 def cmd_tls_verify(ctx: Context, args: argparse.Namespace) -> Result:
@@ -5103,9 +6128,56 @@ def _add_instance_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("name", type=_argtype(validate_name), help="instance name")
     p.add_argument("--purge-data", action="store_true", help="also delete its data and TLS files")
     p.add_argument("--no-backup", action="store_true", help="with --purge-data: no final backup")
+    p.add_argument("--backup-message", metavar="TEXT", help="message of the final backup")
     p = _verb(verbs, "reset-password", "reset the server password with the server's own tool (needs a TTY)",
               cmd_instance_reset_password, "abssctl instance reset-password alice", mutating=True)
     p.add_argument("name", type=_argtype(validate_name), help="instance name")
+
+
+def _label(value: str) -> str:
+    if not re.match(r"^[a-z0-9][a-z0-9:._-]{0,63}$", value):
+        raise UsageError(f"invalid label {value!r}", hint="labels are 1-64 of a-z 0-9 : . _ -")
+    return value
+
+
+def _add_backup_parser(groups: argparse._SubParsersAction) -> None:
+    verbs = _group(groups, "backup", "consistent backups, verification, retention and restore")
+    p = _verb(verbs, "create", "back up an instance while it runs (SQLite online-backup snapshots)",
+              cmd_backup_create, "abssctl backup create alice -m 'before tax season'", "abssctl backup create --all",
+              mutating=True)
+    p.add_argument("name", nargs="?", type=_argtype(validate_name), help="instance name")
+    p.add_argument("--all", action="store_true", help="every instance, one after the other")
+    p.add_argument("-m", "--message", metavar="MSG", help="why this backup was taken")
+    p.add_argument("--label", action="append", type=_argtype(_label), help="a label (repeatable; keep protects "
+                   "from prune)")
+    p.add_argument("--compression", choices=("auto", "zstd", "gzip", "none"),
+                   help="default [backups] compression")
+    p = _verb(verbs, "list", "list backups, newest first", cmd_backup_list, "abssctl backup list --instance alice")
+    p.add_argument("--instance", metavar="NAME", type=_argtype(validate_name))
+    p = _verb(verbs, "show", "show a backup's index entry and manifest summary", cmd_backup_show,
+              "abssctl backup show 20261126-101500-alice-3f9a")
+    p.add_argument("backup_id", metavar="ID", type=_argtype(validate_backup_id))
+    p = _verb(verbs, "verify", "check archive checksums; --deep also extracts and checks every file and database",
+              cmd_backup_verify, "abssctl backup verify --all --deep", mutating=False)
+    p.add_argument("backup_id", metavar="ID", nargs="?", type=_argtype(validate_backup_id))
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--deep", action="store_true", help="extract to a temp dir and run integrity_check")
+    p = _verb(verbs, "prune", "remove old backups (lists them, then asks)", cmd_backup_prune,
+              "abssctl backup prune --keep 5", "abssctl backup prune --older-than 90 --dry-run", mutating=True)
+    p.add_argument("--instance", metavar="NAME", type=_argtype(validate_name))
+    way = p.add_mutually_exclusive_group()
+    way.add_argument("--keep", type=_argtype(lambda v: bounded_int(v, "--keep", 1, 1000)), metavar="N")
+    way.add_argument("--older-than", type=_argtype(lambda v: bounded_int(v, "--older-than", 1, 3650)),
+                     metavar="DAYS")
+    p = _verb(verbs, "reconcile", "compare the index with the files; --apply adopts copied archives",
+              cmd_backup_reconcile, "abssctl backup reconcile", "abssctl backup reconcile --apply", mutating=True)
+    p.add_argument("--apply", action="store_true", help="mark missing, adopt orphans, remove leftovers")
+    p = _verb(verbs, "restore", "restore a backup into its instance (prompts; takes a pre-restore backup)",
+              cmd_backup_restore, "abssctl backup restore 20261126-101500-alice-3f9a", mutating=True)
+    p.add_argument("backup_id", metavar="ID", type=_argtype(validate_backup_id))
+    p.add_argument("--instance", metavar="NAME", type=_argtype(validate_name), help="another existing instance")
+    p.add_argument("--no-pre-backup", action="store_true", help="no safety backup of the current data")
+    p.add_argument("--backup-message", metavar="TEXT", help="message of the pre-restore backup")
 
 
 def _add_tls_parser(groups: argparse._SubParsersAction) -> None:
@@ -5205,7 +6277,8 @@ def _add_complete_parser(groups: argparse._SubParsersAction) -> None:
 # name -> adder. Order is the order of --help.
 GROUPS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "quickstart": _add_quickstart_parser, "init": _add_init_parser, "version": _add_version_parser,
-    "instance": _add_instance_parser, "tls": _add_tls_parser, "ports": _add_ports_parser,
+    "instance": _add_instance_parser, "tls": _add_tls_parser, "backup": _add_backup_parser,
+    "ports": _add_ports_parser,
     "config": _add_config_parser, "history": _add_history_parser,
     "completion": _add_completion_parser, "man": _add_man_parser,
 }

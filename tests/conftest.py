@@ -9,6 +9,7 @@ from rig.fakes import *  # noqa: F401,F403  (sandbox fixture, fake tools on PATH
 from rig.nginx_sandbox import *  # noqa: F401,F403  (real_nginx fixture)
 from rig.systemd_sandbox import *  # noqa: F401,F403  (systemd_sandbox fixture)
 from rig.npm_registry import *  # noqa: F401,F403  (npm_registry fixture)
+from rig.e2e import *  # noqa: F401,F403  (node22, real server versions built once per run)
 from rig.host import *  # noqa: F401,F403  (abssctl_host: real nginx + systemctl + npm registry)
 
 
