@@ -192,15 +192,15 @@ class LazyRegex:
         return self._rx().search(text)
 
 
-NAME_RE = LazyRegex(r"^[a-z][a-z0-9-]{0,31}$")
+NAME_RE = LazyRegex(r"^[a-z][a-z0-9-]{0,31}\Z")
 RESERVED_NAMES = frozenset({"current", "versions", "backups", "all", "default"})
-ACCOUNT_RE = LazyRegex(r"^[a-z_][a-z0-9_-]{0,31}$")
-LABEL_RE = LazyRegex(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ACCOUNT_RE = LazyRegex(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+LABEL_RE = LazyRegex(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 SEMVER_RE = LazyRegex(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?$")
-BACKUP_ID_RE = LazyRegex(r"^\d{8}-\d{6}-[a-z][a-z0-9-]{0,31}-[0-9a-f]{4}$")
-SAFE_PATH_RE = LazyRegex(r"^/[A-Za-z0-9._/+-]+$")
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?\Z")
+BACKUP_ID_RE = LazyRegex(r"^\d{8}-\d{6}-[a-z][a-z0-9-]{0,31}-[0-9a-f]{4}\Z")
+SAFE_PATH_RE = LazyRegex(r"^/[A-Za-z0-9._/+-]+\Z")
 MAX_VERSION_LEN = 64
 
 REGISTRY_SCHEMA = 1
@@ -552,7 +552,7 @@ CHOICES = {
     ("tls", "default_source"): ("system", "self-signed", "custom"),
     ("backups", "compression"): ("auto", "zstd", "gzip", "none"),
 }
-SIZE_RE = LazyRegex(r"^[1-9][0-9]{0,5}[kKmMgG]?$")
+SIZE_RE = LazyRegex(r"^[1-9][0-9]{0,5}[kKmMgG]?\Z")
 RANGES = {
     ("ports", "base"): (1, 65535), ("ports", "max"): (1, 65535),
     ("nginx", "http_port"): (1, 65535), ("nginx", "https_port"): (1, 65535),
@@ -730,7 +730,7 @@ def _cross_check(values: dict[str, dict[str, Any]], sources: dict[str, str],
         if not ACCOUNT_RE.match(values["service"][key]):
             problems.append(ConfigProblem(f"service.{key}", sources[f"service.{key}"],
                                           f"{values['service'][key]!r} is not a valid account name"))
-    if not re.match(r"^[0-9a-fA-F:.]+$", values["ports"]["bind"]):
+    if not re.match(r"^[0-9a-fA-F:.]+\Z", values["ports"]["bind"]):
         problems.append(ConfigProblem("ports.bind", sources["ports.bind"], "must be an IP address"))
 
 
@@ -3651,7 +3651,7 @@ def read_bundle_header(ctx: Context, path: str) -> tuple[dict[str, Any], dict[st
     sums: dict[str, str] = {}
     for line in sums_raw.decode("utf-8", "replace").splitlines():
         digest, _sep, rel = line.partition("  ")
-        if not re.match(r"^[0-9a-f]{64}$", digest) or not rel:
+        if not re.match(r"^[0-9a-f]{64}\Z", digest) or not rel:
             raise CorruptState(f"{path}: SHA256SUMS has a malformed line")
         sums[rel] = digest
     return manifest, sums
@@ -3816,6 +3816,7 @@ def port_in_use(host: str, port: int) -> bool:
         return True
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as node binds: TIME-WAIT is free
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -4066,7 +4067,8 @@ def _validate_create(ctx: Context, name: str, domain: str | None, port: int | No
                                  "aside, then create again")
     owner = insts.domain_owner(domain)
     if owner:
-        raise Conflict(f"domain {domain} already belongs to instance {owner!r}")
+        raise Conflict(f"domain {domain} already belongs to instance {owner!r}",
+                       hint="pick another --domain, or see abssctl instance list")
     port = insts.check_port(port, name) if port is not None else insts.free_port()
     versions = Versions(ctx)
     version = resolve_binding(ctx, versions, binding)
@@ -4074,10 +4076,11 @@ def _validate_create(ctx: Context, name: str, domain: str | None, port: int | No
     tls = tls or ctx.config.get("tls", "default_source")
     if tls == "custom":
         if not (cert and key):
-            raise UsageError("--tls custom needs --cert FILE and --key FILE")
+            raise UsageError("--tls custom needs --cert FILE and --key FILE",
+                             hint="pass both, or use --tls system or --tls self-signed")
         verify_pair(ctx, cert, key, chain, domain)
     elif cert or key:
-        raise UsageError("--cert and --key go with --tls custom")
+        raise UsageError("--cert and --key go with --tls custom", hint="add --tls custom, or drop --cert/--key")
     elif tls == "self-signed" and not ctx.runner.available("openssl"):
         raise MissingTool("openssl is not installed (needed for --tls self-signed)", hint=INSTALL_HINTS["openssl"])
     elif tls == "system":
@@ -4298,7 +4301,8 @@ def verify_pair(ctx: Context, cert: str, key: str, chain: str | None, domain: st
         try:
             st = os.stat(path)
         except OSError:
-            raise UsageError(f"{path} does not exist or cannot be read") from None
+            raise UsageError(f"{path} does not exist or cannot be read",
+                             hint="check the path; abssctl reads certificate files, it never creates them") from None
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"{path} is not a regular file")
     warnings = []
@@ -4525,7 +4529,8 @@ def op_instance_set_domain(ctx: Context, name: str, domain: str) -> Result:
             return plan
         owner = insts.domain_owner(domain)
         if owner:
-            raise Conflict(f"domain {domain} already belongs to instance {owner!r}")
+            raise Conflict(f"domain {domain} already belongs to instance {owner!r}",
+                           hint="pick another domain, or see abssctl instance list")
         tls = dict(entry["tls"])
         if tls.get("source") == "self-signed":
             tdir = _tls_paths(ctx, name)["dir"]
@@ -4567,7 +4572,7 @@ def op_instance_rename(ctx: Context, old: str, new: str) -> Result:
         entry = insts.get(old)
         plan = Plan(f"rename {old} to {new}")
         if new in insts.doc["instances"]:
-            raise AlreadyExists(f"instance {new!r} already exists")
+            raise AlreadyExists(f"instance {new!r} already exists", hint="pick a name no instance uses")
         for path in (ctx.paths.instance_dir(new), ctx.paths.unit_file(new), ctx.paths.vhost_file(new)):
             if os.path.lexists(path):
                 raise AlreadyExists(f"{path} already exists", hint="move it aside first")
@@ -4728,7 +4733,8 @@ def op_tls_verify(ctx: Context, name: str | None, cert: str | None, key: str | N
         tls = entry.get("tls") or {}
         cert, key, chain, domain = tls.get("cert"), tls.get("key"), tls.get("chain"), entry.get("domain")
     if not (cert and key):
-        raise UsageError("give an instance NAME, or --cert FILE and --key FILE")
+        raise UsageError("give an instance NAME, or --cert FILE and --key FILE",
+                         hint="e.g. abssctl tls verify alice, or abssctl tls verify --cert c.pem --key k.pem")
     info = verify_pair(ctx, cert, key, chain, domain)
     text = [f"{k}: {v}" for k, v in info.items()]
     return Result({"tls": info}, text)
@@ -4826,12 +4832,15 @@ def op_quickstart(ctx: Context, name: str, domain: str, version: str) -> Result:
         ctx.out.warn(f"no system certificate at {cert}: using a self-signed one (browsers will warn)")
     created = op_instance_create(ctx, name, domain=domain, port=None, version="current", tls=tls, cert=None,
                                  key=None, chain=None, start=True)
-    inst = created.data.get("instance", {})
+    _next_op(ctx)
+    started = op_instance_lifecycle(ctx, name, "start")      # a no-op when it already runs
+    inst = dict(created.data.get("instance", {}), health=(started.data.get("instance") or {}).get("health")
+                or created.data.get("instance", {}).get("health"))
     url = inst.get("url")
     text = [f"{name} is up: {url}", f"next: open {url} and set the server password",
             f"      abssctl instance status {name} shows its health"]
     return Result({"instance": inst, "version": parts["version"], "init_changed": parts["init"], "url": url},
-                  text, changed=bool(parts["init"] or installed.changed or created.changed))
+                  text, changed=bool(parts["init"] or installed.changed or created.changed or started.changed))
 
 
 def _next_op(ctx: Context) -> None:
@@ -4845,7 +4854,7 @@ def _next_op(ctx: Context) -> None:
 # ============================================================================
 
 BACKUP_REASONS = ("manual", "pre-switch", "pre-set-version", "pre-restore", "pre-delete")
-SQLITE_NAMES = LazyRegex(r"^(server-files/account\.sqlite|user-files/group-[^/]*\.sqlite)$")
+SQLITE_NAMES = LazyRegex(r"^(server-files/account\.sqlite|user-files/group-[^/]*\.sqlite)\Z")
 SQLITE_SIDE = (".sqlite-wal", ".sqlite-shm", ".sqlite-journal")
 ARCHIVE_EXT = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
 MANIFEST_SCHEMA = 1
@@ -5533,7 +5542,7 @@ def _parse_ts(text: str) -> float:
         return 0.0
 
 
-ARCHIVE_NAME_RE = LazyRegex(r"^(\d{8}-\d{6}-[a-z][a-z0-9-]{0,31}-[0-9a-f]{4})\.tar(\.zst|\.gz)?$")
+ARCHIVE_NAME_RE = LazyRegex(r"^(\d{8}-\d{6}-[a-z][a-z0-9-]{0,31}-[0-9a-f]{4})\.tar(\.zst|\.gz)?\Z")
 
 
 def op_backup_reconcile(ctx: Context, *, apply_changes: bool) -> Result:
@@ -5821,7 +5830,8 @@ def cmd_instance_lifecycle(ctx: Context, args: argparse.Namespace) -> Result:
 
 def cmd_instance_logs(ctx: Context, args: argparse.Namespace) -> Result:
     if args.follow and ctx.out.json:
-        raise UsageError("--follow streams text; it cannot be combined with --json")
+        raise UsageError("--follow streams text; it cannot be combined with --json",
+                         hint="drop --json, or drop -f for a JSON list of lines")
     return op_instance_logs(ctx, args.name, lines=args.n, since=args.since, follow=args.follow,
                             emit_line=lambda line: ctx.out.write_lines([line]))
 
@@ -6135,7 +6145,7 @@ def _add_instance_parser(groups: argparse._SubParsersAction) -> None:
 
 
 def _label(value: str) -> str:
-    if not re.match(r"^[a-z0-9][a-z0-9:._-]{0,63}$", value):
+    if not re.match(r"^[a-z0-9][a-z0-9:._-]{0,63}\Z", value):
         raise UsageError(f"invalid label {value!r}", hint="labels are 1-64 of a-z 0-9 : . _ -")
     return value
 
