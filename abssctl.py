@@ -16,6 +16,7 @@ Sections (``grep -n '^# [0-9]' abssctl.py``):
     7d  provider: TLS
     8a  plans, steps, undo           8b  operations: host and state  8c  operations: versions
     8d  operations: instances, TLS, quickstart          8e  operations: backups
+    8f  operations: version switch and set-version
     9   CLI wiring
     10  main
 
@@ -80,6 +81,7 @@ class AbssctlError(Exception):
         self.message = message
         self.hint = hint
         self.details = dict(details or {})
+        self.data: dict[str, Any] = {}          # command fields a failure still reports (switch's instances)
         if why:
             self.details["why"] = why
 
@@ -2359,6 +2361,8 @@ def _undo_nginx_restore(ctx: Context, args: Mapping[str, Any]) -> None:
 
 UNDO_HANDLERS: dict[str, Callable[[Context, Mapping[str, Any]], None]] = {
     "data_swap": lambda ctx, args: _undo_data_swap(ctx, args),
+    "start_gate": lambda ctx, args: _undo_start_gate(ctx, args),
+    "restore_data": lambda ctx, args: _undo_restore_data(ctx, args),
     "discard_new_dir": _undo_discard_new_dir,
     "restore_file": _undo_restore_file,
     "unit_remove": _undo_unit_remove,
@@ -2532,6 +2536,7 @@ class Mutation:
         self.args = dict(args or {})
         self.confirm = confirm
         self.finish = finish
+        self.log_extra: dict[str, Any] = {}     # fields steps add to the ops-log record (backup ids, ...)
 
 
 def confirm(ctx: Context, question: str, choices: str = "[y] yes   [N] no") -> None:
@@ -2602,7 +2607,7 @@ def _log_operation(ctx: Context, m: Mutation, plan: Plan, steps: list[dict[str, 
                                             "sudo_user": os.environ.get("SUDO_USER")},
               "result": result, "exit_code": code, "changed": bool(plan.steps) and error is None,
               "duration_ms": int((utc_now() - ctx.started) * 1000), "lock_wait_ms": ctx.lock_wait_ms,
-              "steps": steps, "error": err, "abssctl_version": __version__}
+              "steps": steps, "error": err, "abssctl_version": __version__, **m.log_extra}
     try:
         ctx.oplog.append(record)
     except OSError as exc:
@@ -3254,7 +3259,7 @@ def _set_current_steps(ctx: Context, versions: Versions, plan: Plan, version: st
     followers = versions.following_current()
     if followers:
         raise UsageError(f"--set-current would move {', '.join(followers)} to {version} without a restart "
-                         "or a backup", hint="this release switches current only while no instance follows it")
+                         "or a backup", hint=f"install it, then run abssctl version switch {version}")
     link = ctx.paths.current
     previous = os.readlink(link) if os.path.islink(link) else None
     reg = versions.registry
@@ -3781,6 +3786,16 @@ def health_gate(ctx: Context, name: str, port: int, expected: str) -> dict[str, 
     _gate_failed(ctx, name, f"{name} did not become healthy on {expected} within {timeout:.0f} s", state, last)
 
 
+def start_and_gate(ctx: Context, name: str, port: int, version: str, verb: str = "start") -> dict[str, Any]:
+    """systemctl start (or restart), then the gate; a unit that dies at once fails the gate too."""
+    try:
+        ctx.runner.run("systemctl", ["--no-pager", verb, unit_name(name)], mutating=True)
+    except ProviderError as exc:
+        state = Systemd(ctx.runner).show([unit_name(name)], GATE_PROPS)[unit_name(name)]
+        _gate_failed(ctx, name, f"systemctl {verb} failed ({exc.message})", state, {})
+    return health_gate(ctx, name, port, version)
+
+
 def _probe_app(port: int) -> dict[str, Any]:
     result: dict[str, Any] = {"health": None, "info_version": None}
     try:
@@ -4176,8 +4191,7 @@ def _start_and_gate_step(ctx: Context, plan: Plan, name: str, port: int, version
     unit = unit_name(name)
 
     def do() -> None:
-        ctx.runner.run("systemctl", ["--no-pager", verb, unit], mutating=True)
-        gate.update(health_gate(ctx, name, port, version))
+        gate.update(start_and_gate(ctx, name, port, version, verb))
     plan.add(f"systemctl.{verb}", f"systemctl {verb} {unit}, then the health gate on {version}", unit, do,
              UndoAction("systemctl", verb="stop", unit=unit))
 
@@ -4348,7 +4362,9 @@ def _is_active(state: Mapping[str, str]) -> bool:
 
 def op_instance_lifecycle(ctx: Context, name: str, verb: str) -> Result:
     """start, stop, restart, enable, disable: a systemctl call, the gate where it starts, the registry."""
-    Instances(ctx).get(name)
+    entry = Instances(ctx).get(name)
+    if verb == "restart" and entry.get("pending_restart"):   # the switch left it for its next restart
+        return op_instance_set_version(ctx, name, str(entry.get("version")), backup=True, message=None)
     gate: dict[str, Any] = {}
 
     def build() -> Plan:
@@ -5785,6 +5801,250 @@ def _recreate_for_restore(ctx: Context, entry: Mapping[str, Any]) -> None:
 
 
 # ============================================================================
+# 8f. Operations: switching versions with backups, gates and data rollback
+# ============================================================================
+
+
+def _undo_start_gate(ctx: Context, args: Mapping[str, Any]) -> None:
+    """Start an instance again on its old version and require the health gate to pass."""
+    start_and_gate(ctx, args["name"], int(args["port"]), args["version"])
+
+
+def _undo_restore_data(ctx: Context, args: Mapping[str, Any]) -> None:
+    """Put an instance's data back from its pre-switch backup; the migrated data is kept aside."""
+    import pwd
+    name, backup_id = args["name"], args.get("backup_id")
+    if not backup_id:
+        raise HostError(f"no pre-switch backup of {name} to restore from")
+    entry = ctx.registry("backups").load()["backups"][backup_id]
+    root = ctx.paths.instance_dir(name)
+    live = os.path.join(root, "data")
+    failed = os.path.join(root, f"data.failed-{args['what']}-{ctx.op_id}")
+    staging = os.path.join(root, f".abssctl-tmp-{ctx.op_id}-restore")
+    pw = pwd.getpwnam(ctx.config.get("service", "user"))
+    if os.path.isdir(staging):
+        remove_tree(staging)
+    ensure_dir(staging, 0o750)
+    extract_backup(ArchiveScan(ctx, archive_path(ctx, entry)), entry, staging, uid=pw.pw_uid, gid=pw.pw_gid)
+    if os.path.isdir(live) and not os.path.exists(failed):
+        os.rename(live, failed)                 # kept, never deleted: it holds what the new version wrote
+    os.rename(os.path.join(staging, "data"), live)
+    remove_tree(staging)
+
+
+class UpgradeTracker:
+    """Per-instance outcome of a switch or set-version, for the report and the ops log."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.rows: dict[str, dict[str, Any]] = {
+            n: {"name": n, "backup_id": None, "outcome": "untouched", "health": None, "info_version": None,
+                "active": None} for n in names}
+
+    def report(self) -> list[dict[str, Any]]:
+        return [{k: v for k, v in self.rows[n].items() if k != "active"} for n in sorted(self.rows)]
+
+
+def _check_data_loadable(ctx: Context, versions: Versions, names: Sequence[str], target: str) -> None:
+    """Every title in an instance's .migrate must be known to the target version (no downgrade)."""
+    known = set((versions.doc["versions"].get(target) or {}).get("migrations") or [])
+    problems = []
+    insts = Instances(ctx).doc["instances"]
+    for name in names:
+        titles = read_migrations(os.path.join(ctx.paths.instance_dir(name), "data", ".migrate"))
+        unknown = [t for t in titles if t not in known]
+        if unknown:
+            problems.append(f"{name} (data migrated by {insts[name].get('data_version') or 'a newer version'})")
+    if problems:
+        raise UsageError(f"{target} cannot load the data of {', '.join(problems)}",
+                         hint=f"the server's migrations are one-way: keep these instances on their version, or "
+                              f"restore a backup taken before they were migrated")
+
+
+UPGRADE_PHASES = ("stop", "backup", "render", "start")
+
+
+def _upgrade_steps(ctx: Context, plan: Plan, name: str, target: str, tracker: UpgradeTracker, *,
+                   backup: bool, reason: str, label: str, message: str | None, m: Mutation,
+                   phases: Sequence[str] = UPGRADE_PHASES) -> bool:
+    """stop, cold backup, re-render, start and gate one instance (the given phases); every undo leads
+    back to the old version with the old data. Returns whether the instance was running."""
+    entry = Instances(ctx).get(name)
+    old = str(entry.get("resolved_version"))
+    port = int(entry["port"])
+    row = tracker.rows[name]
+    active = _is_active(_unit_state(ctx, name)) if row.get("active") is None else bool(row["active"])
+    row["active"] = active
+    unit = unit_name(name)
+    if "stop" in phases and active:
+        def stop() -> None:
+            row["outcome"] = "rolled-back"      # from here on a failure rolls this instance back
+            ctx.runner.run("systemctl", ["--no-pager", "stop", unit], mutating=True)
+        # Undo runs last for this instance: start it on the old version once unit and data are back.
+        plan.add(f"{name}.stop", f"stop {name} ({old})", unit, stop,
+                 UndoAction("start_gate", name=name, port=port, version=old))
+    if "backup" in phases and backup:
+        protect = UndoAction("restore_data", name=name, backup_id=None, what=reason.replace("pre-", ""))
+
+        def cold_backup() -> None:
+            made = take_backup(ctx, name, reason=reason, message=message, labels=[label])
+            row["backup_id"] = protect.args["backup_id"] = made["id"]
+            m.log_extra.setdefault("backup_ids", []).append(made["id"])
+        plan.add(f"{name}.backup", f"cold {reason} backup of {name} (label {label})", name, cold_backup)
+        # A no-op whose undo puts the backed-up data back: recorded after the backup, so it knows the id.
+        plan.add(f"{name}.protect", f"from here on {name}'s data may be migrated by {target}", name,
+                 lambda: None, protect)
+    if "render" in phases:
+        _unit_step(ctx, plan, name, render_unit(ctx, name, port, target, Versions(ctx)),
+                   f"re-render {ctx.paths.unit_file(name)} for {target}")
+    if "start" in phases and active:
+        def start() -> None:
+            gate = start_and_gate(ctx, name, port, target)
+            row.update(outcome="upgraded", health=gate.get("health"), info_version=gate.get("info_version"))
+        plan.add(f"{name}.start", f"start {name} on {target}, then the health gate", unit, start,
+                 UndoAction("systemctl", verb="stop", unit=unit))
+    return active
+
+
+def _record_versions_step(ctx: Context, plan: Plan, names: Sequence[str], target: str,
+                          binding: str | None = None, pending: bool = False,
+                          started: Sequence[str] = ()) -> None:
+    """Registry: resolved_version (and data_version for those that passed a gate on it)."""
+    insts = Instances(ctx)
+    for name in names:
+        entry = dict(insts.get(name))
+        if pending:
+            entry.update(pending_restart=True, updated_at=_now())
+        else:
+            entry.update(resolved_version=target, pending_restart=False, updated_at=_now())
+            if name in started:
+                entry["data_version"] = target  # a stopped instance migrates at its next start
+            if binding is not None:
+                entry["version"] = binding
+        _registry_step(ctx, plan, insts.registry, name, entry, f"record {name} on {target}"
+                       if not pending else f"mark {name} to change at its next restart")
+
+
+def op_version_switch(ctx: Context, version: str, *, restart: str, backup: bool, message: str | None) -> Result:
+    """Point current at VER and move every instance that follows it, one gated instance at a time."""
+    versions = Versions(ctx)
+    if versions.require_not_broken(version) == "missing":
+        raise NotFound(f"version {version} is not installed", hint=f"run abssctl version install {version}")
+    followers = versions.following_current()
+    _check_data_loadable(ctx, versions, followers, version)
+    entry = versions.doc["versions"][version]
+    if entry.get("engines_ok") is False:
+        ctx.out.warn(_engines_sentence(versions.package, version, str(entry.get("engines_node")),
+                                       Node(ctx.runner).info()))
+    tracker = UpgradeTracker(followers)
+    old = versions.current
+    m = Mutation(title=f"switch to {version}", build=lambda: Plan(""), global_mode="exclusive",
+                 instances=followers, target={"kind": "version", "name": version},
+                 args={"version": version, "restart": restart, "backup": backup})
+
+    def build() -> Plan:
+        now = Versions(ctx)
+        plan = Plan(f"switch current from {now.current} to {version}")
+        pending = [n for n in now.following_current() if Instances(ctx).get(n).get("pending_restart")]
+        moving = [n for n in now.following_current()
+                  if Instances(ctx).get(n).get("resolved_version") != version or n in pending]
+        if now.current == version and not moving:
+            return plan
+        if now.current != version:
+            _set_current_steps_switch(ctx, now, plan, version)
+        if restart == "none":
+            _record_versions_step(ctx, plan, moving, version, pending=True)
+            return plan
+        order = sorted(moving)
+        label = f"switch:{now.current}->{version}"
+        kw = {"backup": backup, "reason": "pre-switch", "label": label, "message": message, "m": m}
+        if restart == "rolling":
+            active = [n for n in order if _upgrade_steps(ctx, plan, n, version, tracker, **kw)]
+        else:                               # all: stop all, back up each, start all, gate each
+            for phase in UPGRADE_PHASES:
+                active = [n for n in order if _upgrade_steps(ctx, plan, n, version, tracker, phases=(phase,),
+                                                             **kw)]
+        _record_versions_step(ctx, plan, order, version, started=active)
+        return plan
+
+    def ask(_plan: Plan) -> None:
+        if not backup:
+            confirm(ctx, f"Switch to {version} without pre-switch backups?\nIf the upgrade fails, the package "
+                         "is rolled back but the data cannot be.")
+    m.build, m.confirm = build, ask
+    m.finish = lambda _p: {"instances": tracker.report(), "current": Versions(ctx).current, "previous": old}
+    return _run_upgrade(ctx, m, tracker)
+
+
+def _set_current_steps_switch(ctx: Context, versions: Versions, plan: Plan, version: str) -> None:
+    link = ctx.paths.current
+    previous = os.readlink(link) if os.path.islink(link) else None
+    reg = versions.registry
+    plan.add("current.swap", f"point {link} at {version}", link, lambda: swap_symlink(link, version, ctx.op_id),
+             UndoAction("swap_current", path=link, target=previous, tag=ctx.op_id))
+
+    def set_current() -> None:
+        with reg.edit(ctx.op_id) as doc:
+            doc["current"] = version
+    plan.add("registry.current", f"record {version} as current", reg.path, set_current,
+             UndoAction("registry_fields", fields={"current": versions.current}, **_registry_args(reg)))
+
+
+def _run_upgrade(ctx: Context, m: Mutation, tracker: UpgradeTracker) -> Result:
+    try:
+        result = run_mutation(ctx, m)
+    except AbssctlError as exc:
+        report = tracker.report()
+        failed = " ".join(getattr(exc, "__notes__", []))
+        for row in report:
+            if row["outcome"] != "untouched" and row["name"] in failed:
+                row["outcome"] = "rollback-failed"
+        exc.data["instances"] = report
+        if m.log_extra.get("backup_ids"):
+            exc.details["backup_ids"] = m.log_extra["backup_ids"]
+        raise
+    return result
+
+
+def op_instance_set_version(ctx: Context, name: str, binding: str, *, backup: bool, message: str | None) -> Result:
+    """Move one instance to VER (or back to following current) with a cold backup, gate and rollback."""
+    versions = Versions(ctx)
+    Instances(ctx).get(name)
+    target = resolve_binding(ctx, versions, binding)
+    _version_entry(ctx, versions, target)
+    _check_data_loadable(ctx, versions, [name], target)
+    tracker = UpgradeTracker([name])
+    m = Mutation(title=f"set-version {name}", build=lambda: Plan(""), instances=[name],
+                 target={"kind": "instance", "name": name}, args={"name": name, "version": binding,
+                                                                  "backup": backup})
+
+    def build() -> Plan:
+        current = Instances(ctx).get(name)
+        plan = Plan(f"move {name} to {target}")
+        if current.get("resolved_version") == target and current.get("version") == binding and \
+                not current.get("pending_restart"):
+            return plan
+        if current.get("resolved_version") == target and not current.get("pending_restart"):
+            _registry_step(ctx, plan, Instances(ctx).registry, name, dict(current, version=binding,
+                                                                          updated_at=_now()),
+                           f"bind {name} to {binding}")
+            return plan
+        active = _upgrade_steps(ctx, plan, name, target, tracker, backup=backup, reason="pre-set-version",
+                                label=f"set-version:{current.get('resolved_version')}->{target}",
+                                message=message, m=m)
+        _record_versions_step(ctx, plan, [name], target, binding=binding, started=[name] if active else [])
+        return plan
+
+    def ask(_plan: Plan) -> None:
+        if not backup:
+            confirm(ctx, f"Move {name} to {target} without a pre-set-version backup?\nIf the upgrade fails, "
+                         "the data cannot be rolled back.")
+    m.build, m.confirm = build, ask
+    m.finish = lambda _p: {"instances": tracker.report(), "instance": _instance_summary(
+        ctx, Instances(ctx).get(name), tracker.rows[name])}
+    return _run_upgrade(ctx, m, tracker)
+
+
+# ============================================================================
 # 9. CLI wiring
 # ============================================================================
 
@@ -5939,6 +6199,16 @@ def cmd_version_install(ctx: Context, args: argparse.Namespace) -> Result:
         return op_version_import(ctx, args.from_bundle, expect_version=None if args.version == "latest"
                                  else args.version, set_current=args.set_current)
     return op_version_install(ctx, args.version, set_current=args.set_current)
+
+
+def cmd_version_switch(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_version_switch(ctx, args.version, restart=args.restart, backup=not args.no_backup,
+                             message=args.backup_message)
+
+
+def cmd_instance_set_version(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_instance_set_version(ctx, args.name, args.binding, backup=not args.no_backup,
+                                   message=args.backup_message)
 
 
 def cmd_version_uninstall(ctx: Context, args: argparse.Namespace) -> Result:
@@ -6128,6 +6398,15 @@ def _add_instance_parser(groups: argparse._SubParsersAction) -> None:
                   f"abssctl instance {alias} alice alice.example.net", mutating=True)
         p.add_argument("name", type=_argtype(validate_name), help="instance name")
         p.add_argument("domain", type=_argtype(validate_fqdn), help="the new FQDN")
+    p = _verb(verbs, "set-version", "move an instance to another version (cold backup, gate, data rollback)",
+              cmd_instance_set_version, "abssctl instance set-version alice 26.9.0",
+              "abssctl instance set-version alice current", mutating=True)
+    p.add_argument("name", type=_argtype(validate_name), help="instance name")
+    p.add_argument("binding", metavar="VER", type=_argtype(
+        lambda v: v if v == "current" else validate_version(v, allow_latest=False)),
+        help="an installed exact version, or current")
+    p.add_argument("--no-backup", action="store_true", help="no pre-set-version backup (prompts)")
+    p.add_argument("--backup-message", metavar="TEXT", help="message of the backup")
     p = _verb(verbs, "rename", "rename an instance: dirs, unit, vhost, TLS, port, registry, backups",
               cmd_instance_rename, "abssctl instance rename alice alicia", mutating=True)
     p.add_argument("old", type=_argtype(validate_name), help="current name")
@@ -6241,6 +6520,15 @@ def _add_version_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--set-current", action="store_true",
                    help="point current at it (only while no instance follows current)")
     p.add_argument("--from-bundle", metavar="FILE", help="install from an export bundle (no registry)")
+    p = _verb(verbs, "switch", "point current at VER and move its instances: cold backup, restart, health "
+              "gate, rollback with data", cmd_version_switch, "abssctl version switch 26.9.0",
+              "abssctl version switch 26.9.0 --restart none", mutating=True)
+    p.add_argument("version", metavar="VER", type=_argtype(_exact_version), help="an installed version")
+    p.add_argument("--restart", choices=("rolling", "all", "none"), default="rolling",
+                   help="rolling (default): one instance at a time; all: stop all, then start all; "
+                        "none: each changes at its next restart")
+    p.add_argument("--no-backup", action="store_true", help="no pre-switch backups (prompts)")
+    p.add_argument("--backup-message", metavar="TEXT", help="message of the pre-switch backups")
     p = _verb(verbs, "uninstall", "remove an installed version that no instance uses (prompts)",
               cmd_version_uninstall, "abssctl version uninstall 25.6.0 --yes", mutating=True)
     p.add_argument("version", metavar="VER", type=_argtype(_exact_version), help="the installed version")
@@ -6554,7 +6842,7 @@ def report_error(out: Output, exc: AbssctlError, result: Result | None = None) -
     """One message on stderr (and the JSON document on stdout under --json); returns the exit code."""
     out.error(exc)
     if out.json:
-        doc = {"ok": False, "error": error_doc(exc)}
+        doc = {"ok": False, "error": error_doc(exc), **exc.data}
         if result is not None:
             doc.update(result.data)
         try:

@@ -27,7 +27,7 @@ class HostRun:
             self.doc = None
 
     def __repr__(self) -> str:
-        return f"HostRun(rc={self.rc}, err={self.err[-2000:]!r}, out={self.out[-2000:]!r})"
+        return f"HostRun(rc={self.rc}, err={self.err[-6000:]!r}, out={self.out[-500:]!r})"
 
 
 class Host:
