@@ -17,6 +17,7 @@ Sections (``grep -n '^# [0-9]' abssctl.py``):
     8a  plans, steps, undo           8b  operations: host and state  8c  operations: versions
     8d  operations: instances, TLS, quickstart          8e  operations: backups
     8f  operations: version switch and set-version
+    8g  operations: doctor                              8h  operations: support bundle, discovery
     9   CLI wiring
     10  main
 
@@ -1035,6 +1036,8 @@ class FileLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            if not self.shared:
+                os.ftruncate(self.fd, 0)    # a clean release leaves no holder; only a crash leaves a stale note
             os.close(self.fd)       # closing drops the flock; the file stays
             self.fd = None
 
@@ -1194,6 +1197,20 @@ def sha256_file(path: str) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_sidecar(path: str) -> str | None:
+    """The sha256 recorded in a ``<file>.sha256``-style sidecar, or None when there is none."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            words = f.read().split()
+    except FileNotFoundError:
+        return None
+    return words[0] if words else ""
+
+
+def write_sidecar(path: str, target: str, digest: str, mode: int, tag: str) -> None:
+    atomic_write(path, f"{digest}  {os.path.basename(target)}\n".encode(), mode=mode, tag=tag)
 
 
 def remove_tree(path: str) -> None:
@@ -1686,18 +1703,6 @@ class Systemd:
     def daemon_reload(self) -> None:
         self._ctl("daemon-reload", mutating=True)
 
-    def start(self, unit: str) -> None:
-        self._ctl("start", unit, mutating=True)
-
-    def stop(self, unit: str) -> None:
-        self._ctl("stop", unit, mutating=True)
-
-    def enable(self, unit: str) -> None:
-        self._ctl("enable", unit, mutating=True)
-
-    def disable(self, unit: str) -> None:
-        self._ctl("disable", unit, mutating=True)
-
     def show(self, units: Sequence[str], props: Sequence[str]) -> dict[str, dict[str, str]]:
         """``systemctl show`` for several units in one call: unit -> {property: value}.
 
@@ -1834,9 +1839,6 @@ class Nginx:
 
     def reload(self) -> None:
         self.runner.run("nginx_reload", [], mutating=True)
-
-    def dump(self) -> str:
-        return self.runner.run("nginx", ["-T"], mutating=False).stdout
 
     def transaction(self, tag: str, lock_path: str) -> NginxTransaction:
         return NginxTransaction(self, tag, lock_path)
@@ -2218,9 +2220,6 @@ class Context:
         self.journal: Journal | None = None
         self.oplog = OpsLog(self.paths.oplog, self.paths.textlog)
         self.started = utc_now()
-
-    def now(self) -> float:
-        return utc_now()
 
     def service_gid(self) -> int:
         """The gid of the service group, or root's when it does not exist yet."""
@@ -2790,6 +2789,31 @@ def op_init(ctx: Context, *, allow_create_user: bool) -> Result:
 
 # -- config ------------------------------------------------------------------------
 
+def op_init_discover(ctx: Context) -> Result:
+    """init --discover: a read-only report of what is on the host compared with the registries."""
+    found = discover(ctx)
+    text = table(("NAME", "REGISTERED", "PORT", "DOMAIN", "VERSION", "ISSUES"),
+                 [(s["name"], "yes" if s["registered"] else "no", s["port"], s["domain"], s["version"],
+                   "; ".join(s["issues"])) for s in found["instances"]]) if found["instances"] else ["no instances found"]
+    text += [f"version {v['version']}: {'registered' if v['registered'] else 'NOT registered'}"
+             for v in found["versions"]]
+    return Result({"discovered": found}, text)
+
+
+def op_init_rebuild(ctx: Context) -> Result:
+    """init --rebuild-state: registries rewritten from discovery, the old ones copied aside first."""
+    found = discover(ctx)
+
+    def build() -> Plan:
+        plan = Plan("rebuild the registries")
+        rebuild_plan(ctx, plan, discover(ctx))
+        return plan
+    result = run_mutation(ctx, Mutation(title="init --rebuild-state", build=build, global_mode="exclusive",
+                                        target={"kind": "host"}, args={"rebuild_state": True}))
+    result.data["discovered"] = found
+    return result
+
+
 def op_config_show(ctx: Context) -> Result:
     cfg = ctx.config
     text = [f"# {cfg.path} ({'exists' if cfg.path_exists else 'missing: built-in defaults'})"]
@@ -3254,24 +3278,22 @@ def _resolve_version(ctx: Context, npm: Npm, requested: str) -> str:
 
 
 def _set_current_steps(ctx: Context, versions: Versions, plan: Plan, version: str) -> None:
+    """install/import --set-current: only while no instance follows current (else: version switch)."""
     if versions.current == version and os.path.islink(ctx.paths.current):
         return
     followers = versions.following_current()
     if followers:
         raise UsageError(f"--set-current would move {', '.join(followers)} to {version} without a restart "
                          "or a backup", hint=f"install it, then run abssctl version switch {version}")
-    link = ctx.paths.current
-    previous = os.readlink(link) if os.path.islink(link) else None
-    reg = versions.registry
-    plan.add("current.swap", f"point {link} at {version}", link,
-             lambda: swap_symlink(link, version, ctx.op_id),
-             UndoAction("swap_current", path=link, target=previous, tag=ctx.op_id))
+    _current_steps(ctx, versions, plan, version)
 
-    def set_current() -> None:
-        with reg.edit(ctx.op_id) as doc:
-            doc["current"] = version
-    plan.add("registry.current", f"record {version} as current", reg.path, set_current,
-             UndoAction("registry_fields", fields={"current": versions.current}, **_registry_args(reg)))
+
+def _installed_output(ctx: Context, installer: Installer | None, version: str) -> dict[str, Any]:
+    """The "version" field of install/import: fresh verification data, or the recorded entry."""
+    if installer is not None and installer.result:
+        return {"version": installer.output()}
+    now = Versions(ctx)
+    return {"version": dict(now.doc["versions"].get(version) or {}, current=now.current == version)}
 
 
 def op_version_install(ctx: Context, requested: str, *, set_current: bool) -> Result:
@@ -3294,14 +3316,8 @@ def op_version_install(ctx: Context, requested: str, *, set_current: bool) -> Re
             _set_current_steps(ctx, current, plan, version)
         return plan
 
-    def finish(plan: Plan) -> dict[str, Any]:
-        if installer and installer.result:
-            return {"version": installer.output()}
-        entry = dict(Versions(ctx).doc["versions"].get(version) or {})
-        entry["current"] = Versions(ctx).current == version
-        return {"version": entry}
-
-    return run_mutation(ctx, Mutation(title=f"install {version}", build=build, finish=finish,
+    return run_mutation(ctx, Mutation(title=f"install {version}", build=build,
+                                      finish=lambda _p: _installed_output(ctx, installer, version),
                                       target={"kind": "version", "name": version},
                                       args={"version": requested, "set_current": set_current}))
 
@@ -3601,8 +3617,7 @@ def op_version_export(ctx: Context, version: str, output: str) -> Result:
             os.close(fd)
         os.replace(tmp, dest)
         digest = sink.sha.hexdigest()
-        atomic_write(dest + ".sha256", f"{digest}  {os.path.basename(dest)}\n".encode(), mode=0o644,
-                     tag=ctx.op_id)
+        write_sidecar(dest + ".sha256", dest, digest, 0o644, ctx.op_id)
         result.update({"path": dest, "sha256": digest, "size_bytes": os.path.getsize(dest),
                        "version": version, "compression": compression})
 
@@ -3695,12 +3710,10 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
     ctx.out.progress(f"checking {path}")
     digest = sha256_file(path)
     sidecar = path + ".sha256"
-    if os.path.exists(sidecar):
-        with open(sidecar, encoding="utf-8", errors="replace") as f:
-            recorded = f.read().split()
-        if not recorded or recorded[0] != digest:
-            raise ChecksumMismatch(f"{path} does not match {sidecar}",
-                                   hint="the bundle was modified or damaged in transit; copy it again")
+    recorded = read_sidecar(sidecar)
+    if recorded is not None and recorded != digest:
+        raise ChecksumMismatch(f"{path} does not match {sidecar}",
+                               hint="the bundle was modified or damaged in transit; copy it again")
     manifest, sums = read_bundle_header(ctx, path)
     version = validate_version(str(manifest.get("version")), allow_latest=False)
     if expect_version and version != expect_version:
@@ -3740,14 +3753,8 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
             _set_current_steps(ctx, Versions(ctx), plan, version)
         return plan
 
-    def finish(_plan: Plan) -> dict[str, Any]:
-        if installer.result:
-            return {"version": installer.output()}
-        entry = dict(Versions(ctx).doc["versions"].get(version) or {})
-        entry["current"] = Versions(ctx).current == version
-        return {"version": entry}
-
-    return run_mutation(ctx, Mutation(title=f"import {version}", build=build, finish=finish,
+    return run_mutation(ctx, Mutation(title=f"import {version}", build=build,
+                                      finish=lambda _p: _installed_output(ctx, installer, version),
                                       target={"kind": "version", "name": version},
                                       args={"bundle": path, "set_current": set_current}))
 
@@ -4902,21 +4909,16 @@ class HashingWriter:
 
 
 class HashingReader:
-    """A read-only file object that hashes what is read and counts bytes for progress."""
+    """A read-only file object that hashes what is read."""
 
-    def __init__(self, f: Any, on_read: Callable[[int], None] | None = None) -> None:
+    def __init__(self, f: Any) -> None:
         import hashlib
         self.f = f
         self.sha = hashlib.sha256()
-        self.size = 0
-        self.on_read = on_read
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n if n and n > 0 else CHUNK)
         self.sha.update(data)
-        self.size += len(data)
-        if self.on_read:
-            self.on_read(len(data))
         return data
 
     def drain(self) -> None:
@@ -4940,6 +4942,11 @@ class MemberReader:
         self.sha.update(data)
         self.progress(len(data))
         return data
+
+
+def backup_sidecar(archive: str) -> str:
+    """<id>.tar.zst -> <id>.sha256."""
+    return archive.rsplit(".tar", 1)[0] + ".sha256"
 
 
 def new_backup_id(name: str, now: float) -> str:
@@ -5085,8 +5092,7 @@ class BackupWriter:
             self._give_back_side_files(files)
         os.replace(self.tmp, self.archive)
         digest = out.sha.hexdigest()
-        atomic_write(os.path.join(self.dir, self.id + ".sha256"),
-                     f"{digest}  {os.path.basename(self.archive)}\n".encode(), mode=0o600, tag=self.ctx.op_id)
+        write_sidecar(os.path.join(self.dir, self.id + ".sha256"), self.archive, digest, 0o600, self.ctx.op_id)
         fsync_dir(self.dir)
         return self._index_entry(digest, out.size, listing)
 
@@ -5293,8 +5299,6 @@ class ArchiveScan:
         self.path = path
         self.sha256 = ""
         self.manifest: dict[str, Any] | None = None
-        self.sums: dict[str, str] = {}
-        self.sizes: dict[str, int] = {}
 
     def run(self, consume: Callable[[Any, Iterator[Any]], None]) -> None:
         """Hand ``consume(tar, members)`` every member but the manifest; the file is hashed on the way."""
@@ -5387,11 +5391,7 @@ def verify_backup(ctx: Context, entry: dict[str, Any], deep: bool) -> dict[str, 
         _set_backup_status(ctx, entry["id"], "missing")
         raise HostError(f"the archive of {entry['id']} is missing: {path}",
                         hint="run abssctl backup reconcile --apply to mark it", details={"checks": checks})
-    sidecar = os.path.splitext(path)[0].rsplit(".tar", 1)[0] + ".sha256"
-    recorded = []
-    if os.path.exists(sidecar):
-        with open(sidecar, encoding="utf-8", errors="replace") as f:
-            recorded = f.read().split()[:1]
+    recorded = read_sidecar(backup_sidecar(path))
     scan = ArchiveScan(ctx, path)
     got: dict[str, str] = {}
     tmp = os.path.join(ctx.paths.backup_root, f".abssctl-tmp-{ctx.op_id}")
@@ -5402,7 +5402,7 @@ def verify_backup(ctx: Context, entry: dict[str, Any], deep: bool) -> dict[str, 
         else:
             digest = sha256_file(path)
             scan.sha256 = digest
-        ok = scan.sha256 == entry.get("sha256") and (not recorded or recorded[0] == scan.sha256)
+        ok = scan.sha256 == entry.get("sha256") and recorded in (None, scan.sha256)
         checks["archive_sha256"] = "ok" if ok else "mismatch"
         if not ok:
             _set_backup_status(ctx, entry["id"], "corrupt")
@@ -5529,7 +5529,7 @@ def op_backup_prune(ctx: Context, instance: str | None, *, keep: int | None, old
         plan = Plan("prune backups")
         for b in doomed():
             path = archive_path(ctx, b)
-            sidecar = path.rsplit(".tar", 1)[0] + ".sha256"
+            sidecar = backup_sidecar(path)
 
             def drop(b: Mapping[str, Any] = b, path: str = path, sidecar: str = sidecar) -> None:
                 with ctx.registry("backups").edit(ctx.op_id) as doc:
@@ -5632,13 +5632,12 @@ def adopt_archive(ctx: Context, path: str) -> None:
         scan.check_manifest(sums, backup_id)
     except (CorruptState, ChecksumMismatch):
         status = "corrupt"
-    sidecar = path.rsplit(".tar", 1)[0] + ".sha256"
-    if os.path.exists(sidecar):
-        with open(sidecar, encoding="utf-8", errors="replace") as f:
-            if f.read().split()[:1] != [scan.sha256]:
-                status = "corrupt"
-    else:
-        atomic_write(sidecar, f"{scan.sha256}  {os.path.basename(path)}\n".encode(), mode=0o600, tag=ctx.op_id)
+    sidecar = backup_sidecar(path)
+    recorded = read_sidecar(sidecar)
+    if recorded is None:
+        write_sidecar(sidecar, path, scan.sha256, 0o600, ctx.op_id)
+    elif recorded != scan.sha256:
+        status = "corrupt"
     man = scan.manifest or {}
     name = os.path.basename(os.path.dirname(path))
     entry = {"id": backup_id, "instance": name, "created_at": man.get("created_at"),
@@ -5950,7 +5949,7 @@ def op_version_switch(ctx: Context, version: str, *, restart: str, backup: bool,
         if now.current == version and not moving:
             return plan
         if now.current != version:
-            _set_current_steps_switch(ctx, now, plan, version)
+            _current_steps(ctx, now, plan, version)
         if restart == "none":
             _record_versions_step(ctx, plan, moving, version, pending=True)
             return plan
@@ -5975,7 +5974,8 @@ def op_version_switch(ctx: Context, version: str, *, restart: str, backup: bool,
     return _run_upgrade(ctx, m, tracker)
 
 
-def _set_current_steps_switch(ctx: Context, versions: Versions, plan: Plan, version: str) -> None:
+def _current_steps(ctx: Context, versions: Versions, plan: Plan, version: str) -> None:
+    """Swap the current symlink atomically and record it; both undone together."""
     link = ctx.paths.current
     previous = os.readlink(link) if os.path.islink(link) else None
     reg = versions.registry
@@ -6045,13 +6045,1047 @@ def op_instance_set_version(ctx: Context, name: str, binding: str, *, backup: bo
 
 
 # ============================================================================
+# 8g. Operations: doctor (probe registry, facts gathered once, safe --fix)
+# ============================================================================
+
+DOCTOR_CATEGORIES = ("env", "config", "state", "fs", "ports", "systemd", "nginx", "tls", "app", "disk", "backups")
+CATEGORY_CLASS = {"env": 3, "config": 3, "state": 3, "fs": 3, "ports": 4, "systemd": 4, "nginx": 4, "tls": 4,
+                  "app": 4, "disk": 3, "backups": 3}
+
+
+class Finding:
+    """One probe result (DESIGN §4.10)."""
+
+    __slots__ = ("id", "category", "target", "status", "message", "hint", "fix", "data", "duration_ms")
+
+    def __init__(self, probe_id: str, target: str | None, status: str, message: str, *, hint: str | None = None,
+                 fix: Callable[[Plan], None] | None = None, data: Mapping[str, Any] | None = None) -> None:
+        self.id = probe_id
+        self.category = probe_id.split(".", 1)[0]
+        self.target = target
+        self.status = status
+        self.message = message
+        self.hint = hint
+        self.fix = fix
+        self.data = dict(data or {})
+        self.duration_ms = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "category": self.category, "target": self.target, "status": self.status,
+                "message": self.message, "hint": self.hint, "fixable": self.fix is not None,
+                "exit_class": CATEGORY_CLASS[self.category], "duration_ms": self.duration_ms, "data": self.data}
+
+
+class Facts:
+    """What every probe may look at, gathered once: registries, units, nginx -T, listeners."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.errors: dict[str, str] = {}
+        self.instances: dict[str, Any] = self._load("instances")
+        self.ports: dict[str, Any] = self._load("ports")
+        self.versions_doc = self._safe(lambda: ctx.registry("versions").load(), {"versions": {}, "current": None},
+                                       "versions")
+        self.backups: dict[str, Any] = self._safe(lambda: ctx.registry("backups").load()["backups"], {}, "backups")
+        names = sorted(self.instances)
+        self.units: dict[str, dict[str, str]] = {}
+        if names and ctx.runner.available("systemctl"):
+            self.units = self._safe(lambda: Systemd(ctx.runner).show(
+                [unit_name(n) for n in names], ("ActiveState", "SubState", "MainPID", "UnitFileState",
+                                                 "ExecMainStatus", "LoadState")), {}, "systemctl")
+        self.nginx_ok: Completed | None = None
+        self.nginx_dump = ""
+        if ctx.runner.available("nginx"):
+            done = ctx.runner.run("nginx", ["-T"], mutating=False, check=False)
+            self.nginx_ok, self.nginx_dump = done, done.stdout
+        self.listeners = listening_sockets()
+
+    def _load(self, name: str) -> dict[str, Any]:
+        return self._safe(lambda: self.ctx.registry(name).load()[name], {}, name)
+
+    def _safe(self, fn: Callable[[], Any], default: Any, what: str) -> Any:
+        try:
+            return fn()
+        except AbssctlError as exc:
+            self.errors[what] = exc.message
+            return default
+
+
+def listening_sockets() -> dict[int, set[int]]:
+    """TCP port -> inodes of listening sockets, from /proc/net/tcp{,6}."""
+    found: dict[int, set[int]] = {}
+    for table_path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table_path, encoding="ascii") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A":           # TCP_LISTEN
+                found.setdefault(int(cols[1].rsplit(":", 1)[1], 16), set()).add(int(cols[9]))
+    return found
+
+
+def socket_owners(inodes: set[int]) -> set[int]:
+    """PIDs holding any of these socket inodes (a walk of /proc/*/fd)."""
+    wanted = {f"socket:[{i}]" for i in inodes}
+    owners = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                    owners.add(int(pid))
+                    break
+            except OSError:
+                continue
+    return owners
+
+
+def _descendants(pid: int) -> set[int]:
+    """pid and its children (the server may listen from a child of the unit's main process)."""
+    found = {pid}
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                for child in f.read().split():
+                    found |= _descendants(int(child))
+    except OSError:
+        pass
+    return found
+
+
+PROBES: list[tuple[str, Callable[[Context, Facts], list[Finding]]]] = []
+
+
+def probe(category: str) -> Callable[[Callable[[Context, Facts], list[Finding]]], Callable[[Context, Facts], list[Finding]]]:
+    """Register a probe function under a category."""
+    def register(fn: Callable[[Context, Facts], list[Finding]]) -> Callable[[Context, Facts], list[Finding]]:
+        PROBES.append((category, fn))
+        return fn
+    return register
+
+
+def _ok(pid: str, target: str | None, message: str, **kw: Any) -> Finding:
+    return Finding(pid, target, "ok", message, **kw)
+
+
+@probe("env")
+def probe_env_tools(ctx: Context, facts: Facts) -> list[Finding]:
+    out = [_ok("env.python", None, f"python {sys.version.split()[0]}")]
+    for tool, status in (("node", "fail"), ("nginx", "fail"), ("systemctl", "fail"), ("npm", "warn"),
+                         ("openssl", "warn"), ("journalctl", "warn"), ("zstd", "warn")):
+        if ctx.runner.available(tool):
+            out.append(_ok(f"env.tool", tool, f"{tool} is installed"))
+        else:
+            note = " (backups fall back to gzip)" if tool == "zstd" else ""
+            out.append(Finding("env.tool", tool, status, f"{tool} is not installed{note}",
+                               hint=INSTALL_HINTS.get(tool)))
+    return out
+
+
+@probe("env")
+def probe_env_node_abi(ctx: Context, facts: Facts) -> list[Finding]:
+    versions = facts.versions_doc.get("versions", {})
+    if not versions or not ctx.runner.available("node"):
+        return []
+    try:
+        node = Node(ctx.runner).info()
+    except AbssctlError as exc:
+        return [Finding("env.node", None, "fail", f"node does not answer: {exc.message}")]
+    out = []
+    for ver, entry in sorted(versions.items()):
+        recorded = (entry.get("node") or {}).get("abi")
+        if recorded and recorded != node.abi:
+            out.append(Finding("env.node-abi", ver, "fail", f"{ver} was built for node ABI {recorded}; node is "
+                               f"{node.version} (ABI {node.abi}), so its native modules will not load",
+                               hint=f"npm rebuild --prefix {os.path.join(ctx.paths.install_root, ver)}, or reinstall it"))
+        else:
+            out.append(_ok("env.node-abi", ver, f"{ver} matches node ABI {node.abi}"))
+        engines = entry.get("engines_node")
+        if engines and engines_satisfied(node.version, str(engines)) is False:
+            out.append(Finding("env.engines", ver, "warn", _engines_sentence(
+                ctx.config.get("npm", "package"), ver, str(engines), node)))
+    return out
+
+
+@probe("env")
+def probe_env_accounts(ctx: Context, facts: Facts) -> list[Finding]:
+    uid, gid = _lookup_ids(ctx.config.get("service", "user"), ctx.config.get("service", "group"))
+    if uid is None or gid is None:
+        return [Finding("env.accounts", None, "fail", "the service user or group does not exist",
+                        hint="run abssctl init --allow-create-user")]
+    return [_ok("env.accounts", None, "the service user and group exist")]
+
+
+@probe("config")
+def probe_config(ctx: Context, facts: Facts) -> list[Finding]:
+    out = [_ok("config.file", ctx.config.path, "the configuration parses")]
+    out += [Finding("config.unknown-key", key, "warn", f"unknown configuration key {key} is ignored",
+                    hint="remove it, or fix its spelling") for key in ctx.config.unknown]
+    for name in TEMPLATE_NAMES:
+        try:
+            render(ctx.paths.templates_dir, name, sample_values(name))
+            out.append(_ok("config.template", name, f"template {name} renders"))
+        except UsageError as exc:
+            out.append(Finding("config.template", name, "fail", exc.message, hint=exc.hint))
+    return out
+
+
+@probe("state")
+def probe_state(ctx: Context, facts: Facts) -> list[Finding]:
+    out = [Finding("state.registry", what, "fail", message, hint="restore it from its .prev copy")
+           for what, message in facts.errors.items() if what in ("instances", "ports", "versions", "backups")]
+    for name, entry in sorted(facts.instances.items()):
+        port = str(entry.get("port"))
+        owner = (facts.ports.get(port) or {}).get("instance")
+        if owner != name:
+            reg = ctx.registry("ports")
+            fix = (lambda plan, name=name, port=port: _registry_step(
+                ctx, plan, reg, port, {"instance": name, "reserved_at": _now()}, f"reserve port {port} for {name}")) \
+                if owner is None else None
+            out.append(Finding("state.ports", name, "fail", f"port {port} of {name} is reserved by "
+                               f"{owner or 'nobody'}", fix=fix))
+        for what, path in (("unit", ctx.paths.unit_file(name)), ("vhost", ctx.paths.vhost_file(name)),
+                           ("dir", ctx.paths.instance_dir(name))):
+            if not os.path.lexists(path):
+                out.append(Finding("state.drift", name, "fail", f"{name} is registered but its {what} {path} is "
+                                   "missing", hint=f"abssctl doctor --fix re-renders units and vhosts; a missing "
+                                   f"directory needs a restore: abssctl backup restore"))
+    for port, res in sorted(facts.ports.items()):
+        if res.get("instance") not in facts.instances:
+            out.append(Finding("state.ports", port, "warn", f"port {port} is reserved for {res.get('instance')}, "
+                               "which is not registered"))
+    for d, pattern in ((ctx.paths.unit_dir, "abssctl-"), (ctx.paths.sites_available, "abssctl-")):
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for fname in sorted(names):
+            if fname.startswith(pattern) and fname.endswith((".service", ".conf")):
+                inst = fname[len(pattern):].rsplit(".", 1)[0]
+                if inst not in facts.instances:
+                    out.append(Finding("state.drift", inst, "warn", f"{os.path.join(d, fname)} belongs to no "
+                                       "registered instance", hint="remove it, or re-register it"))
+    link = ctx.paths.current
+    current = facts.versions_doc.get("current")
+    on_disk = os.readlink(link) if os.path.islink(link) else None
+    if current != on_disk and (current or on_disk):
+        out.append(Finding("state.current", None, "fail", f"{link} points at {on_disk}; the registry says {current}",
+                           hint="abssctl version switch VER sets both"))
+    out += _journal_findings(ctx)
+    out += _lock_findings(ctx)
+    out += _leftover_findings(ctx)
+    if len(out) == 0:
+        out.append(_ok("state.registry", None, "registries, units, vhosts and directories agree"))
+    return out
+
+
+def _journal_findings(ctx: Context) -> list[Finding]:
+    out = []
+    for path, doc in list_journals(ctx.paths.journal_dir):
+        if doc and not pid_alive(int(doc.get("pid") or 0)):
+            out.append(Finding("state.journal", doc.get("op_id"), "fail",
+                               f"{doc.get('command')} ({doc.get('op_id')}) was interrupted and left a journal",
+                               hint="abssctl doctor --fix (or any mutating command) rolls it back",
+                               fix=lambda plan: plan.add("state.recover", "roll back interrupted operations",
+                                                         ctx.paths.journal_dir, lambda: recover_journals(ctx))))
+    return out
+
+
+def _lock_findings(ctx: Context) -> list[Finding]:
+    out = []
+    try:
+        names = sorted(os.listdir(ctx.paths.run_dir))
+    except OSError:
+        return out
+    for name in names:
+        path = os.path.join(ctx.paths.run_dir, name)
+        if name.endswith(".lock") and lock_state(path) == "stale":
+            def clear(plan: Plan, path: str = path) -> None:
+                plan.add("state.lock", f"clear the stale holder note in {path}", path,
+                         lambda: _clear_lock_note(path))
+            out.append(Finding("state.lock", name, "warn", f"{path} names a process that is gone (stale)", fix=clear))
+    return out
+
+
+def _clear_lock_note(path: str) -> None:
+    lock = FileLock(path)
+    lock.acquire(0, {}, lambda _m: None)
+    try:
+        assert lock.fd is not None
+        os.ftruncate(lock.fd, 0)
+    finally:
+        lock.release()
+
+
+def _leftover_findings(ctx: Context) -> list[Finding]:
+    import time
+    live = json.dumps([d for _p, d in list_journals(ctx.paths.journal_dir)])
+    out = []
+    for root in (ctx.paths.install_root, ctx.paths.instance_root, ctx.paths.backup_root, ctx.paths.tls_dir):
+        try:
+            names = os.listdir(root)
+        except OSError:
+            continue
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            if not name.startswith(TEMP_MARKERS) or time.time() - os.lstat(path).st_mtime < 3600:
+                continue
+            if any(part and part in live for part in name.split("-")[-2:]):
+                continue
+            out.append(Finding("state.leftover", path, "warn", f"{path} is left over from an interrupted operation",
+                               fix=lambda plan, path=path: plan.add("state.leftover", f"remove {path}", path,
+                                                                    lambda: remove_tree(path))))
+    return out
+
+
+def _mode_finding(ctx: Context, path: str, mode: int, uid: int, gid: int, label: str) -> Finding | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    as_root = os.geteuid() == 0
+    wrong_owner = as_root and (st.st_uid, st.st_gid) != (uid, gid)
+    if (st.st_mode & 0o7777) == mode and not wrong_owner:
+        return None
+
+    def fix(plan: Plan) -> None:
+        def do() -> None:
+            if as_root:
+                os.chown(path, uid, gid, follow_symlinks=False)
+            os.chmod(path, mode)
+        plan.add("fs.mode", f"set {path} to {mode:04o} {label}", path, do,
+                 UndoAction("restore_mode", path=path, mode=st.st_mode & 0o7777, uid=st.st_uid, gid=st.st_gid))
+    return Finding("fs.mode", path, "fail", f"{path} is {st.st_mode & 0o7777:04o} {st.st_uid}:{st.st_gid}; "
+                   f"it should be {mode:04o} {label}", fix=fix)
+
+
+@probe("fs")
+def probe_fs(ctx: Context, facts: Facts) -> list[Finding]:
+    import pwd
+    out: list[Finding] = []
+    gid = ctx.service_gid()
+    try:
+        uid = pwd.getpwnam(ctx.config.get("service", "user")).pw_uid
+    except KeyError:
+        uid = 0
+    for attr, owner, mode in INIT_DIRS:
+        f = _mode_finding(ctx, getattr(ctx.paths, attr), mode, 0, gid if owner == "group" else 0,
+                          owner_label(owner, ctx.config.get("service", "group")))
+        if f:
+            out.append(f)
+    for name in sorted(facts.instances):
+        root = ctx.paths.instance_dir(name)
+        for path, mode, u, g in ((root, 0o750, 0, gid), (os.path.join(root, "config.json"), 0o640, 0, gid),
+                                 (os.path.join(root, "data"), 0o750, uid, gid)):
+            f = _mode_finding(ctx, path, mode, u, g, "")
+            if f:
+                out.append(f)
+        data = os.path.join(root, "data")
+        rooted = []
+        for dirpath, dirs, files in os.walk(data):
+            for n in dirs + files:
+                p = os.path.join(dirpath, n)
+                if os.lstat(p).st_uid != uid:
+                    rooted.append(p)
+        if rooted and uid != 0:
+            def chown_all(plan: Plan, rooted: list[str] = rooted) -> None:
+                plan.add("fs.owner", f"give {len(rooted)} data file(s) back to the service user", rooted[0],
+                         lambda: [os.chown(p, uid, gid, follow_symlinks=False) for p in rooted] and None)
+            out.append(Finding("fs.data-owner", name, "fail", f"{len(rooted)} file(s) in {data} are not owned by "
+                               "the service user (the server cannot write them)", fix=chown_all))
+        cfg = read_json_file(os.path.join(root, "config.json")) if os.path.isfile(os.path.join(root, "config.json")) \
+            else None
+        for key in ("dataDir", "serverFiles", "userFiles"):
+            value = str((cfg or {}).get(key) or "")
+            if value and (value.startswith(ctx.paths.install_root + "/") or "/node_modules/" in value):
+                out.append(Finding("fs.data-location", name, "fail", f"{name}'s {key} {value} is inside a package "
+                                   "tree: an upgrade would replace it", hint="move the data and fix config.json"))
+        for left in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            if left.startswith(("data.pre-restore-", "data.failed-")):
+                out.append(Finding("fs.data-aside", name, "warn", f"{os.path.join(root, left)} was kept by a restore "
+                                   "or a failed upgrade", hint="delete it once you no longer need it"))
+    return out or [_ok("fs.mode", None, "owners and modes are as they should be")]
+
+
+@probe("ports")
+def probe_ports(ctx: Context, facts: Facts) -> list[Finding]:
+    out = []
+    base, top = ctx.config.get("ports", "base"), ctx.config.get("ports", "max")
+    seen: dict[int, str] = {}
+    for name, entry in sorted(facts.instances.items()):
+        port = int(entry.get("port") or 0)
+        if port in seen:
+            out.append(Finding("ports.duplicate", name, "fail", f"{name} and {seen[port]} both use port {port}"))
+        seen[port] = name
+        if not base <= port <= top:
+            out.append(Finding("ports.range", name, "warn", f"port {port} of {name} is outside {base}-{top}"))
+        unit = facts.units.get(unit_name(name), {})
+        active = unit.get("ActiveState") == "active"
+        inodes = facts.listeners.get(port, set())
+        if active and not inodes:
+            out.append(Finding("ports.listening", name, "fail", f"{name} runs but nothing listens on {port}",
+                               hint=f"see abssctl instance logs {name}"))
+        elif inodes:
+            main = int(unit.get("MainPID") or 0)
+            owners = socket_owners(inodes)
+            if main and owners and not owners & _descendants(main):
+                out.append(Finding("ports.foreign", name, "fail", f"port {port} of {name} is held by pid "
+                                   f"{sorted(owners)[0]}, not by its unit", hint="stop that process, or move "
+                                   f"{name}: abssctl instance set-port"))
+            elif not active:
+                out.append(Finding("ports.foreign", name, "fail", f"{name} is stopped but something listens on {port}",
+                                   hint=f"find it with ss -ltnp 'sport = :{port}'"))
+    return out or [_ok("ports.listening", None, "every port is where it should be")]
+
+
+@probe("systemd")
+def probe_systemd(ctx: Context, facts: Facts) -> list[Finding]:
+    out = []
+    versions = Versions(ctx)
+    for name, entry in sorted(facts.instances.items()):
+        path = ctx.paths.unit_file(name)
+        unit = facts.units.get(unit_name(name), {})
+        try:
+            fresh = render_unit(ctx, name, int(entry["port"]), str(entry.get("resolved_version")), versions)
+        except AbssctlError as exc:
+            out.append(Finding("systemd.unit", name, "fail", f"cannot render the unit of {name}: {exc.message}"))
+            continue
+        current = open(path, "rb").read() if os.path.isfile(path) else None
+        if current != fresh:
+            out.append(Finding("systemd.unit", name, "fail" if current is None else "warn",
+                               f"{path} is {'missing' if current is None else 'not what abssctl would write'}",
+                               fix=lambda plan, name=name, fresh=fresh: _unit_step(
+                                   ctx, plan, name, fresh, f"re-render {ctx.paths.unit_file(name)}")))
+        enabled = unit.get("UnitFileState") == "enabled"
+        if bool(entry.get("enabled")) != enabled and current is not None:
+            verb = "enable" if entry.get("enabled") else "disable"
+            out.append(Finding("systemd.enabled", name, "warn", f"{unit_name(name)} should be {verb}d",
+                               fix=lambda plan, verb=verb, name=name: _systemctl_step(
+                                   ctx, plan, verb, unit_name(name), None)))
+        state = unit.get("ActiveState")
+        if state == "failed":
+            out.append(Finding("systemd.failed", name, "fail", f"{unit_name(name)} has failed",
+                               hint=f"see abssctl instance logs {name}",
+                               fix=lambda plan, name=name, entry=entry: _start_and_gate_step(
+                                   ctx, plan, name, int(entry["port"]), str(entry["resolved_version"]), {},
+                                   verb="restart")))
+        elif state != "active" and entry.get("enabled"):
+            out.append(Finding("systemd.inactive", name, "warn", f"{name} is enabled but {state or 'not running'}",
+                               hint=f"abssctl instance start {name}"))
+        config = os.path.join(ctx.paths.instance_dir(name), "config.json")
+        try:
+            json.loads(open(config, "rb").read())
+        except (OSError, ValueError):
+            out.append(Finding("systemd.config", name, "fail", f"{config} is missing or not JSON: the server exits 0 "
+                               "and systemd never restarts it", hint=f"restore it from a backup of {name}"))
+    return out or [_ok("systemd.unit", None, "units match, are enabled as registered, and run")]
+
+
+def parse_nginx_dump(text: str) -> dict[str, str]:
+    """nginx -T output -> {file path: contents}."""
+    files: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("# configuration file ") and line.endswith(":"):
+            current = line[len("# configuration file "):-1]
+            files[current] = ""
+        elif current is not None:
+            files[current] += line + "\n"
+    return files
+
+
+def _size_bytes(text: str) -> int:
+    m = re.match(r"^(\d+)([kKmMgG]?)$", text.strip())
+    if not m:
+        return 0
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+
+
+@probe("nginx")
+def probe_nginx(ctx: Context, facts: Facts) -> list[Finding]:
+    out = []
+    if facts.nginx_ok is None:
+        return [Finding("nginx.test", None, "fail", "nginx is not installed", hint=INSTALL_HINTS["nginx"])]
+    try:
+        Nginx(ctx.runner).test()
+        out.append(_ok("nginx.test", None, "nginx -t passes"))
+    except ProviderError as exc:
+        out.append(Finding("nginx.test", None, "fail", "nginx -t fails: " + " ".join(exc.details.get("stderr", [])[:2])))
+    files = parse_nginx_dump(facts.nginx_dump)
+    need = _size_bytes(str(ctx.config.get("nginx", "client_max_body_size")))
+    outside = "\n".join(text for path, text in files.items() if not os.path.basename(path).startswith("abssctl-"))
+    names_seen: dict[str, str] = {}
+    for path, text in files.items():
+        for m in re.finditer(r"server_name\s+([^;]+);", text):
+            for server in m.group(1).split():
+                if server in names_seen and names_seen[server] != path:
+                    out.append(Finding("nginx.server-name", server, "warn", f"{server} is served by {path} and "
+                                       f"{names_seen[server]}"))
+                names_seen.setdefault(server, path)
+    http_sizes = [_size_bytes(m.group(1)) for m in re.finditer(r"client_max_body_size\s+(\S+);", outside)]
+    for name, entry in sorted(facts.instances.items()):
+        vhost, link = ctx.paths.vhost_file(name), ctx.paths.vhost_link(name)
+        try:
+            fresh = render_vhost(ctx, name, entry["domain"], int(entry["port"]), entry["tls"])
+        except AbssctlError as exc:
+            out.append(Finding("nginx.vhost", name, "fail", f"cannot render the vhost of {name}: {exc.message}"))
+            continue
+        current = open(vhost, "rb").read() if os.path.isfile(vhost) else None
+        if current != fresh or os.path.realpath(link) != os.path.realpath(vhost) or not os.path.lexists(link):
+            out.append(Finding("nginx.vhost", name, "fail" if current is None else "warn",
+                               f"{vhost} is {'missing' if current is None else 'not what abssctl would write'} "
+                               "or not enabled", fix=lambda plan, name=name, vhost=vhost, link=link, fresh=fresh:
+                               _nginx_publish_step(ctx, plan, {vhost: fresh}, {link: vhost}, (),
+                                                   f"re-render {vhost}", vhost)))
+        text = (current or b"").decode("utf-8", "replace")
+        mine = [_size_bytes(m.group(1)) for m in re.finditer(r"client_max_body_size\s+(\S+);", text)]
+        effective = mine[-1] if mine else (http_sizes[-1] if http_sizes else 1 << 20)
+        if effective < need:
+            out.append(Finding("nginx.body-size", name, "fail", f"client_max_body_size is {effective} bytes for "
+                               f"{entry['domain']}; sync uploads up to {need} bytes will get 413",
+                               data={"effective": effective, "required": need}))
+        if re.search(r"add_header\s+Cross-Origin-(Opener|Embedder)-Policy", text + outside, re.IGNORECASE):
+            out.append(Finding("nginx.coop", name, "fail", "an add_header Cross-Origin-* applies to "
+                               f"{entry['domain']}: the server sends these itself, and doubled headers break the app",
+                               hint="remove the add_header lines"))
+    return out
+
+
+@probe("tls")
+def probe_tls(ctx: Context, facts: Facts) -> list[Finding]:
+    import time
+    out = []
+    seen: dict[tuple[str, str], tuple[CertInfo | None, str | None]] = {}
+    for name, entry in sorted(facts.instances.items()):
+        tls = entry.get("tls") or {}
+        cert, key = str(tls.get("cert") or ""), str(tls.get("key") or "")
+        pair = (cert, key)
+        if pair not in seen:
+            try:
+                Tls.check_pair(cert, key)
+                seen[pair] = (Tls(ctx.runner).inspect(cert), None)
+            except AbssctlError as exc:
+                seen[pair] = (None, exc.message)
+        info, problem = seen[pair]
+        if problem:
+            out.append(Finding("tls.pair", name, "fail", problem, hint=f"abssctl tls verify {name}"))
+            continue
+        assert info is not None
+        days = (info.not_after - time.time()) / 86400
+        if days < 0:
+            out.append(Finding("tls.expiry", name, "fail", f"the certificate of {entry['domain']} expired "
+                               f"{rfc3339(info.not_after)[:10]}", data={"not_after": rfc3339(info.not_after)}))
+        elif days < 21:
+            out.append(Finding("tls.expiry", name, "warn", f"certificate for {entry['domain']} expires in {int(days)} "
+                               f"days ({rfc3339(info.not_after)[:10]})", hint=f"renew it, then run: abssctl tls install "
+                               f"{name} --cert … --key …", data={"not_after": rfc3339(info.not_after)}))
+        if not info.covers(str(entry.get("domain"))):
+            out.append(Finding("tls.san", name, "warn", f"the certificate does not name {entry['domain']}"))
+        mode = os.stat(key).st_mode & 0o777 if os.path.exists(key) else 0
+        if mode & 0o037:
+            out.append(Finding("tls.key-mode", name, "warn", f"{key} is {mode:04o}; keys should be 0600"))
+    return out or [_ok("tls.pair", None, "certificates match their keys and are valid")]
+
+
+def _served_cert(port: int, domain: str) -> bytes | None:
+    import socket
+    import ssl
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as raw, \
+                context.wrap_socket(raw, server_hostname=domain) as tls:
+            tls.settimeout(3)
+            return tls.getpeercert(binary_form=True)
+    except OSError:
+        return None
+
+
+@probe("app")
+def probe_app(ctx: Context, facts: Facts) -> list[Finding]:
+    from concurrent.futures import ThreadPoolExecutor
+    names = sorted(facts.instances)
+
+    def one(name: str) -> list[Finding]:
+        entry = facts.instances[name]
+        found = []
+        unit = facts.units.get(unit_name(name), {})
+        if unit.get("ActiveState") == "active":
+            app = _probe_app(int(entry["port"]))
+            if app["health"] != "UP":
+                found.append(Finding("app.health", name, "fail", f"/health of {name} answers {app['health']}"))
+            elif app["info_version"] != entry.get("resolved_version"):
+                found.append(Finding("app.version", name, "warn" if entry.get("pending_restart") else "fail",
+                                     f"{name} runs {app['info_version']}, the registry says "
+                                     f"{entry.get('resolved_version')}"))
+            else:
+                found.append(_ok("app.health", name, f"{name} is UP on {app['info_version']}"))
+        cfg = read_json_file(os.path.join(ctx.paths.instance_dir(name), "config.json")) \
+            if os.path.isfile(os.path.join(ctx.paths.instance_dir(name), "config.json")) else {}
+        proxies = (cfg or {}).get("trustedProxies") or []
+        if not any(p.startswith("127.") for p in proxies) or not any(p.startswith("::1") for p in proxies):
+            found.append(Finding("app.proxies", name, "warn", "trustedProxies does not cover 127.0.0.1 and ::1: "
+                                 "every user shares one rate-limit bucket"))
+        if (cfg or {}).get("hostname") not in (None, "127.0.0.1"):
+            found.append(Finding("app.hostname", name, "fail", f"{name} listens on {cfg.get('hostname')}: it is "
+                                 "reachable without TLS", hint="set hostname to 127.0.0.1 in its config.json"))
+        served = _served_cert(int(ctx.config.get("nginx", "https_port")), str(entry.get("domain")))
+        cert = (entry.get("tls") or {}).get("cert")
+        if served is not None and cert and os.path.isfile(cert):
+            import ssl
+            blocks = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+                                open(cert, encoding="ascii", errors="replace").read(), re.S)
+            if blocks and ssl.PEM_cert_to_DER_cert(blocks[0]) != served:
+                found.append(Finding("tls.served", name, "warn", f"nginx serves an older certificate for "
+                                     f"{entry['domain']} than {cert}",
+                                     fix=lambda plan: plan.add("nginx.reload", "reload nginx", "nginx",
+                                                               lambda: Nginx(ctx.runner).reload())))
+        return found
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, names))
+    return [f for r in results for f in r]
+
+
+@probe("disk")
+def probe_disk(ctx: Context, facts: Facts) -> list[Finding]:
+    out = []
+    for label, path in (("install_root", ctx.paths.install_root), ("instance_root", ctx.paths.instance_root),
+                        ("backup_root", ctx.paths.backup_root), ("state_dir", ctx.paths.state_dir)):
+        probe_path = _nearest_existing(path)
+        st = os.statvfs(probe_path)
+        free = st.f_bavail / st.f_blocks if st.f_blocks else 1
+        inodes = st.f_favail / st.f_files if st.f_files else 1
+        worst = min(free, inodes)
+        status = "fail" if worst < 0.05 else "warn" if worst < 0.10 else "ok"
+        out.append(Finding("disk.free", label, status, f"{path}: {free:.0%} space and {inodes:.0%} inodes free"))
+    return out
+
+
+@probe("backups")
+def probe_backups(ctx: Context, facts: Facts) -> list[Finding]:
+    import time
+    out = []
+    for name in sorted(facts.instances):
+        mine = [b for b in facts.backups.values() if isinstance(b, dict) and b.get("instance") == name]
+        ok = [b for b in mine if b.get("status") in ("ok", "adopted")]
+        newest = max((str(b.get("created_at")) for b in ok), default=None)
+        if newest is None:
+            out.append(Finding("backups.age", name, "warn", f"{name} has no backup", hint=f"abssctl backup create {name}"))
+        elif time.time() - _parse_ts(newest) > 7 * 86400:
+            out.append(Finding("backups.age", name, "warn", f"the newest backup of {name} is from {newest}",
+                               hint=f"abssctl backup create {name}"))
+        if any(b.get("status") == "corrupt" for b in mine):
+            out.append(Finding("backups.verify", name, "fail", f"a backup of {name} failed verification",
+                               hint="abssctl backup verify --all; take a new backup"))
+    missing = [b for b in facts.backups.values() if isinstance(b, dict) and b.get("status") != "missing"
+               and not os.path.isfile(os.path.join(ctx.paths.backup_root, str(b.get("archive"))))]
+    if missing:
+        out.append(Finding("backups.index", None, "warn", f"{len(missing)} indexed backup(s) have no archive",
+                           hint="abssctl backup reconcile"))
+    return out or [_ok("backups.age", None, "every instance has a recent, verified backup")]
+
+
+def run_probes(ctx: Context, only: Sequence[str], exclude: Sequence[str]) -> list[Finding]:
+    """Gather the facts once, then run every selected probe on a pool with a time limit each."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+    facts = Facts(ctx)
+    chosen = [(c, fn) for c, fn in PROBES if (not only or c in only) and c not in exclude]
+
+    def timed(fn: Callable[[Context, Facts], list[Finding]]) -> tuple[list[Finding], int]:
+        t0 = time.monotonic()
+        try:
+            found = fn(ctx, facts)
+        except AbssctlError as exc:
+            found = [Finding(f"{fn.__name__[6:].split('_')[0]}.probe", None, "fail", exc.message, hint=exc.hint)]
+        return found, int((time.monotonic() - t0) * 1000)
+
+    findings: list[Finding] = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [(c, fn, pool.submit(timed, fn)) for c, fn in chosen]
+        for category, fn, future in futures:
+            try:
+                found, ms = future.result(timeout=30)
+            except FutureTimeout:
+                found, ms = [Finding(f"{category}.{fn.__name__}", None, "fail", "timed out")], 30000
+            for f in found:
+                f.duration_ms = ms
+            findings += found
+    return findings
+
+
+def _doctor_doc(findings: Sequence[Finding], started: float) -> tuple[dict[str, Any], int]:
+    counts = {s: sum(1 for f in findings if f.status == s) for s in ("ok", "warn", "fail", "skip")}
+    fails = [CATEGORY_CLASS[f.category] for f in findings if f.status == "fail"]
+    code = max(fails) if fails else 0
+    return {"summary": {**counts, "exit_code": code, "duration_ms": int((utc_now() - started) * 1000)},
+            "probes": [f.as_dict() for f in findings]}, code
+
+
+def op_doctor(ctx: Context, *, only: Sequence[str], exclude: Sequence[str], fix: bool) -> Result:
+    """Probe everything, report the worst failure as the exit code; --fix repairs only what is safe."""
+    for cat in list(only) + list(exclude):
+        if cat not in DOCTOR_CATEGORIES:
+            raise UsageError(f"unknown doctor category {cat!r}", hint="categories: " + ", ".join(DOCTOR_CATEGORIES))
+    if only and exclude:
+        raise UsageError("give --only or --exclude, not both")
+    started = utc_now()
+    findings = run_probes(ctx, only, exclude)
+    changed = False
+    if fix and any(f.fix for f in findings if f.status != "ok"):
+        def build() -> Plan:
+            plan = Plan("doctor --fix")
+            for f in run_probes(ctx, only, exclude):
+                if f.fix and f.status != "ok":
+                    f.fix(plan)
+            return plan
+        ctx.command = "doctor --fix"
+        res = run_mutation(ctx, Mutation(title="doctor --fix", build=build, global_mode="exclusive",
+                                         target={"kind": "host"}, args={"only": list(only), "exclude": list(exclude)},
+                                         confirm=lambda plan: confirm(ctx, "Apply these repairs?\n" + "\n".join(
+                                             f"  {s.summary}" for s in plan.steps))))
+        changed = bool(res.changed)
+        if ctx.dry_run:
+            return res
+        findings = run_probes(ctx, only, exclude)
+    doc, code = _doctor_doc(findings, started)
+    doc["changed"] = changed
+    text = [f"{f.status.upper():4}  {f.id:18} {f.target or '':24} {f.message}" + (f"\n      hint: {f.hint}"
+                                                                                  if f.hint else "")
+            for f in findings if f.status != "ok" or ctx.out.debug]
+    s = doc["summary"]
+    text.append(f"{s['ok']} ok, {s['warn']} warn, {s['fail']} fail in {s['duration_ms']} ms")
+    result = Result(doc, text)
+    if code:
+        result.ok = False
+        exc = (HostError if code == 3 else ProviderError)(f"{s['fail']} probe(s) failed", hint="see probes[].hint")
+        result.error = exc
+    return result
+
+
+# ============================================================================
+# 8h. Operations: support bundle and discovery
+# ============================================================================
+
+SECRET_WORDS = r"password|passwd|secret|token|client_secret|api[_-]?key|authorization|ssl_password_file"
+BUNDLE_CAP = 50 << 20
+
+
+class Redactor:
+    """Removes secrets always; with de-identification also domains, IPs and user names (stable tags)."""
+
+    def __init__(self, deidentify: bool, domains: Sequence[str], users: Sequence[str]) -> None:
+        self.deidentify = deidentify
+        self.counts = {"secrets": 0, "keys": 0, "identities": 0}
+        self.tags: dict[str, str] = {}
+        self.domains = sorted({d for d in domains if d}, key=len, reverse=True)
+        self.users = sorted({u for u in users if u and u != "root"}, key=len, reverse=True)
+
+    def _tag(self, value: str, kind: str) -> str:
+        if value not in self.tags:
+            self.tags[value] = f"<{kind}-{sum(1 for t in self.tags.values() if t.startswith('<' + kind)) + 1}>"
+        self.counts["identities"] += 1
+        return self.tags[value]
+
+    def text(self, text: str) -> str:
+        text, n = re.subn(r"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.*?-----END \1PRIVATE KEY-----",
+                          "<private key removed>", text, flags=re.S)
+        self.counts["keys"] += n
+        text, n = re.subn(rf'(?i)("[^"]*(?:{SECRET_WORDS})[^"]*"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}}\s]+)',
+                          r'\1"<redacted>"', text)
+        self.counts["secrets"] += n
+        text, n = re.subn(rf"(?im)^(\s*\S*(?:{SECRET_WORDS})\S*\s+)[^;\n]+;", r"\1<redacted>;", text)
+        self.counts["secrets"] += n
+        text, n = re.subn(rf"(?i)((?:{SECRET_WORDS})\s*[=:]\s*)\S+", r"\1<redacted>", text)
+        self.counts["secrets"] += n
+        if self.deidentify:
+            for domain in self.domains:
+                text = text.replace(domain, self._tag(domain, "domain"))
+            text = re.sub(r"\b(?!127\.0\.0\.1\b)(?:\d{1,3}\.){3}\d{1,3}\b", lambda m: self._tag(m.group(0), "ip"), text)
+            for user in self.users:
+                text = re.sub(rf"\b{re.escape(user)}\b", lambda m: self._tag(m.group(0), "user"), text)
+        return text
+
+    def json(self, doc: Any) -> Any:
+        """Drop secret-keyed values and openId sections, then redact the text."""
+        def walk(value: Any) -> Any:
+            if isinstance(value, dict):
+                out = {}
+                for k, v in value.items():
+                    if k.lower() in ("openid", "openid_config") or re.search(SECRET_WORDS, k, re.I):
+                        out[k] = "<redacted>"
+                        self.counts["secrets"] += 1
+                    elif k == "https" and isinstance(v, dict) and "key" in v:
+                        out[k] = dict(v, key="<redacted>")
+                        self.counts["secrets"] += 1
+                    else:
+                        out[k] = walk(v)
+                return out
+            if isinstance(value, list):
+                return [walk(v) for v in value]
+            return value
+        return json.loads(self.text(json.dumps(walk(doc), sort_keys=True, indent=2)))
+
+
+def _tail_file(path: str, lines: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4 << 20))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:]) + "\n"
+    except OSError:
+        return ""
+
+
+def _tool_versions(ctx: Context) -> str:
+    import platform
+    lines = [version_line(), f"python {sys.version.split()[0]}"]
+    try:
+        lines.append("BUILD-INFO " + _read_resource("BUILD-INFO.json").decode())
+    except OSError:
+        lines.append("BUILD-INFO: (running from source)")
+    for tool, args in (("node", ["--version"]), ("npm", ["--version"]), ("nginx", ["-v"]), ("openssl", ["version"]),
+                       ("zstd", ["--version"])):
+        if ctx.runner.available(tool):
+            done = ctx.runner.run(tool, args, mutating=False, check=False)
+            lines.append(f"{tool}: {(done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr).strip() else '?'}")
+        else:
+            lines.append(f"{tool}: not installed")
+    try:
+        lines.append(open("/etc/os-release", encoding="utf-8").read())
+    except OSError:
+        pass
+    lines.append(f"kernel {platform.release()} {platform.machine()}, glibc {host_glibc()}")
+    return "\n".join(lines) + "\n"
+
+
+def op_support_bundle(ctx: Context, output: str | None, *, redact: bool) -> Result:
+    """A tar.gz a maintainer can read: doctor, config, registries, units, vhosts, logs; no secrets or data."""
+    import io
+    import socket
+    import tarfile
+    import time
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = os.path.abspath(output or f"abssctl-support-{socket.gethostname()}-{stamp}.tar.gz")
+    if os.path.isdir(dest) or not os.path.isdir(os.path.dirname(dest)):
+        raise UsageError(f"cannot write {dest}: give a file path in an existing directory")
+    facts = Facts(ctx)
+    domains = [str(e.get("domain")) for e in facts.instances.values()]
+    red = Redactor(redact, domains, [ctx.config.get("service", "user"), os.environ.get("SUDO_USER", "")])
+    members: dict[str, bytes] = {}
+
+    def add_text(name: str, text: str) -> None:
+        members[name] = red.text(text).encode()
+
+    def add_json(name: str, doc: Any) -> None:
+        members[name] = (json.dumps(red.json(doc), sort_keys=True, indent=2) + "\n").encode()
+
+    findings = run_probes(ctx, (), ())
+    add_json("doctor.json", _doctor_doc(findings, utc_now())[0])
+    add_json("config/effective.json", {"config": ctx.config.values, "sources": ctx.config.sources})
+    if ctx.config.path_exists:
+        add_text("config/config.toml", open(ctx.config.path, encoding="utf-8", errors="replace").read())
+    for name in REGISTRY_FILES:
+        add_json(f"registry/{name}.json", ctx.registry(name).load() if name not in facts.errors else {})
+    add_json("registry/backups.json", {"backups": facts.backups})
+    for name in sorted(facts.instances):
+        cfg = os.path.join(ctx.paths.instance_dir(name), "config.json")
+        if os.path.isfile(cfg):
+            add_json(f"instances/{name}/config.json", read_json_file(cfg))
+        for label, path in (("unit", ctx.paths.unit_file(name)), ("vhost", ctx.paths.vhost_file(name))):
+            if os.path.isfile(path):
+                add_text(f"instances/{name}/{os.path.basename(path)}", open(path, encoding="utf-8",
+                                                                            errors="replace").read())
+        if ctx.runner.available("journalctl"):
+            done = ctx.runner.run("journalctl", ["-u", unit_name(name), "-n", "500", "--no-pager", "-o", "short-iso"],
+                                  mutating=False, check=False)
+            add_text(f"instances/{name}/journal.txt", done.stdout)
+    add_text("nginx/nginx-T.txt", facts.nginx_dump)
+    add_text("versions.txt", _tool_versions(ctx))
+    add_text("logs/operations.jsonl", _tail_file(ctx.paths.oplog, 1000))
+    add_text("logs/abssctl.log", _tail_file(ctx.paths.textlog, 1000))
+    if sum(len(v) for v in members.values()) > BUNDLE_CAP:
+        for name in [n for n in members if n.startswith(("logs/", "instances/")) and n.endswith((".txt", ".log", ".jsonl"))]:
+            members[name] = b"\n".join(members[name].splitlines()[-100:]) + b"\n"
+    manifest = {"schema_version": 1, "created_at": rfc3339(utc_now()), "abssctl_version": __version__,
+                "redacted": redact, "redactions": red.counts,
+                "members": {n: len(d) for n, d in sorted(members.items())}}
+    members["manifest.json"] = (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode()
+    total = sum(len(v) for v in members.values())
+    if total > BUNDLE_CAP:
+        raise HostError(f"the support bundle would be {human_bytes(total)}, over the {human_bytes(BUNDLE_CAP)} cap",
+                        hint="trim the logs in the log dir, then try again")
+    tmp = os.path.join(os.path.dirname(dest), f".abssctl-tmp-{ctx.op_id}-{os.path.basename(dest)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            sink = HashingWriter(f.fileno())
+            with tarfile.open(fileobj=sink, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+                for name in ["manifest.json"] + sorted(n for n in members if n != "manifest.json"):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode, info.mtime = len(members[name]), 0o600, int(utc_now())
+                    tar.addfile(info, io.BytesIO(members[name]))
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    digest = sha256_file(dest)
+    write_sidecar(dest + ".sha256", dest, digest, 0o600, ctx.op_id)
+    return Result({"bundle": {"path": dest, "sha256": digest, "size_bytes": os.path.getsize(dest),
+                              "members": len(members), "redactions": red.counts, "redacted": redact}},
+                  [f"wrote {dest} ({human_bytes(os.path.getsize(dest))}, {len(members)} files)", f"{digest}  "
+                   f"{os.path.basename(dest)}"])
+
+
+def discover(ctx: Context) -> dict[str, Any]:
+    """What is on the host: abssctl units, vhosts, instance dirs and version trees, against the registries."""
+    insts = Instances(ctx)
+    found: dict[str, dict[str, Any]] = {}
+
+    def slot(name: str) -> dict[str, Any]:
+        return found.setdefault(name, {"name": name, "unit": None, "vhost": None, "root": None, "port": None,
+                                       "domain": None, "version": None, "tls": None,
+                                       "registered": name in insts.doc["instances"], "issues": []})
+    for fname in sorted(os.listdir(ctx.paths.unit_dir)) if os.path.isdir(ctx.paths.unit_dir) else []:
+        m = re.match(r"^abssctl-([a-z][a-z0-9-]{0,31})\.service\Z", fname)
+        if not m:
+            continue
+        s = slot(m.group(1))
+        s["unit"] = os.path.join(ctx.paths.unit_dir, fname)
+        text = open(s["unit"], encoding="utf-8", errors="replace").read()
+        port = re.search(r"^Environment=ACTUAL_PORT=(\d+)", text, re.M)
+        ver = re.search(re.escape(ctx.paths.install_root) + r"/([^/\s]+)/node_modules/", text)
+        s["port"] = int(port.group(1)) if port else s["port"]
+        s["version"] = ver.group(1) if ver else None
+    for fname in sorted(os.listdir(ctx.paths.sites_available)) if os.path.isdir(ctx.paths.sites_available) else []:
+        m = re.match(r"^abssctl-([a-z][a-z0-9-]{0,31})\.conf\Z", fname)
+        if not m:
+            continue
+        s = slot(m.group(1))
+        s["vhost"] = os.path.join(ctx.paths.sites_available, fname)
+        text = open(s["vhost"], encoding="utf-8", errors="replace").read()
+        domain = re.search(r"server_name\s+([^;\s]+)", text)
+        proxy = re.search(r"proxy_pass\s+http://127\.0\.0\.1:(\d+)", text)
+        cert = re.search(r"ssl_certificate\s+([^;\s]+);", text)
+        key = re.search(r"ssl_certificate_key\s+([^;\s]+);", text)
+        s["domain"] = domain.group(1) if domain else None
+        if proxy:
+            if s["port"] and s["port"] != int(proxy.group(1)):
+                s["issues"].append(f"the unit says port {s['port']}, the vhost {proxy.group(1)}")
+            s["port"] = s["port"] or int(proxy.group(1))
+        if cert and key:
+            s["tls"] = {"cert": cert.group(1), "key": key.group(1)}
+    for name in sorted(os.listdir(ctx.paths.instance_root)) if os.path.isdir(ctx.paths.instance_root) else []:
+        cfg = os.path.join(ctx.paths.instance_root, name, "config.json")
+        if NAME_RE.match(name) and os.path.isfile(cfg):
+            s = slot(name)
+            s["root"] = os.path.join(ctx.paths.instance_root, name)
+            try:
+                s["port"] = s["port"] or int((read_json_file(cfg) or {}).get("port") or 0) or None
+            except (CorruptState, ValueError, TypeError):
+                s["issues"].append(f"{cfg} is not valid JSON")
+    for s in found.values():
+        for what in ("unit", "vhost", "root"):
+            if s[what] is None:
+                s["issues"].append(f"no {what}")
+    versions = []
+    pkg = ctx.config.get("npm", "package")
+    for ver in sorted(os.listdir(ctx.paths.install_root), key=semver_key) if os.path.isdir(ctx.paths.install_root) else []:
+        manifest = os.path.join(ctx.paths.install_root, ver, "node_modules", *pkg.split("/"), "package.json")
+        if SEMVER_RE.match(ver) and os.path.isfile(manifest):
+            versions.append({"version": ver, "registered": ver in Versions(ctx).doc["versions"],
+                             "path": os.path.join(ctx.paths.install_root, ver)})
+    return {"instances": [found[n] for n in sorted(found)], "versions": versions,
+            "current": os.readlink(ctx.paths.current) if os.path.islink(ctx.paths.current) else None}
+
+
+def rebuild_plan(ctx: Context, plan: Plan, found: Mapping[str, Any]) -> None:
+    """Registries written from what discover() found, after copying the old ones aside."""
+    ports: dict[int, str] = {}
+    domains: dict[str, str] = {}
+    conflicts = []
+    for s in found["instances"]:
+        if s["port"] in ports:
+            conflicts.append(f"port {s['port']}: {ports[s['port']]} and {s['name']}")
+        if s["domain"] in domains:
+            conflicts.append(f"domain {s['domain']}: {domains[s['domain']]} and {s['name']}")
+        ports[s["port"]], domains[s["domain"]] = s["name"], s["name"]
+    if conflicts:
+        raise Conflict("cannot rebuild the registries: " + "; ".join(conflicts),
+                       hint="fix the units or vhosts so each port and domain belongs to one instance")
+    old_versions = Versions(ctx).doc
+    old_insts = Instances(ctx).doc["instances"]
+    now = _now()
+    instances, port_doc = {}, {}
+    for s in found["instances"]:
+        if not (s["unit"] and s["root"] and s["port"]):
+            continue
+        prior = old_insts.get(s["name"], {})
+        tls = prior.get("tls") or ({"source": "custom" if ctx.paths.tls_dir in (s["tls"] or {}).get("cert", "")
+                                    else "system", **(s["tls"] or {}), "chain": None})
+        instances[s["name"]] = {**prior, "name": s["name"], "domain": s["domain"], "port": s["port"],
+                                "version": prior.get("version", s["version"]), "resolved_version": s["version"],
+                                "data_version": prior.get("data_version", s["version"]),
+                                "enabled": prior.get("enabled", True), "pending_restart": False, "state": "ready",
+                                "tls": tls, "paths": instance_paths(ctx, s["name"]),
+                                "created_at": prior.get("created_at", now), "updated_at": now,
+                                "last_backup_id": prior.get("last_backup_id"), "last_restore": prior.get("last_restore")}
+        port_doc[str(s["port"])] = {"instance": s["name"], "reserved_at": now}
+    versions = {v["version"]: old_versions["versions"].get(v["version"]) or {
+        "version": v["version"], "path": v["path"], "installed_at": now, "source": "discovered",
+        "bin": "build/bin/actual-server.js", "migrations": []} for v in found["versions"]}
+    backup_dir = os.path.join(ctx.paths.registry_dir, f"backup-{ctx.op_id}")
+
+    def save_old() -> None:
+        ensure_dir(backup_dir, 0o750)
+        for name in REGISTRY_FILES:
+            src = ctx.paths.registry(name)
+            if os.path.exists(src):
+                with open(src, "rb") as f:
+                    atomic_write(os.path.join(backup_dir, f"{name}.json"), f.read(), mode=0o640, tag=ctx.op_id)
+    plan.add("registry.backup", f"copy the registries to {backup_dir}", backup_dir, save_old)
+    docs = {"instances": {"schema_version": REGISTRY_SCHEMA, "instances": instances},
+            "ports": {"schema_version": REGISTRY_SCHEMA, "ports": port_doc},
+            "versions": {"schema_version": REGISTRY_SCHEMA, "package": ctx.config.get("npm", "package"),
+                         "current": found["current"], "versions": versions}}
+    for name, doc in docs.items():
+        reg = ctx.registry(name)
+        before = snapshot(reg.path)
+        plan.add("registry.rebuild", f"rewrite {reg.path} ({len(doc[name])} entries)", reg.path,
+                 lambda reg=reg, doc=doc: reg.save(doc, ctx.op_id), UndoAction("restore_file", path=reg.path,
+                                                                               snapshot=before))
+
+
+# ============================================================================
 # 9. CLI wiring
 # ============================================================================
 
 # -- adapters: move parsed arguments into operations; no logic here -----------------
 
 def cmd_init(ctx: Context, args: argparse.Namespace) -> Result:
+    if args.rebuild_state:
+        return op_init_rebuild(ctx)
+    if args.discover:
+        return op_init_discover(ctx)
     return op_init(ctx, allow_create_user=args.allow_create_user)
+
+
+def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Result:
+    split = lambda v: [c for c in (v or "").split(",") if c]  # noqa: E731
+    return op_doctor(ctx, only=split(args.only), exclude=split(args.exclude), fix=args.fix)
+
+
+def cmd_support_bundle(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_support_bundle(ctx, args.output, redact=not args.no_redact)
 
 
 def cmd_config_show(ctx: Context, args: argparse.Namespace) -> Result:
@@ -6323,7 +7357,27 @@ def _add_init_parser(groups: argparse._SubParsersAction) -> None:
                 mutating=True)
     p.add_argument("--allow-create-user", action="store_true",
                    help="create the service user without asking (needed without a terminal)")
+    p.add_argument("--discover", action="store_true",
+                   help="report abssctl units, vhosts, instance dirs and versions the registries do not know")
+    p.add_argument("--rebuild-state", action="store_true",
+                   help="rewrite the registries from what --discover finds (the old ones are copied aside)")
     p.set_defaults(writes_config=True)     # init writes a missing config file, even one named by --config
+
+
+def _add_doctor_parser(groups: argparse._SubParsersAction) -> None:
+    p = _single(groups, "doctor", "probe the host, the instances and their backups; --fix repairs what is safe",
+                cmd_doctor, "abssctl doctor", "abssctl doctor --only nginx,tls --json", "abssctl doctor --fix")
+    p.add_argument("--only", metavar="CATS", help="comma-separated categories: " + ",".join(DOCTOR_CATEGORIES))
+    p.add_argument("--exclude", metavar="CATS", help="categories to skip")
+    p.add_argument("--fix", action="store_true", help="apply the safe repairs (prompts), then probe again")
+
+
+def _add_support_bundle_parser(groups: argparse._SubParsersAction) -> None:
+    p = _single(groups, "support-bundle", "write a redacted tar.gz for a maintainer (no data, keys or secrets)",
+                cmd_support_bundle, "abssctl support-bundle -o /tmp/abssctl-support.tar.gz")
+    p.add_argument("-o", "--output", metavar="FILE", help="default ./abssctl-support-<host>-<time>.tar.gz")
+    p.add_argument("--no-redact", action="store_true",
+                   help="keep domains, IPs and user names (secrets are removed regardless)")
 
 
 def _add_config_parser(groups: argparse._SubParsersAction) -> None:
@@ -6576,7 +7630,7 @@ def _add_complete_parser(groups: argparse._SubParsersAction) -> None:
 GROUPS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "quickstart": _add_quickstart_parser, "init": _add_init_parser, "version": _add_version_parser,
     "instance": _add_instance_parser, "tls": _add_tls_parser, "backup": _add_backup_parser,
-    "ports": _add_ports_parser,
+    "doctor": _add_doctor_parser, "support-bundle": _add_support_bundle_parser, "ports": _add_ports_parser,
     "config": _add_config_parser, "history": _add_history_parser,
     "completion": _add_completion_parser, "man": _add_man_parser,
 }
@@ -6915,9 +7969,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return report_error(out, InternalError("internal error; rerun with --debug and report it"))
     try:
         emit(out, result)
+        if result.error is not None and not out.json:
+            out.error(result.error)
     except BrokenPipeError:
         _reader_went_away()
-    return ExitCode.OK
+    return result.error.exit_code if result.error is not None else ExitCode.OK
 
 
 if __name__ == "__main__":
