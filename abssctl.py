@@ -1189,6 +1189,18 @@ CHUNK = 1 << 20
 TEMP_MARKERS = (".staging-", ".smoke-", ".trash-", ".abssctl-tmp-")
 
 
+def keep_buffers_in_heap() -> None:
+    """Streaming allocates a fresh 1 MiB bytes object per chunk; glibc would mmap and unmap each one
+    (256 page faults a chunk). Keep such chunks in the heap for the streaming commands (glibc only)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 4 * CHUNK)     # M_MMAP_THRESHOLD: chunks up to 4 MiB come from the heap
+        libc.mallopt(-1, 32 * CHUNK)    # M_TRIM_THRESHOLD: keep up to 32 MiB of free heap mapped
+    except (OSError, AttributeError):
+        pass
+
+
 def sha256_file(path: str) -> str:
     """The sha256 of a file, read in 1 MiB chunks."""
     import hashlib
@@ -1364,7 +1376,9 @@ def _write_member(tar: Any, member: Any, target: str, mode: int, uid: int, gid: 
             if not chunk:
                 raise CorruptState(f"archive member {member.name!r} is truncated")
             h.update(chunk)
-            os.write(fd, chunk)
+            view = memoryview(chunk)
+            while view:                                   # a short write must not drop data
+                view = view[os.write(fd, view):]
             remaining -= len(chunk)
         if uid != -1 or gid != -1:
             os.fchown(fd, uid, gid)
@@ -3521,7 +3535,7 @@ def write_tar_stream(ctx: Context, sink: Any, compression: str, writer: Callable
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         try:
-            with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
                 writer(tar)
             proc.stdin.close()
             reader.join(timeout=600)
@@ -3536,10 +3550,10 @@ def write_tar_stream(ctx: Context, sink: Any, compression: str, writer: Callable
     if compression == "gzip":
         import gzip
         with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=6, mtime=0) as gz, \
-                tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
             writer(tar)
         return
-    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
         writer(tar)
 
 
@@ -3551,7 +3565,7 @@ def open_tar_stream(ctx: Context, path: str) -> tuple[Any, Callable[[], None]]:
     if magic == ZSTD_MAGIC:
         src = open(path, "rb")
         proc = ctx.runner.popen("zstd", ["-d", "-q", "-c"], stdin=src, stdout="pipe")
-        tar = tarfile.open(fileobj=proc.stdout, mode="r|")
+        tar = tarfile.open(fileobj=proc.stdout, mode="r|", bufsize=CHUNK)
 
         def close() -> None:
             tar.close()
@@ -3560,7 +3574,7 @@ def open_tar_stream(ctx: Context, path: str) -> tuple[Any, Callable[[], None]]:
         return tar, close
     raw = open(path, "rb")
     try:
-        tar = tarfile.open(fileobj=raw, mode="r|gz" if magic[:2] == GZIP_MAGIC else "r|")
+        tar = tarfile.open(fileobj=raw, mode="r|gz" if magic[:2] == GZIP_MAGIC else "r|", bufsize=CHUNK)
     except tarfile.TarError as exc:
         raw.close()
         raise CorruptState(f"{path} is not a readable archive ({exc})") from None
@@ -4876,7 +4890,6 @@ def _next_op(ctx: Context) -> None:
 # 8e. Operations: backups and restore
 # ============================================================================
 
-BACKUP_REASONS = ("manual", "pre-switch", "pre-set-version", "pre-restore", "pre-delete")
 SQLITE_NAMES = LazyRegex(r"^(server-files/account\.sqlite|user-files/group-[^/]*\.sqlite)\Z")
 SQLITE_SIDE = (".sqlite-wal", ".sqlite-shm", ".sqlite-journal")
 ARCHIVE_EXT = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
@@ -5028,6 +5041,7 @@ class BackupWriter:
 
     def run(self) -> dict[str, Any]:
         import time
+        keep_buffers_in_heap()
         ensure_dir(self.ctx.paths.backup_root, 0o700)
         ensure_dir(self.dir, 0o700)
         files, self.total = data_files(self.data_dir)
@@ -5304,13 +5318,14 @@ class ArchiveScan:
         """Hand ``consume(tar, members)`` every member but the manifest; the file is hashed on the way."""
         import tarfile
         import threading
+        keep_buffers_in_heap()
         with open(self.path, "rb") as raw:
             magic = raw.read(4)
             raw.seek(0)
             reader = HashingReader(raw)
             if magic != ZSTD_MAGIC:
                 mode = "r|gz" if magic[:2] == GZIP_MAGIC else "r|"
-                self._consume(lambda: tarfile.open(fileobj=reader, mode=mode), consume)
+                self._consume(lambda: tarfile.open(fileobj=reader, mode=mode, bufsize=CHUNK), consume)
                 reader.drain()
                 self.sha256 = reader.sha.hexdigest()
                 return
@@ -5330,7 +5345,7 @@ class ArchiveScan:
             feeder = threading.Thread(target=feed, daemon=True)
             feeder.start()
             try:
-                self._consume(lambda: tarfile.open(fileobj=proc.stdout, mode="r|"), consume)
+                self._consume(lambda: tarfile.open(fileobj=proc.stdout, mode="r|", bufsize=CHUNK), consume)
                 while proc.stdout.read(CHUNK):
                     pass
                 feeder.join(timeout=600)

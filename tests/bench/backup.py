@@ -1,0 +1,701 @@
+#!/usr/bin/python3
+"""Backup budgets (DESIGN.md §8, rows 2, 3 and 5): backup create / restore against tar | zstd.
+
+Usage: /usr/bin/python3 tests/bench/backup.py [--size-mib 1024] [--runs 3] [--keep]
+                                              [--python /usr/bin/python3] [--abssctl PATH]
+
+Builds a sandbox host under /var/tmp (a real disk, not tmpfs) with fake systemctl, journalctl,
+nginx and node on a private PATH, a config.toml pointing every [paths] key inside it, and ONE
+instance `bench` registered directly in the registries, with an installed-looking version so its
+unit renders. Its data dir is DESIGN's mix scaled to --size-mib: 900/1024 of it blobs in
+user-files/ (half os.urandom, half word text; 2-48 MiB each) and 120/1024 in three SQLite files
+(server-files/account.sqlite and two user-files/group-*.sqlite), filled with rows through sqlite3.
+
+In the same run, each figure the median of --runs timed runs after one untimed warm-up of each
+(the two sides alternate who goes first; the disk is synced between steps, outside the timings):
+
+    baseline create   tar -cf - -C INSTANCE data | zstd -T0 -q > out
+    abssctl create    abssctl --config CFG --json backup create bench --compression zstd
+    baseline restore  zstd -d -T0 -q -c ARCHIVE | tar -xf - -C tmp   (ARCHIVE: abssctl's own)
+    abssctl restore   abssctl --config CFG --json --yes backup restore ID --no-pre-backup
+
+The unit is stopped (the fake systemctl reports it inactive), so restore neither stops nor starts
+nor gates. Peak RSS is taken at --size-mib and at 100 MiB: of the abssctl process itself (VmHWM,
+polled from /proc), which is budgeted, and of its process tree (ru_maxrss, from /usr/bin/time -v
+when installed, else os.wait4), which is only shown: it is zstd -T0's buffers, not abssctl's.
+Exits 1 when create exceeds 1.10x its baseline, restore 1.15x, or abssctl's peak RSS at the two
+sizes differs by 10 MiB or more; 2 when the bench cannot run. --keep leaves the sandbox in place
+and caches the generated data in /var/tmp/abssctl-bench-cache/data-<size>MiB for the next run.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[2]
+CREATE_RATIO = 1.10
+RESTORE_RATIO = 1.15
+RSS_FLAT_MIB = 10.0
+SMALL_MIB = 100
+MIB = 1 << 20
+TIMEOUT = 1800
+BASE = Path("/var/tmp")
+CACHE = BASE / "abssctl-bench-cache"
+NAME = "bench"
+PORT = 5006
+SERVER_VERSION = "26.8.1"
+PACKAGE = "@actual-app/sync-server"
+STAMP = "2026-11-26T10:02:11Z"
+MIGRATIONS = ["1632571489012-remove-cache.js", "1722717601000-reports-uuid.js",
+              "1722804019000-create-dashboard.js", "1754400000000-fake-26-8.js"]
+BLOB_SIZES_MIB = (2, 5, 12, 3, 20, 8, 32, 4, 48, 16)      # cycled: "a few MiB to tens of MiB"
+SQLITE_SPLIT = (("server-files/account.sqlite", 1), ("user-files/group-5f0c1a.sqlite", 2),
+                ("user-files/group-9b7e24.sqlite", 3))
+TIME_V = "/usr/bin/time"
+
+
+class BenchError(Exception):
+    """The bench cannot produce meaningful figures."""
+
+
+def _fakes() -> types.ModuleType:
+    """tests/rig/fakes.py; it imports pytest for its fixture, which /usr/bin/python3 may lack."""
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("pytest")
+        stub.fixture = lambda fn=None, **_kw: fn if fn else (lambda f: f)   # type: ignore[attr-defined]
+        stub.MonkeyPatch = object                                            # type: ignore[attr-defined]
+        sys.modules["pytest"] = stub
+    sys.path.insert(0, str(REPO / "tests" / "rig"))
+    import fakes
+    return fakes
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise BenchError(f"{tool} is not installed")
+    return path
+
+
+def _write_json(path: Path, doc: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ============================================================================
+# The data dir: DESIGN's 1 GiB mix, scaled
+# ============================================================================
+
+def _text_pool(rng: random.Random, size: int = 8 * MIB) -> bytes:
+    """Word salad: compresses about 3x with zstd -3, unlike a repeated string (which is free)."""
+    vocab = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 11)))
+             for _ in range(4000)]
+    vocab += [b"budget", b"payee", b"transaction", b"category", b"2026-11-26", b"EUR", b"\n"]
+    out = bytearray()
+    while len(out) < size:
+        out += b" ".join(rng.choices(vocab, k=20000)) + b"\n"
+    return bytes(out[:size])
+
+
+def _write_blob(path: Path, size: int, chunk: Callable[[int], bytes]) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(MIB, left)
+            f.write(chunk(n))
+            left -= n
+
+
+def _fill_sqlite(path: Path, target: int, rng: random.Random, pool: bytes) -> None:
+    """A database shaped like Actual's (messages_binary) of about ``target`` bytes, journal DELETE."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    try:
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.execute("CREATE TABLE messages_binary (timestamp TEXT PRIMARY KEY, is_encrypted BOOLEAN, "
+                   "content bytea)")
+        db.execute("CREATE TABLE messages_merkles (id INTEGER PRIMARY KEY, merkle TEXT)")
+        row = 0
+        while path.stat().st_size < target:
+            batch = []
+            for _ in range(4000):
+                n = rng.randint(200, 1400)
+                if row % 2:
+                    content = os.urandom(n)
+                else:
+                    at = rng.randrange(len(pool) - n)
+                    content = pool[at:at + n]
+                batch.append((f"2026-11-26T10:{row // 60000 % 60:02d}:{row % 60000 / 1000:06.3f}Z-"
+                              f"{row:012d}-{rng.getrandbits(64):016x}", row % 2, content))
+                row += 1
+            db.executemany("INSERT INTO messages_binary VALUES (?, ?, ?)", batch)
+            db.execute("INSERT INTO messages_merkles (merkle) VALUES (?)", (json.dumps({"row": row}),))
+            db.commit()
+    finally:
+        db.close()
+
+
+def generate_data(data: Path, size_mib: int) -> None:
+    """Write the data dir: .migrate, 3 SQLite files and the blobs, totalling about size_mib MiB."""
+    rng = random.Random(size_mib)
+    pool = _text_pool(rng)
+    blobs_total = size_mib * MIB * 900 // 1024
+    sqlite_total = size_mib * MIB * 120 // 1024
+    (data / "server-files").mkdir(parents=True)
+    (data / "user-files").mkdir()
+    migrate = {"lastRun": 1764151331000,
+               "migrations": [{"title": t, "timestamp": int(t.split("-")[0])} for t in MIGRATIONS]}
+    _write_json(data / ".migrate", migrate)
+    parts = sum(w for _, w in SQLITE_SPLIT)
+    for rel, weight in SQLITE_SPLIT:
+        _fill_sqlite(data / rel, sqlite_total * weight // parts, rng, pool)
+
+    def text_chunk(n: int) -> bytes:
+        at = rng.randrange(len(pool) - n)
+        return pool[at:at + n]
+    done = {"random": 0, "text": 0}
+    i = 0
+    while sum(done.values()) < blobs_total:
+        size = min(BLOB_SIZES_MIB[i % len(BLOB_SIZES_MIB)] * MIB, blobs_total - sum(done.values()))
+        kind = "random" if done["random"] <= done["text"] else "text"
+        name = f"file-{hashlib.sha1(f'{size_mib}-{i}'.encode()).hexdigest()[:8]}-{kind}.blob"
+        _write_blob(data / "user-files" / name, size, os.urandom if kind == "random" else text_chunk)
+        done[kind] += size
+        i += 1
+
+
+def cached_data(size_mib: int, scratch: Path, keep: bool) -> Path:
+    """A generated data dir: from the --keep cache if there is one, else made now."""
+    if keep:
+        home = CACHE / f"data-{size_mib}MiB"
+        if (home / "complete").is_file() and (home / "data").is_dir():
+            print(f"data: reusing {home / 'data'}", flush=True)
+            return home / "data"
+        _rmtree(home)
+        home.mkdir(parents=True)
+    else:
+        home = scratch / f"data-{size_mib}MiB"
+        home.mkdir()
+    start = time.monotonic()
+    generate_data(home / "data", size_mib)
+    (home / "complete").write_text("ok\n", encoding="utf-8")
+    print(f"data: generated {size_mib} MiB in {home / 'data'} ({time.monotonic() - start:.0f} s)",
+          flush=True)
+    return home / "data"
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """cp -al: the instance's data dir as hard links to the generated files (no copy, no writes)."""
+    for root, dirs, files in os.walk(src):
+        rel = Path(root).relative_to(src)
+        (dst / rel).mkdir(mode=0o750, exist_ok=True)
+        for name in files:
+            os.link(Path(root, name), dst / rel / name)
+
+
+def tree_listing(top: Path) -> dict[str, int]:
+    out = {}
+    for root, _dirs, files in os.walk(top):
+        for name in files:
+            path = Path(root, name)
+            out[path.relative_to(top).as_posix()] = path.stat().st_size
+    return out
+
+
+def blob_digests(top: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted((top / "user-files").glob("*.blob")):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(MIB):
+                h.update(chunk)
+        out[path.name] = h.hexdigest()
+    return out
+
+
+# ============================================================================
+# The sandbox host with one instance
+# ============================================================================
+
+class Host:
+    """One sandboxed host: fakes on PATH, config.toml, registries, instance `bench`."""
+
+    def __init__(self, root: Path, data_src: Path, python: str, program: Path) -> None:
+        fakes = _fakes()
+        self.root = root
+        self.python = python
+        self.program = program
+        self.bin = root / "bin"
+        self.state = root / "fake-state"
+        self.paths = {k: root / v for k, v in fakes.PATH_KEYS.items()}
+        self.config = root / "etc" / "abssctl" / "config.toml"
+        self.work = root / "work"
+        for path in [*self.paths.values(), self.state, self.work]:
+            path.mkdir(parents=True, exist_ok=True)
+        for tool in ("systemctl", "journalctl", "nginx", "node"):
+            fakes.write_fake(self.bin / tool, tool, python=python)
+        _write_json(self.state / "systemctl.json", {
+            "units": {"nginx.service": {"ActiveState": "active", "SubState": "running", "MainPID": 1000,
+                                        "UnitFileState": "enabled"}},
+            "builtin": ["nginx.service"], "fail_start": [], "next_pid": 4000, "daemon_reloads": 0,
+            "reloads": {}})
+        self.zstd = _need("zstd")
+        self.tar = _need("tar")
+        self._write_config()
+        self._install_version()
+        self._register()
+        self.instance = self.paths["instance_root"] / NAME
+        self._lay_out_instance(data_src)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("ABSSCTL_", "PYTHON"))}
+        self.env.update(PATH=f"{self.bin}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
+                        FAKE_LOG=str(root / "calls.jsonl"), FAKE_STATE=str(self.state),
+                        FAKE_UNIT_DIR=str(self.paths["systemd_unit_dir"]),
+                        FAKE_NGINX_SITES=str(self.paths["nginx_sites_enabled"]), NO_COLOR="1")
+
+    def _write_config(self) -> None:
+        b = self.bin
+        commands = {"systemctl": [f"{b}/systemctl"], "journalctl": [f"{b}/journalctl"],
+                    "nginx": [f"{b}/nginx"], "nginx_reload": [f"{b}/nginx", "-s", "reload"],
+                    "node": [f"{b}/node"], "zstd": [self.zstd]}
+        lines = ["# abssctl backup bench (tests/bench/backup.py)", "", "[paths]"]
+        lines += [f"{k} = {json.dumps(str(v))}" for k, v in self.paths.items()]
+        lines += ["", "[service]", 'user = "root"', 'group = "root"', "", "[commands]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in commands.items()]
+        lines += ["", "[health]", "timeout = 5", "interval = 0.05", ""]
+        self.config.parent.mkdir(parents=True, exist_ok=True)
+        self.config.write_text("\n".join(lines), encoding="utf-8")
+
+    def _install_version(self) -> None:
+        """What Versions.state_of() calls installed: the tree, its package.json, a registry entry."""
+        tree = self.paths["install_root"] / SERVER_VERSION
+        pkg = tree / "node_modules" / "@actual-app" / "sync-server"
+        _write_json(pkg / "package.json", {"name": PACKAGE, "version": SERVER_VERSION})
+        (pkg / "build" / "bin").mkdir(parents=True)
+        (pkg / "build" / "bin" / "actual-server.js").write_text("// bench\n", encoding="utf-8")
+        (self.paths["install_root"] / "current").symlink_to(SERVER_VERSION)
+        registry = self.paths["state_dir"] / "registry"
+        registry.mkdir(mode=0o750)
+        _write_json(registry / "versions.json", {
+            "schema_version": 1, "package": PACKAGE, "current": SERVER_VERSION,
+            "versions": {SERVER_VERSION: {
+                "version": SERVER_VERSION, "path": str(tree), "installed_at": STAMP, "source": "registry",
+                "bin": "build/bin/actual-server.js", "integrity": "sha512-bench", "lockfile_sha256": "0" * 64,
+                "size_bytes": 0, "node": {"version": "v20.20.2", "abi": "115", "arch": "x64",
+                                          "libc": "glibc 2.36"},
+                "engines_node": ">=20", "engines_ok": True, "native_modules": [],
+                "migrations": MIGRATIONS}}})
+
+    def _register(self) -> None:
+        """instances.json and ports.json, in the shape of DESIGN.md §3.6."""
+        root = self.paths["instance_root"] / NAME
+        entry = {
+            "name": NAME, "domain": f"{NAME}.budget.example.org", "port": PORT,
+            "version": "current", "resolved_version": SERVER_VERSION, "data_version": SERVER_VERSION,
+            "enabled": True, "pending_restart": False,
+            "tls": {"source": "system", "cert": str(self.root / "etc/ssl/private/cert.pem"),
+                    "key": str(self.root / "etc/ssl/private/cert.key"), "chain": None},
+            "paths": {"root": str(root), "data": str(root / "data"), "config": str(root / "config.json"),
+                      "unit": str(self.paths["systemd_unit_dir"] / f"abssctl-{NAME}.service"),
+                      "vhost": str(self.paths["nginx_sites_available"] / f"abssctl-{NAME}.conf")},
+            "created_at": STAMP, "updated_at": STAMP, "last_backup_id": None, "last_restore": None,
+        }
+        registry = self.paths["state_dir"] / "registry"
+        _write_json(registry / "instances.json", {"schema_version": 1, "instances": {NAME: entry}})
+        _write_json(registry / "ports.json",
+                    {"schema_version": 1, "ports": {str(PORT): {"instance": NAME, "reserved_at": STAMP}}})
+
+    def _lay_out_instance(self, data_src: Path) -> None:
+        root = self.instance
+        root.mkdir(mode=0o750)
+        data = root / "data"
+        _write_json(root / "config.json", {
+            "dataDir": str(data), "serverFiles": str(data / "server-files"),
+            "userFiles": str(data / "user-files"), "port": PORT, "hostname": "127.0.0.1",
+            "loginMethod": "password"})
+        link_tree(data_src, data)
+        unit = self.paths["systemd_unit_dir"] / f"abssctl-{NAME}.service"
+        pkg = self.paths["install_root"] / SERVER_VERSION / "node_modules/@actual-app/sync-server"
+        unit.write_text(f"[Unit]\nDescription=Actual Budget sync server ({NAME})\n\n[Service]\n"
+                        f"User=root\nGroup=root\nWorkingDirectory={pkg}\n"
+                        f"ExecStart={self.bin}/node {pkg}/build/bin/actual-server.js "
+                        f"--config {root}/config.json\n\n[Install]\nWantedBy=multi-user.target\n",
+                        encoding="utf-8")
+        vhost = self.paths["nginx_sites_available"] / f"abssctl-{NAME}.conf"
+        vhost.write_text(f"server {{\n    listen 443 ssl;\n    server_name {NAME}.budget.example.org;\n"
+                         f"    location / {{ proxy_pass http://127.0.0.1:{PORT}; }}\n}}\n", encoding="utf-8")
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def abssctl(self, *args: str) -> list[str]:
+        return [self.python, str(self.program), "--config", str(self.config), "--json", *args]
+
+    def create_argv(self) -> list[str]:
+        return self.abssctl("backup", "create", NAME, "--compression", "zstd")
+
+    def restore_argv(self, backup_id: str) -> list[str]:
+        return self.abssctl("--yes", "backup", "restore", backup_id, "--no-pre-backup")
+
+    def clean_after_restore(self) -> None:
+        """restore --no-pre-backup keeps the old data as data.pre-restore-<op>: drop it (untimed)."""
+        for path in self.instance.iterdir():
+            if path.name.startswith(("data.pre-restore-", ".abssctl-tmp-", ".trash-")):
+                _rmtree(path)
+
+
+# ============================================================================
+# Running and timing
+# ============================================================================
+
+class Child:
+    """One finished child: wall seconds, peak RSS (KiB) of its tree, VmHWM of itself, output."""
+
+    def __init__(self, seconds: float, tree_kib: int, own_kib: int, stdout: str, stderr: str) -> None:
+        self.seconds, self.tree_kib, self.own_kib = seconds, tree_kib, own_kib
+        self.stdout, self.stderr = stdout, stderr
+
+    def doc(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.stdout)
+        except ValueError:
+            doc = {}
+        return doc if isinstance(doc, dict) else {}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _vm_hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def run_child(argv: list[str], env: dict[str, str], work: Path) -> Child:
+    """Run argv (under /usr/bin/time -v when installed), wait4 it; fail the bench if it fails."""
+    timev = os.access(TIME_V, os.X_OK)
+    report = work / "time-v.txt"
+    full = [TIME_V, "-v", "-o", str(report), *argv] if timev else argv
+    with open(work / "child.out", "w+b") as out, open(work / "child.err", "w+b") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(full, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        own = {"kib": 0}
+        done = threading.Event()
+
+        def poll() -> None:             # VmHWM of the python process itself (not zstd, not time)
+            target = None
+            while not done.is_set():
+                if target is None:
+                    target = (_children(proc.pid) or [None])[0] if timev else proc.pid
+                if target is not None:
+                    own["kib"] = max(own["kib"], _vm_hwm(target))
+                done.wait(0.05)
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        try:
+            _pid, status, usage = os.wait4(proc.pid, 0)
+        except ChildProcessError as exc:
+            raise BenchError(f"wait4: {exc}") from None
+        seconds = time.perf_counter() - start
+        done.set()
+        watcher.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    tree_kib = usage.ru_maxrss
+    if timev:
+        text = report.read_text(encoding="utf-8", errors="replace")
+        for line in text.splitlines():
+            if "Maximum resident set size" in line:
+                tree_kib = int(line.rsplit(":", 1)[1])
+            if "Exit status:" in line:
+                proc.returncode = int(line.rsplit(":", 1)[1])
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}:\n{stdout[-800:]}\n{stderr[-800:]}")
+    return Child(seconds, tree_kib, own["kib"], stdout, stderr)
+
+
+def pipeline(left: list[str], right: list[str], *, stdout: Any = None) -> float:
+    """`left | right` with two Popen objects; wall seconds; fails the bench on any non-zero exit."""
+    start = time.perf_counter()
+    p1 = subprocess.Popen(left, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p2 = subprocess.Popen(right, stdin=p1.stdout, stdout=stdout, stderr=subprocess.PIPE)
+    assert p1.stdout is not None
+    p1.stdout.close()
+    try:
+        err2 = p2.communicate(timeout=TIMEOUT)[1]
+        err1 = p1.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        p1.kill()
+        p2.kill()
+        raise BenchError(f"{' '.join(left)} | {' '.join(right)} timed out") from None
+    seconds = time.perf_counter() - start
+    if p1.returncode or p2.returncode:
+        raise BenchError(f"{' '.join(left)} | {' '.join(right)} exited {p1.returncode}/{p2.returncode}: "
+                         f"{err1[-300:]!r} {err2[-300:]!r}")
+    return seconds
+
+
+class Bench:
+    """The four figures on one host, plus RSS samples of every abssctl run."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.out = host.work / "baseline.tar.zst"
+        self.extract = host.work / "baseline-extract"
+        self.backup_id = ""
+        self.archive = Path()
+        self.rss: dict[str, list[tuple[int, int]]] = {"create": [], "restore": []}
+
+    def baseline_create(self) -> tuple[float, float]:
+        """(pipeline seconds, seconds including an fsync of out like abssctl's)."""
+        self.out.unlink(missing_ok=True)
+        with open(self.out, "wb") as sink:
+            seconds = pipeline([self.host.tar, "-cf", "-", "-C", str(self.host.instance), "data"],
+                               [self.host.zstd, "-T0", "-q"], stdout=sink)
+            start = time.perf_counter()
+            os.fsync(sink.fileno())
+            synced = seconds + time.perf_counter() - start
+        return seconds, synced
+
+    def abssctl_create(self) -> float:
+        old = self.archive
+        child = run_child(self.host.create_argv(), self.host.env, self.host.work)
+        backup = child.doc().get("backup") or {}
+        if child.doc().get("ok") is not True or not backup.get("id"):
+            raise BenchError(f"backup create gave no backup: {child.stdout[-500:]!r}")
+        self.backup_id, self.archive = backup["id"], Path(backup["archive"])
+        if old != Path() and old != self.archive:           # keep only the newest archive on disk
+            old.unlink(missing_ok=True)
+            old.with_name(old.name.split(".tar")[0] + ".sha256").unlink(missing_ok=True)
+        self.rss["create"].append((child.tree_kib, child.own_kib))
+        return child.seconds
+
+    def baseline_restore(self) -> float:
+        _rmtree(self.extract)
+        self.extract.mkdir()
+        seconds = pipeline([self.host.zstd, "-d", "-T0", "-q", "-c", str(self.archive)],
+                           [self.host.tar, "-xf", "-", "-C", str(self.extract)])
+        return seconds
+
+    def abssctl_restore(self) -> float:
+        child = run_child(self.host.restore_argv(self.backup_id), self.host.env, self.host.work)
+        doc = child.doc()
+        if doc.get("ok") is not True or (doc.get("restore") or {}).get("backup_id") != self.backup_id:
+            raise BenchError(f"backup restore did not restore {self.backup_id}: {child.stdout[-500:]!r}")
+        if (doc.get("restore") or {}).get("health") is not None:
+            raise BenchError("backup restore started and gated the unit; the bench expects it stopped")
+        self.rss["restore"].append((child.tree_kib, child.own_kib))
+        return child.seconds
+
+    def settle(self) -> None:
+        """Between steps, outside the timings: drop the previous step's leftovers, flush the disk."""
+        self.host.clean_after_restore()
+        _rmtree(self.extract)
+        os.sync()
+
+
+def timed_pairs(bench: Bench, runs: int, first: Callable[[], Any], second: Callable[[], Any],
+                label: str, after_warmup: Callable[[], None] | None = None) -> tuple[list[Any], list[float]]:
+    """One untimed warm-up of each, then `runs` timed rounds, alternating who goes first."""
+    a_times: list[Any] = []
+    b_times: list[float] = []
+    for i in range(runs + 1):
+        order = [(first, a_times), (second, b_times)]
+        if i % 2:
+            order.reverse()
+        got: dict[int, Any] = {}
+        for fn, sink in order:
+            got[id(sink)] = fn()
+            if not i and fn == second and after_warmup is not None:
+                after_warmup()
+            bench.settle()
+            if i:
+                sink.append(got[id(sink)])
+        print(f"  {label} round {i}{' (warm-up)' if not i else ''}: "
+              f"baseline {_first(got[id(a_times)]) * 1000:.0f} ms, abssctl {got[id(b_times)] * 1000:.0f} ms",
+              flush=True)
+    return a_times, b_times
+
+
+def _first(value: Any) -> float:
+    return value[0] if isinstance(value, tuple) else value
+
+
+def check_restored(host: Host, data_src: Path, want_blobs: dict[str, str]) -> None:
+    """After the warm-up restore the live data must be the generated data (blobs byte for byte)."""
+    live = host.instance / "data"
+    if tree_listing(live).keys() != tree_listing(data_src).keys():
+        raise BenchError(f"restored tree {live} does not list the same files as {data_src}")
+    if blob_digests(live) != want_blobs:
+        raise BenchError(f"restored blobs under {live} differ from the generated ones")
+
+
+# ============================================================================
+# main
+# ============================================================================
+
+def _mib(kib: int) -> float:
+    return kib / 1024
+
+
+def rss_probe(size_mib: int, scratch: Path, keep: bool, python: str, program: Path) -> dict[str, tuple[int, int]]:
+    """Peak RSS of one create and one restore at another size (its own host)."""
+    data = cached_data(size_mib, scratch, keep)
+    host = Host(scratch / f"host-{size_mib}MiB", data, python, program)
+    bench = Bench(host)
+    bench.abssctl_create()
+    bench.settle()
+    bench.abssctl_restore()
+    bench.settle()
+    return {k: max(v) for k, v in bench.rss.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench; 0 within budget, 1 over budget, 2 when it cannot run."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size-mib", type=int, default=1024, help="data dir size in MiB (default 1024)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per figure (default 3)")
+    p.add_argument("--keep", action="store_true",
+                   help=f"keep the sandbox and cache the generated data under {CACHE}")
+    p.add_argument("--python", default="/usr/bin/python3", help="target interpreter")
+    p.add_argument("--abssctl", type=Path, default=REPO / "abssctl.py", metavar="PATH",
+                   help="the abssctl.py (or .pyz) to measure (default: this checkout's)")
+    args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    if args.size_mib < 10:
+        p.error("--size-mib must be at least 10")
+    scratch: Path | None = None
+    try:
+        need = (args.size_mib + SMALL_MIB) * MIB * 5
+        if shutil.disk_usage(BASE).free < need:
+            raise BenchError(f"{BASE} needs about {need >> 30} GiB free")
+        scratch = Path(tempfile.mkdtemp(prefix="abssctl-bench-backup-", dir=BASE))
+        fs = subprocess.run(["df", "--output=fstype", str(scratch)], capture_output=True, text=True,
+                            check=False).stdout.split()[-1:]
+        if fs == ["tmpfs"]:
+            raise BenchError(f"{BASE} is tmpfs; the bench needs a real disk")
+        data = cached_data(args.size_mib, scratch, args.keep)
+        host = Host(scratch / "host", data, args.python, args.abssctl.resolve())
+        bench = Bench(host)
+        version = subprocess.run([args.python, "--version"], capture_output=True, text=True).stdout.strip()
+        print(f"{args.python} ({version}),"
+              f" {os.cpu_count()} cpus, {args.size_mib} MiB data dir on {fs[0] if fs else '?'} "
+              f"({len(tree_listing(data))} files), median of {args.runs} after one warm-up\n", flush=True)
+        want_blobs = blob_digests(data)
+        os.sync()
+        base_c, abs_c = timed_pairs(bench, args.runs, bench.baseline_create, bench.abssctl_create, "create")
+        archive_size = bench.archive.stat().st_size
+        base_r, abs_r = timed_pairs(bench, args.runs, bench.baseline_restore, bench.abssctl_restore,
+                                    "restore", after_warmup=lambda: check_restored(host, data, want_blobs))
+        full_rss = {k: max(v) for k, v in bench.rss.items()}
+        if args.size_mib != SMALL_MIB:
+            small_rss = rss_probe(SMALL_MIB, scratch, args.keep, args.python, args.abssctl.resolve())
+        else:
+            small_rss = full_rss
+    except BenchError as exc:
+        print(f"backup bench: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"backup bench: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if scratch is not None:
+            if args.keep:
+                print(f"\nkept: {scratch}")
+            else:
+                _rmtree(scratch)
+
+    failures = report(args, base_c, abs_c, base_r, abs_r, archive_size, full_rss, small_rss)
+    for failure in failures:
+        print(f"OVER BUDGET: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def report(args: argparse.Namespace, base_c: list[tuple[float, float]], abs_c: list[float],
+           base_r: list[float], abs_r: list[float], archive_size: int,
+           full_rss: dict[str, tuple[int, int]], small_rss: dict[str, tuple[int, int]]) -> list[str]:
+    """Print the tables; return the budget failures."""
+    failures = []
+    bc = statistics.median(c[0] for c in base_c) * 1000
+    bcs = statistics.median(c[1] for c in base_c) * 1000
+    ac = statistics.median(abs_c) * 1000
+    br = statistics.median(base_r) * 1000
+    ar = statistics.median(abs_r) * 1000
+    rows = [
+        ("baseline: tar -cf - | zstd -T0 -q > out", bc, bc, None),
+        ("  (baseline + fsync(out), as abssctl does)", bcs, bc, None),
+        ("abssctl backup create --compression zstd", ac, bc, CREATE_RATIO),
+        ("baseline: zstd -d -T0 -c ARCHIVE | tar -x", br, br, None),
+        ("abssctl --yes backup restore --no-pre-backup", ar, br, RESTORE_RATIO),
+    ]
+    print(f"\n{'command':46} {'median ms':>10} {'x baseline':>11}  budget")
+    for label, ms, base, budget in rows:
+        ratio = ms / base
+        verdict = "-"
+        if budget is not None:
+            verdict = f"ok (<= {budget:.2f}x)" if ratio <= budget else f"OVER ({budget:.2f}x)"
+            if ratio > budget:
+                failures.append(f"{label.strip()}: {ms:.0f} ms, {ratio:.2f}x the baseline (budget {budget}x)")
+        print(f"{label:46} {ms:10.0f} {ratio:11.2f}  {verdict}")
+    mib = args.size_mib * MIB / MIB
+    print(f"\nthroughput: baseline create {mib / bc * 1000:.0f} MiB/s, abssctl create {mib / ac * 1000:.0f} "
+          f"MiB/s; baseline restore {mib / br * 1000:.0f} MiB/s, abssctl restore {mib / ar * 1000:.0f} MiB/s; "
+          f"archive {archive_size / MIB:.0f} MiB")
+    print(f"all runs (ms): baseline create {[round(c[0] * 1000) for c in base_c]}, abssctl create "
+          f"{[round(t * 1000) for t in abs_c]}, baseline restore {[round(t * 1000) for t in base_r]}, "
+          f"abssctl restore {[round(t * 1000) for t in abs_r]}")
+    how = "/usr/bin/time -v" if os.access(TIME_V, os.X_OK) else "os.wait4 ru_maxrss"
+    print(f"\npeak RSS, MiB. Budgeted: abssctl's own process (VmHWM, polled every 50 ms). For information:"
+          f"\nthe process tree ({how}), which is zstd -T0's own buffers (60-80 MiB, varying with how fast"
+          f"\ninput arrives), not abssctl's.")
+    print(f"{'command':10} {f'own {SMALL_MIB} MiB':>14} {f'own {args.size_mib} MiB':>14} {'diff':>7}   "
+          f"{'tree small':>10} {'tree full':>10}  budget")
+    for what in ("create", "restore"):
+        small, full = small_rss[what], full_rss[what]
+        diff = _mib(full[1]) - _mib(small[1])
+        ok = abs(diff) < RSS_FLAT_MIB and small[1] > 0 and full[1] > 0
+        print(f"{what:10} {_mib(small[1]):14.1f} {_mib(full[1]):14.1f} {diff:7.1f}   "
+              f"{_mib(small[0]):10.1f} {_mib(full[0]):10.1f}  "
+              f"{'ok' if ok else 'OVER'} (< {RSS_FLAT_MIB:.0f} MiB apart)")
+        if not ok:
+            failures.append(f"peak RSS of backup {what}: {_mib(small[1]):.1f} MiB at {SMALL_MIB} MiB, "
+                            f"{_mib(full[1]):.1f} MiB at {args.size_mib} MiB (process tree "
+                            f"{_mib(small[0]):.1f} / {_mib(full[0]):.1f}); budget < {RSS_FLAT_MIB:.0f} MiB apart")
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(main())
