@@ -2437,7 +2437,9 @@ def _undo_all(ctx: Context, actions: Sequence[Mapping[str, Any]]) -> list[str]:
             try:
                 run_undo(ctx, action)
             except Exception as exc:  # noqa: BLE001 - collect, report, keep undoing
-                failed.append(f"{action.get('kind')} {action.get('args')}: {exc}")
+                args = action.get("args") or {}           # never the snapshots: they may hold key bytes
+                where = args.get("path") or args.get("name") or args.get("unit") or ""
+                failed.append(f"{action.get('kind')} {where}: {exc}")
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -2457,7 +2459,8 @@ def _raise_terminated(signum: int, _frame: Any) -> NoReturn:
     raise _Terminated(signum)
 
 
-def apply(ctx: Context, plan: Plan, targets: Mapping[str, Any]) -> list[dict[str, Any]]:
+def apply(ctx: Context, plan: Plan, targets: Mapping[str, Any],
+          record: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Run the steps; journal each undo before its step; on any failure undo in reverse."""
     import signal
     import time
@@ -2471,20 +2474,23 @@ def apply(ctx: Context, plan: Plan, targets: Mapping[str, Any]) -> list[dict[str
     if _main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):
             handlers[sig] = signal.signal(sig, _raise_terminated)
-    record: list[dict[str, Any]] = []
+    record = [] if record is None else record        # the caller's list still holds the steps after a failure
     try:
         for step in plan.steps:
             for observer in STEP_OBSERVERS:
                 observer(step, "before")
             journal.doc["done"].append({"step": step.id, "undo": step.undo.as_dict() if step.undo else None})
             journal.write()
+            record.append({"step": step.id, "status": "started", "ms": 0})
             ctx.out.progress(step.summary)
             t0 = time.monotonic()
             step.do()
-            record.append({"step": step.id, "status": "done", "ms": int((time.monotonic() - t0) * 1000)})
+            record[-1].update(status="done", ms=int((time.monotonic() - t0) * 1000))
             for observer in STEP_OBSERVERS:
                 observer(step, "after")
     except BaseException as exc:
+        for entry in record:
+            entry["status"] = "undone" if entry["status"] == "done" else "failed"
         failed = _undo_all(ctx, [d["undo"] for d in journal.doc["done"] if d["undo"]])
         journal.delete()
         ctx.journal = None
@@ -2582,7 +2588,8 @@ def run_mutation(ctx: Context, m: Mutation) -> Result:
         ctx.take_locks(m.global_mode, m.instances)
         recover_journals(ctx)
         plan = m.build()                      # re-check now that nothing else can move
-        steps = apply(ctx, plan, m.target) if plan.steps else []
+        if plan.steps:
+            apply(ctx, plan, m.target, steps)
         extra = m.finish(plan) if m.finish else {}
     except BaseException as exc:
         error = exc
@@ -4236,10 +4243,23 @@ def op_instance_create(ctx: Context, name: str, *, domain: str | None, port: int
     req, same = _validate_create(ctx, name, domain, port, version, tls, cert, key, chain, start)
     gate: dict[str, Any] = {}
 
+    auto_port = port is None
+
     def build() -> Plan:
         plan = Plan(f"create instance {name}")
-        if Instances(ctx).doc["instances"].get(name) is not None:
-            return plan                       # identical re-run: nothing to do
+        insts = Instances(ctx)
+        existing = insts.doc["instances"].get(name)
+        if existing is not None:             # someone created it while we waited for the lock
+            if existing.get("domain") == req.domain and existing.get("version") == version and \
+                    (auto_port or existing.get("port") == req.port):
+                return plan                   # identical: nothing to do
+            raise AlreadyExists(f"instance {name!r} was just created with other settings",
+                                hint=f"see abssctl instance show {name}")
+        if str(req.port) in insts.ports:      # re-checked under the exclusive lock
+            if not auto_port:
+                raise Conflict(f"port {req.port} was just reserved by {insts.ports[str(req.port)].get('instance')}",
+                               hint="pass another --port, or see abssctl ports list")
+            req.port = insts.free_port()
         _create_steps(ctx, plan, req, gate)
         return plan
 
@@ -4249,7 +4269,8 @@ def op_instance_create(ctx: Context, name: str, *, domain: str | None, port: int
 
     if same is not None:
         ctx.out.debug_line(f"instance {name} exists with the same settings")
-    return run_mutation(ctx, Mutation(title=f"create {name}", build=build, finish=finish,
+    # Exclusive: two creates choosing "the lowest free port" must not both choose it.
+    return run_mutation(ctx, Mutation(title=f"create {name}", build=build, finish=finish, global_mode="exclusive",
                                       instances=[name], target={"kind": "instance", "name": name},
                                       args={"name": name, "domain": req.domain, "port": req.port,
                                             "version": version, "tls": req.tls, "start": start}))
@@ -4622,9 +4643,11 @@ def op_instance_rename(ctx: Context, old: str, new: str) -> Result:
         new_paths = instance_paths(ctx, new)
         _rename_path_step(plan, "fs.rename", ctx.paths.instance_dir(old), new_paths["root"],
                           f"rename {ctx.paths.instance_dir(old)} to {new_paths['root']}")
+        old_config = snapshot(os.path.join(ctx.paths.instance_dir(old), "config.json"))
         plan.add("config.write", f"rewrite {new_paths['config']}", new_paths["config"],
                  lambda: atomic_write(new_paths["config"], server_config(new_paths["root"], int(entry["port"])),
-                                      mode=0o640, gid=ctx.service_gid(), tag=ctx.op_id))
+                                      mode=0o640, gid=ctx.service_gid(), tag=ctx.op_id),
+                 UndoAction("restore_file", path=new_paths["config"], snapshot=old_config))
         tls = dict(entry["tls"])
         tp_old, tp_new = _tls_paths(ctx, old), _tls_paths(ctx, new)
         own_tls = tls.get("source") in ("self-signed", "custom") and os.path.isdir(tp_old["dir"])
@@ -4705,6 +4728,9 @@ def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: 
         unit = unit_name(name)
         if _is_active(state):
             _systemctl_step(ctx, plan, "stop", unit, "start")
+        if purge_data and not no_backup:     # cold, and while the unit and vhost still exist to be saved
+            plan.add("backup.pre-delete", f"take a final cold backup of {name}", name,
+                     lambda: final.update(take_backup(ctx, name, reason="pre-delete", message=message)))
         if state.get("UnitFileState") == "enabled":
             _systemctl_step(ctx, plan, "disable", unit, "enable")
         _nginx_publish_step(ctx, plan, {}, {}, (ctx.paths.vhost_link(name), ctx.paths.vhost_file(name)),
@@ -4713,9 +4739,6 @@ def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: 
         _registry_step(ctx, plan, insts.ports_registry, str(current["port"]), None,
                        f"release port {current['port']}")
         _registry_step(ctx, plan, insts.registry, name, None, f"unregister {name}")
-        if purge_data and not no_backup:
-            plan.add("backup.pre-delete", f"take a final cold backup of {name}", name,
-                     lambda: final.update(take_backup(ctx, name, reason="pre-delete", message=message)))
         if purge_data:
             trashes = []
             for what, path in (("dir", ctx.paths.instance_dir(name)), ("tls", _tls_paths(ctx, name)["dir"])):
@@ -6114,6 +6137,11 @@ class Facts:
             done = ctx.runner.run("nginx", ["-T"], mutating=False, check=False)
             self.nginx_ok, self.nginx_dump = done, done.stdout
         self.listeners = listening_sockets()
+        self.socket_pids = socket_pids() if any(self.listeners.get(int(e.get("port") or 0))
+                                                for e in self.instances.values()) else {}
+        import ssl
+        self.tls_client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)    # one context: each costs ~25 ms
+        self.tls_client.check_hostname, self.tls_client.verify_mode = False, ssl.CERT_NONE
 
     def _load(self, name: str) -> dict[str, Any]:
         return self._safe(lambda: self.ctx.registry(name).load()[name], {}, name)
@@ -6142,10 +6170,9 @@ def listening_sockets() -> dict[int, set[int]]:
     return found
 
 
-def socket_owners(inodes: set[int]) -> set[int]:
-    """PIDs holding any of these socket inodes (a walk of /proc/*/fd)."""
-    wanted = {f"socket:[{i}]" for i in inodes}
-    owners = set()
+def socket_pids() -> dict[int, int]:
+    """socket inode -> the PID holding it: one walk of /proc/*/fd for the whole doctor run."""
+    owners: dict[int, int] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -6155,11 +6182,11 @@ def socket_owners(inodes: set[int]) -> set[int]:
             continue
         for fd in fds:
             try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
-                    owners.add(int(pid))
-                    break
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
+            if target.startswith("socket:["):
+                owners.setdefault(int(target[8:-1]), int(pid))
     return owners
 
 
@@ -6450,7 +6477,7 @@ def probe_ports(ctx: Context, facts: Facts) -> list[Finding]:
                                hint=f"see abssctl instance logs {name}"))
         elif inodes:
             main = int(unit.get("MainPID") or 0)
-            owners = socket_owners(inodes)
+            owners = {facts.socket_pids[i] for i in inodes if i in facts.socket_pids}
             if main and owners and not owners & _descendants(main):
                 out.append(Finding("ports.foreign", name, "fail", f"port {port} of {name} is held by pid "
                                    f"{sorted(owners)[0]}, not by its unit", hint="stop that process, or move "
@@ -6610,11 +6637,9 @@ def probe_tls(ctx: Context, facts: Facts) -> list[Finding]:
     return out or [_ok("tls.pair", None, "certificates match their keys and are valid")]
 
 
-def _served_cert(port: int, domain: str) -> bytes | None:
+def _served_cert(context: Any, port: int, domain: str) -> bytes | None:
+    """The certificate nginx serves for ``domain`` (SNI) on loopback, or None when it does not answer."""
     import socket
-    import ssl
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as raw, \
                 context.wrap_socket(raw, server_hostname=domain) as tls:
@@ -6652,7 +6677,9 @@ def probe_app(ctx: Context, facts: Facts) -> list[Finding]:
         if (cfg or {}).get("hostname") not in (None, "127.0.0.1"):
             found.append(Finding("app.hostname", name, "fail", f"{name} listens on {cfg.get('hostname')}: it is "
                                  "reachable without TLS", hint="set hostname to 127.0.0.1 in its config.json"))
-        served = _served_cert(int(ctx.config.get("nginx", "https_port")), str(entry.get("domain")))
+        https = int(ctx.config.get("nginx", "https_port"))
+        served = _served_cert(facts.tls_client, https, str(entry.get("domain"))) if https in facts.listeners \
+            else None
         cert = (entry.get("tls") or {}).get("cert")
         if served is not None and cert and os.path.isfile(cert):
             import ssl
@@ -6820,6 +6847,9 @@ class Redactor:
         text, n = re.subn(rf"(?im)^(\s*\S*(?:{SECRET_WORDS})\S*\s+)[^;\n]+;", r"\1<redacted>;", text)
         self.counts["secrets"] += n
         text, n = re.subn(rf"(?i)((?:{SECRET_WORDS})\s*[=:]\s*)\S+", r"\1<redacted>", text)
+        self.counts["secrets"] += n
+        text, n = re.subn(rf"(?im)^(\s*\S+\s+[\"']?\S*(?:{SECRET_WORDS})\S*[\"']?\s+)[^;\n]+;",
+                          r"\1<redacted>;", text)       # proxy_set_header Authorization "Bearer …";
         self.counts["secrets"] += n
         if self.deidentify:
             for domain in self.domains:

@@ -1,0 +1,152 @@
+"""kill -9 at every step boundary (DESIGN §7 Reliability, P4): after each kill no state or config
+file is half-written, nginx -t passes, a journal is left; the next mutating command (`init`, as
+doctor --fix does not exist yet) rolls the journal back to the starting state; a re-run of the same
+command then converges to consistent registries, with no orphan or corrupt backup.
+
+Boundary 0 is "before the first step" (the journal exists, nothing was done); boundary k is "after
+step k". Two extra rows kill *inside* a step, through a tool that SIGKILLs its parent: zstd during
+the archive write of `backup create`, npm during `npm install` of `version install`.
+"""
+from __future__ import annotations
+
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from reliability.rigs import (MATRIX, RHost, consistency_problems, problems_after_kill, registry,  # noqa: F401
+                              rhost, rollback_problems, run_child, snapshot_state, steps_of)
+from reliability.scenarios import SCENARIOS, Scenario, seed, alice_data
+
+pytestmark = pytest.mark.reliability
+
+
+def converge(h: RHost, sc: Scenario, ctx: dict, argv: list[str]) -> list[str]:
+    res = h.run("--json", *argv)
+    if res.rc != 0 or not isinstance(res.doc, dict):
+        return [f"re-run exits {res.rc}: {res.err.strip()[-600:]}"]
+    problems = consistency_problems(h.sb, kept_dirs=sc.kept_dirs, kept_aside=sc.kept_aside)
+    return problems + sc.verify(h, ctx, res)
+
+
+def recover(h: RHost, before: dict, sc: Scenario) -> list[str]:
+    """`init` (idempotent, mutating) recovers the dead journal; the state is then the starting one."""
+    res = h.run("--json", "init")
+    if res.rc != 0:
+        return [f"recovery by init exits {res.rc}: {res.err.strip()[-600:]}"]
+    if "recover: rolling back" not in res.err:
+        return ["init did not say it rolled back the dead journal"]
+    return [f"after recovery: {p}" for p in rollback_problems(h.sb, before, sc.kept_aside)]
+
+
+def kill_matrix(h: RHost, sc: Scenario) -> list[str]:
+    ctx: dict = {}
+    sc.setup(h, ctx)
+    h.save()
+    argv = sc.argv(ctx)
+    steps = steps_of(h.sb, ["--json", "-q", *argv])
+    assert steps, f"{sc.command} ran no steps"
+    failures = []
+    for k in range(len(steps) + 1):
+        h.restore()
+        before = snapshot_state(h.sb)
+        point = f"{k:2d} {'before ' + steps[0] if k == 0 else 'after ' + steps[k - 1]}"
+        proc, note = run_child(h.sb, "kill", k, ["--json", "-q", *argv])
+        if proc.returncode != -signal.SIGKILL:
+            problems = [f"child was not killed (rc {proc.returncode}; the re-built plan differs?): "
+                        f"{proc.stderr.strip()[-400:]}"]
+        else:
+            problems = problems_after_kill(h.sb, k, sc.command)
+            problems += recover(h, before, sc)
+            problems += converge(h, sc, ctx, argv)
+        outcome = "ok: journal left, recovery restored the start, re-run converged" if not problems else \
+            "FAIL: " + "; ".join(problems)
+        MATRIX.add("kill -9", sc.command, point, outcome)
+        if problems:
+            failures.append(f"{point}: {'; '.join(problems)}")
+    return failures
+
+
+@pytest.mark.parametrize("command", list(SCENARIOS))
+def test_kill_9_at_every_step_boundary_then_a_rerun_converges(rhost: RHost, command: str) -> None:
+    failures = kill_matrix(rhost, SCENARIOS[command])
+    assert not failures, f"{command}:\n" + "\n".join(failures)
+
+
+# -- inside a step ------------------------------------------------------------------------------
+
+KILL_PARENT = """#!{python} -S
+import os, signal, sys
+{body}
+os.kill(os.getppid(), signal.SIGKILL)
+sys.exit(1)
+"""
+
+
+def test_kill_9_inside_the_archive_write_leaves_nothing_behind_after_recovery(rhost: RHost) -> None:
+    h = rhost
+    sc = SCENARIOS["backup create"]
+    ctx: dict = {}
+    sc.setup(h, ctx)
+    (alice_data(h) / "user-files" / "big.blob").write_bytes(b"\x17" * 3_000_000)
+    killer = h.root / "bin" / "zstd-killer"
+    killer.write_text(KILL_PARENT.format(python="/usr/bin/python3",
+                                         body="sys.stdin.buffer.read(1 << 20)"))
+    killer.chmod(0o755)
+    real = h.sb.commands["zstd"]
+    before = snapshot_state(h.sb)
+    h.sb.configure("commands", zstd=[str(killer)])
+    argv = ["backup", "create", "alice", "-m", "killed", "--compression", "zstd"]
+    proc, _note = run_child(h.sb, "none", -1, ["--json", "-q", *argv])
+    h.sb.configure("commands", zstd=real)
+    problems = [] if proc.returncode == -signal.SIGKILL else [f"not killed: rc {proc.returncode} {proc.stderr[-300:]}"]
+    partial = [p for p in (h.root / "srv/abssctl/backups/alice").iterdir() if ".abssctl-tmp-" in p.name]
+    if not partial:
+        problems.append("the kill came too late: no partial archive to recover from")
+    problems += problems_after_kill(h.sb, 1, "backup create")
+    problems += recover(h, before, sc)
+    problems += converge(h, sc, ctx, argv)
+    MATRIX.add("kill -9", "backup create", " - inside backup.write (zstd)",
+               "ok: partial archive removed by recovery" if not problems else "FAIL: " + "; ".join(problems))
+    assert not problems, problems
+
+
+def test_kill_9_inside_npm_install_leaves_no_staging_dir(rhost: RHost) -> None:
+    h = rhost
+    sc = SCENARIOS["version install"]
+    fake_npm = h.sb.commands["npm"][0]
+    killer = h.root / "bin" / "npm-killer"
+    killer.write_text(KILL_PARENT.format(python="/usr/bin/python3", body=textwrap.dedent(f"""
+        if "install" not in sys.argv:
+            os.execv({fake_npm!r}, [{fake_npm!r}, *sys.argv[1:]])
+        prefix = sys.argv[sys.argv.index("--prefix") + 1]
+        os.makedirs(os.path.join(prefix, "node_modules", "half-installed"), exist_ok=True)
+        """)))
+    killer.chmod(0o755)
+    before = snapshot_state(h.sb)
+    h.sb.configure("commands", npm=[str(killer)])
+    argv = ["version", "install", "26.8.1"]
+    proc, _note = run_child(h.sb, "none", -1, ["--json", "-q", *argv])
+    h.sb.configure("commands", npm=[fake_npm])
+    problems = [] if proc.returncode == -signal.SIGKILL else [f"not killed: rc {proc.returncode} {proc.stderr[-300:]}"]
+    staging = [p.name for p in (h.root / "srv/abssctl/versions").iterdir() if p.name.startswith(".staging-")]
+    if not staging:
+        problems.append("no staging dir: the kill did not land inside npm install")
+    problems += problems_after_kill(h.sb, 3, "version install")
+    problems += recover(h, before, sc)
+    problems += converge(h, sc, {}, argv)
+    MATRIX.add("kill -9", "version install", " - inside npm.install",
+               "ok: staging dir removed by recovery" if not problems else "FAIL: " + "; ".join(problems))
+    assert not problems, problems
+
+
+def test_delete_purge_data_with_its_final_backup_succeeds(rhost: RHost) -> None:
+    """DESIGN §4.5.5: with --purge-data, delete first takes a final pre-delete backup, then removes
+    the instance dir. Found here: the backup step runs after the instance was unregistered."""
+    h = rhost
+    h.ok("instance", "create", "alice", "--domain", "alice.example.org")
+    res = h.run("--json", "--yes", "instance", "delete", "alice", "--purge-data")
+    assert res.rc == 0, f"rc={res.rc}\n{res.out}\n{res.err}"
+    reasons = [b["reason"] for b in registry(h.sb, "backups")["backups"].values()]
+    assert reasons == ["pre-delete"], reasons

@@ -1,0 +1,197 @@
+"""An E2E host (DESIGN.md §7(c)): real instances of the real server behind a real nginx.
+
+``e2e_host`` (module scope) is one abssctl host in ``tmp_path_factory`` wired like the integration
+tier's (tests/rig/host.py) but driven as a subprocess like the E2E sandboxes (tests/rig/e2e.py):
+
+- its own ``NginxSandbox`` and ``SystemdSandbox`` (the classes behind ``real_nginx`` and
+  ``systemd_sandbox``, whose fixtures are function-scoped), started here and stopped by PID at the
+  end of the module: units first (the sandbox's own teardown), then nginx;
+- ``[paths]`` under ``<basetemp>/e2e-host*/host`` (a /tmp path, so the systemctl replacement's
+  ``SANDBOX/tmp -> /tmp`` link makes ``WorkingDirectory=`` resolve), with ``systemd_unit_dir`` and
+  the nginx sites dirs taken from the sandboxes;
+- ``[commands] node`` = Node 22 for every version, ``systemctl``/``journalctl``/``nginx``/
+  ``nginx_reload`` from the sandboxes; ``[nginx]`` ports from the sandbox nginx; ``[ports]`` a free
+  high range; ``[service] user/group = root``; ``[health] timeout = 120``; the real npm registry;
+- ``init --yes``, then 25.6.0 installed from the registry on Node 22 (ABI 127, the shared npm cache
+  of ``$CACHE/npm-cache``) and 26.8.1 imported from the ``built_versions`` bundle (built on Node 22).
+
+``E2EHost`` is an ``E2ESandbox`` (``run``/``env``/``registry_doc``...) plus ``nginx``, ``systemd``,
+``ok()`` (a call that must exit 0), ``https()`` (one request through the sandbox nginx with SNI,
+like ``curl -k --resolve DOMAIN:PORT:127.0.0.1``), ``eventually()`` (bounded polling), ``nginx_ok()``
+and ``state()`` (a registry document). Only loopback is spoken to; every wait is bounded.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from rig.e2e import V25, V26, BuiltVersions, CliResult, E2ESandbox, NodeRuntime, PhaseTimings
+from rig.nginx_sandbox import NginxSandbox, free_port
+from rig.nginx_sandbox import NGINX
+from rig.systemd_sandbox import SystemdSandbox, systemctl_script
+
+__all__ = ["E2EHost", "HttpReply", "e2e_host"]
+
+HTTP_TIMEOUT = 30.0
+
+
+@dataclass
+class HttpReply:
+    status: int
+    headers: dict[str, list[str]]      # lower-cased names, every value kept (repeats count)
+    body: bytes
+    error: str = ""                     # an OSError while sending, when the reply came anyway
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+    def describe(self) -> str:
+        return f"HTTP {self.status} {self.headers} {self.body[:600]!r} {self.error}"
+
+
+class E2EHost(E2ESandbox):
+    """An E2E sandbox whose units run under the systemctl replacement and whose sites are served."""
+
+    def __init__(self, root: Path, node: NodeRuntime, cache: Path, nginx: NginxSandbox,
+                 systemd: SystemdSandbox) -> None:
+        super().__init__(root, node, None, cache)
+        self.nginx = nginx
+        self.systemd = systemd
+        self.paths.update(systemd_unit_dir=systemd.unit_dir,
+                          nginx_sites_available=nginx.sites_available,
+                          nginx_sites_enabled=nginx.sites_enabled)
+        base = free_port()
+        while base > 60000:
+            base = free_port()
+        self.port_range = (base, base + 40)
+        self.settings["paths"] = {k: str(v) for k, v in self.paths.items()}
+        self.settings["ports"] = {"base": base, "max": base + 40}
+        self.settings["nginx"] = {"http_port": nginx.http_port, "https_port": nginx.https_port}
+        self.settings["commands"].update(
+            systemctl=systemd.command, journalctl=systemd.journalctl_command,
+            nginx=nginx.command, nginx_reload=nginx.reload_command,
+            openssl=[shutil.which("openssl") or "/usr/bin/openssl"],
+            zstd=[shutil.which("zstd") or "/usr/bin/zstd"])
+        self.write_config()
+
+    # -- abssctl -------------------------------------------------------------------------------
+
+    def ok(self, *args: Any, timeout: float = 600.0) -> Any:
+        """Run abssctl --json ARGS; it must exit 0. Returns the JSON document."""
+        res = self.run(*args, timeout=timeout)
+        assert res.rc == 0 and isinstance(res.doc, dict) and res.doc.get("ok") is True, res.describe()
+        return res.doc
+
+    def state(self, name: str) -> dict[str, Any]:
+        """state_dir/registry/NAME.json (instances, ports, versions)."""
+        path = self.paths["state_dir"] / "registry" / f"{name}.json"
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def nginx_ok(self) -> str:
+        """'' when `nginx -t` passes on the sandbox config, else its output."""
+        proc = self.nginx.test()
+        return "" if proc.returncode == 0 else f"nginx -t rc={proc.returncode}: {proc.stderr}"
+
+    # -- HTTP through the sandbox nginx --------------------------------------------------------
+
+    def https(self, domain: str, path: str, method: str = "GET", body: bytes | None = None,
+              headers: dict[str, str] | None = None, timeout: float = HTTP_TIMEOUT) -> HttpReply:
+        """One request to 127.0.0.1:https_port with SNI and Host = DOMAIN (the cert is not checked)."""
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        raw = socket.create_connection(("127.0.0.1", self.nginx.https_port), timeout=timeout)
+        with ctx.wrap_socket(raw, server_hostname=domain) as tls:
+            conn = http.client.HTTPConnection(domain, timeout=timeout)
+            conn.sock = tls
+            sent_error = ""
+            try:
+                conn.request(method, path, body=body, headers={"Host": domain, **(headers or {})})
+            except OSError as exc:      # an early reply (a 413, say) can cut the upload short
+                sent_error = f"while sending: {exc!r}"
+            resp = conn.getresponse()
+            got: dict[str, list[str]] = {}
+            for key, value in resp.getheaders():
+                got.setdefault(key.lower(), []).append(value)
+            return HttpReply(resp.status, got, resp.read(), sent_error)
+
+    def https_json(self, domain: str, path: str, payload: Any = None, token: str | None = None,
+                   headers: dict[str, str] | None = None) -> HttpReply:
+        """GET (payload None) or POST a JSON payload, with x-actual-token when given."""
+        extra = dict(headers or {})
+        if token:
+            extra["x-actual-token"] = token
+        if payload is None:
+            return self.https(domain, path, headers=extra)
+        extra["Content-Type"] = "application/json"
+        return self.https(domain, path, "POST", json.dumps(payload).encode(), extra)
+
+    def eventually(self, probe: Callable[[], HttpReply], want: Callable[[HttpReply], bool],
+                   seconds: float = 20.0) -> HttpReply | str:
+        """Poll PROBE until WANT holds (nginx -s reload returns before new workers serve)."""
+        deadline = time.monotonic() + seconds
+        last: HttpReply | str = "never answered"
+        while True:
+            try:
+                last = probe()
+                if want(last):
+                    return last
+            except OSError as exc:
+                last = f"{exc!r}"
+            if time.monotonic() > deadline:
+                return last
+            time.sleep(0.2)
+
+    def health(self, domain: str) -> HttpReply | str:
+        """GET /health through nginx until it says UP (bounded); returns the last reply."""
+        return self.eventually(lambda: self.https(domain, "/health"),
+                               lambda r: r.status == 200 and r.json() == {"status": "UP"})
+
+
+def _require(res: CliResult, what: str) -> None:
+    if res.rc != 0:
+        pytest.fail(f"{what} failed:\n{res.describe()}")
+
+
+@pytest.fixture(scope="module")
+def e2e_host(tmp_path_factory: pytest.TempPathFactory, node22: NodeRuntime, e2e_cache: Path,
+             built_versions: BuiltVersions, e2e_timings: PhaseTimings) -> Iterator[E2EHost]:
+    """One host per test module with 25.6.0 (registry, Node 22) and 26.8.1 (bundle) installed."""
+    script = systemctl_script()
+    if script is None:
+        pytest.skip(f"systemctl replacement not unpacked under {e2e_cache}/systemctl "
+                    "(tests/run fetches it with apt-get download systemctl)")
+    if not shutil.which(NGINX):
+        pytest.skip(f"{NGINX} not found (apt-get install nginx-light)")
+    bundle26 = built_versions[V26].require_bundle()
+    base = tmp_path_factory.mktemp("e2e-host")
+    nginx = NginxSandbox(base / "nginx")
+    systemd = SystemdSandbox(base / "sd", script)
+    systemd.create()
+    nginx.write_conf()
+    try:
+        nginx.start()
+        host = E2EHost(base / "host", node22, e2e_cache, nginx, systemd)
+        _require(host.run("init", "--yes", timeout=60), "abssctl init --yes")
+        with e2e_timings.phase(f"e2e host: version install {V25} (registry, node {node22.version})"):
+            res = host.run("version", "install", V25)
+        _require(res, f"version install {V25} on node {node22.version}")
+        with e2e_timings.phase(f"e2e host: version import {V26} (bundle)"):
+            res = host.run("version", "import", bundle26)
+        _require(res, f"version import {bundle26}")
+        yield host
+    finally:
+        systemd.teardown()
+        nginx.stop()
