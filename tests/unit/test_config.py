@@ -151,3 +151,20 @@ def test_default_config_template_parses_to_the_defaults(tmp_path) -> None:
     f.write_text(uncommented)
     parsed, problems = abssctl.load_config(str(f), {}, {})
     assert problems == [] and parsed.values == cfg.values and parsed.unknown == []
+
+
+@pytest.mark.parametrize("text", [
+    '[ports]\nbase = 6000\nmax = 6100\n[commands]\nsystemctl = ["python3", "/c/s", "--root=/sb"]\n',
+    '# c\n[nginx]\nblock_internal = false\nclient_max_body_size = "50M"\n[health]\ntimeout = 1.5\n',
+    '[npm]\nallow_scripts = []\n', '[paths]\nstate_dir = "/x"\n\n\n',
+])
+def test_the_fast_toml_subset_reads_exactly_what_tomllib_reads(text: str) -> None:
+    import tomllib
+    assert abssctl._simple_toml(text) == tomllib.loads(text)
+
+
+@pytest.mark.parametrize("text", ['[ports]\nbase = 06000\n', '[a]\nx = "a\\\\b"\n', '[a]\nx = 1 # c\n',
+                                  '[a]\n[a]\n', "[a]\nx = 'lit'\n", '[a.b]\nx = 1\n', '[a]\nx = 1\nx = 2\n',
+                                  '[a]\nx = 1e3\n', '[a]\nx = [1, 2]\n', '[a]\nx = "tab\there"\n'])
+def test_anything_outside_the_subset_is_left_to_tomllib(text: str) -> None:
+    assert abssctl._simple_toml(text) is None
