@@ -1224,18 +1224,6 @@ CHUNK = 1 << 20
 TEMP_MARKERS = (".staging-", ".smoke-", ".trash-", ".abssctl-tmp-")
 
 
-def keep_buffers_in_heap() -> None:
-    """Streaming allocates a fresh 1 MiB bytes object per chunk; glibc would mmap and unmap each one
-    (256 page faults a chunk). Keep such chunks in the heap for the streaming commands (glibc only)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 4 * CHUNK)     # M_MMAP_THRESHOLD: chunks up to 4 MiB come from the heap
-        libc.mallopt(-1, 32 * CHUNK)    # M_TRIM_THRESHOLD: keep up to 32 MiB of free heap mapped
-    except (OSError, AttributeError):
-        pass
-
-
 def sha256_file(path: str) -> str:
     """The sha256 of a file, read in 1 MiB chunks."""
     import hashlib
@@ -1402,19 +1390,11 @@ def safe_extract(tar: Any, dest: str, *, prefix: str, expected: Mapping[str, str
 def _write_member(tar: Any, member: Any, target: str, mode: int, uid: int, gid: int) -> str:
     import hashlib
     h = hashlib.sha256()
-    src = tar.extractfile(member)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        remaining = member.size
-        while remaining > 0:
-            chunk = src.read(min(CHUNK, remaining))
-            if not chunk:
-                raise CorruptState(f"archive member {member.name!r} is truncated")
-            h.update(chunk)
-            view = memoryview(chunk)
-            while view:                                   # a short write must not drop data
-                view = view[os.write(fd, view):]
-            remaining -= len(chunk)
+        tar.fileobj.seek(member.offset_data)
+        if tar.fileobj.copy_to(fd, member.size, h.update) != member.size:
+            raise CorruptState(f"archive member {member.name!r} is truncated")
         if uid != -1 or gid != -1:
             os.fchown(fd, uid, gid)
         executable = mode == 0o644 and member.mode & 0o100    # package trees keep their bin scripts
@@ -1422,6 +1402,129 @@ def _write_member(tar: Any, member: Any, target: str, mode: int, uid: int, gid: 
     finally:
         os.close(fd)
     return h.hexdigest()
+
+
+def write_all(fd: int, data: Any) -> None:
+    """os.write until every byte is out: a short write must not drop data."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def widen_pipe(fd: int) -> None:
+    """Ask for a 1 MiB pipe buffer (F_SETPIPE_SZ) so each hop moves a whole chunk, not 64 KiB."""
+    import fcntl
+    try:
+        fcntl.fcntl(fd, 1031, CHUNK)
+    except OSError:
+        pass
+
+
+class ForwardReader:
+    """A pipe or stream shaped as tarfile's plain (non-stream) TarFile wants it: read, tell, and seek
+    forwards only. Member data goes through ``copy_to`` and one reused buffer, copied once; tarfile's
+    own stream mode would copy each chunk three more times."""
+
+    def __init__(self, read_into: Callable[[memoryview], int]) -> None:
+        self._read_into = read_into
+        self._buf = bytearray(CHUNK)
+        self.pos = 0
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        got = 0
+        while got < len(view):
+            n = self._read_into(view[got:])
+            if not n:
+                break
+            got += n
+        self.pos += got
+        return got
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            parts = []
+            while chunk := self.read(CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        buf = bytearray(n)
+        return bytes(buf[:self.readinto(buf)])
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return False
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos < self.pos:
+            raise OSError("a streamed archive cannot seek backwards")
+        view = memoryview(self._buf)
+        while self.pos < pos and self.readinto(view[:min(CHUNK, pos - self.pos)]):
+            pass
+        return self.pos
+
+    def copy_to(self, fd: int, size: int, on_chunk: Callable[[Any], Any]) -> int:
+        """Copy the next ``size`` bytes to ``fd``, passing each chunk to ``on_chunk``; returns bytes copied."""
+        view = memoryview(self._buf)
+        left = size
+        while left:
+            n = self.readinto(view[:min(left, CHUNK)])
+            if not n:
+                break
+            on_chunk(view[:n])
+            write_all(fd, view[:n])
+            left -= n
+        return size - left
+
+
+def open_tar_reader(read_into: Callable[[memoryview], int]) -> Any:
+    """A plain TarFile over a ForwardReader (raises tarfile.ReadError on a non-tar stream)."""
+    import tarfile
+    return tarfile.TarFile(fileobj=ForwardReader(read_into), mode="r")
+
+
+def fd_reader(fd: int) -> Callable[[memoryview], int]:
+    return lambda view: os.readv(fd, [view])
+
+
+class TarWriter:
+    """A stream tar writer with tarfile's PAX headers and padding that copies member data through one
+    reused buffer into ``write`` (tarfile's own stream mode copies every chunk several times)."""
+
+    def __init__(self, write: Callable[[Any], Any]) -> None:
+        self._write = write
+        self._buf = bytearray(CHUNK)
+        self.offset = 0
+
+    def _out(self, data: Any) -> None:
+        self._write(data)
+        self.offset += len(data)
+
+    def addfile(self, info: Any, fileobj: Any = None, on_chunk: Callable[[Any], Any] | None = None) -> None:
+        """Write ``info``'s header, then ``info.size`` bytes of ``fileobj``; OSError if it runs short."""
+        import tarfile
+        self._out(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if fileobj is None or not info.size:
+            return
+        view = memoryview(self._buf)
+        left = info.size
+        while left:
+            n = fileobj.readinto(view[:min(left, CHUNK)])
+            if not n:
+                raise OSError(f"{info.name} shrank while it was archived")
+            if on_chunk is not None:
+                on_chunk(view[:n])
+            self._out(view[:n])
+            left -= n
+        if info.size % 512:
+            self._out(bytes(512 - info.size % 512))
+
+    def close(self) -> None:
+        """The two zero blocks that end an archive, padded to a whole 10 KiB record as tar(1) does."""
+        self._out(bytes(1024))
+        if self.offset % 10240:
+            self._out(bytes(10240 - self.offset % 10240))
 
 
 # ============================================================================
@@ -3559,72 +3662,119 @@ def _write_bundle_tar(tar: Any, tree: str, manifest: bytes, sums: bytes,
         tar.addfile(info)
 
 
-def write_tar_stream(ctx: Context, sink: Any, compression: str, writer: Callable[[Any], None]) -> None:
-    """Feed a tar stream to ``writer``; its bytes reach ``sink.write`` through zstd, gzip or nothing."""
-    import tarfile
-    import threading
-    if compression == "zstd":
-        proc = ctx.runner.popen("zstd", ["-q", "-T0", "-c"], stdin="pipe", stdout="pipe")
-        failure: list[BaseException] = []
-
-        def pump() -> None:
-            try:
-                while chunk := proc.stdout.read(CHUNK):
-                    sink.write(chunk)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                failure.append(exc)
-                stop_process(proc, grace=1)
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        try:
-            with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
+def write_tar_stream(ctx: Context, fd: int, compression: str, writer: Callable[[Any], None]) -> tuple[str, int]:
+    """Feed a TarWriter to ``writer``; its bytes reach ``fd`` (opened read-write) through zstd, gzip or
+    nothing. Returns the sha256 and size of what was written. zstd writes ``fd`` itself while a
+    thread hashes behind it, so the compressed stream never passes through this process."""
+    if compression != "zstd":
+        sink = HashingWriter(fd)
+        if compression == "gzip":
+            import gzip
+            with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=6, mtime=0) as gz:
+                tar = TarWriter(gz.write)
                 writer(tar)
-            proc.stdin.close()
-            reader.join(timeout=600)
-            rc = proc.wait(timeout=60)
-        finally:
-            stop_process(proc)
-        if failure:
-            raise failure[0]
-        if rc != 0:
-            raise ProviderError(f"zstd exited {rc} while compressing")
-        return
-    if compression == "gzip":
-        import gzip
-        with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=6, mtime=0) as gz, \
-                tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
+                tar.close()
+        else:
+            tar = TarWriter(sink.write)
             writer(tar)
-        return
-    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
+            tar.close()
+        return sink.sha.hexdigest(), sink.size
+    proc = ctx.runner.popen("zstd", ["-q", "-T0", "-c", "--no-sparse"], stdin="pipe", stdout=fd)
+    into = proc.stdin.fileno()
+    widen_pipe(into)
+    follower = FileFollower(fd, proc)
+    try:
+        tar = TarWriter(lambda data: write_all(into, data))
         writer(tar)
+        tar.close()
+        proc.stdin.close()
+        rc = proc.wait(timeout=600)
+    except BrokenPipeError:
+        rc = proc.wait(timeout=60)
+        raise ProviderError(f"zstd exited {rc} while compressing") from None
+    finally:
+        stop_process(proc)
+        follower.join()
+    if rc != 0:
+        raise ProviderError(f"zstd exited {rc} while compressing")
+    return follower.result()
+
+
+class FileFollower:
+    """Hashes a file on a thread while a child process appends to it, until the child has exited and
+    the end is reached. It also starts the writeback of what it has hashed (POSIX_FADV_DONTNEED), so
+    the caller's final fsync has little left to wait for, and the archive does not crowd the cache."""
+
+    def __init__(self, fd: int, proc: Any) -> None:
+        import hashlib
+        import threading
+        self.fd = fd
+        self.proc = proc
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import time
+        view = memoryview(bytearray(CHUNK))
+        flushed = 0
+        try:
+            while True:
+                exited = self.proc.poll() is not None     # read first, so a last append is not missed
+                n = os.preadv(self.fd, [view], self.size)
+                if n:
+                    self.sha.update(view[:n])
+                    self.size += n
+                    if self.size - flushed >= 32 * CHUNK:
+                        os.posix_fadvise(self.fd, flushed, self.size - flushed, os.POSIX_FADV_DONTNEED)
+                        flushed = self.size
+                elif exited:
+                    return
+                else:
+                    time.sleep(0.02)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+            self.error = exc
+
+    def join(self) -> None:
+        self.thread.join(timeout=600)
+
+    def result(self) -> tuple[str, int]:
+        if self.error is not None:
+            raise self.error
+        if self.thread.is_alive():
+            raise ProviderError("hashing the archive did not finish")
+        return self.sha.hexdigest(), self.size
 
 
 def open_tar_stream(ctx: Context, path: str) -> tuple[Any, Callable[[], None]]:
-    """A streaming TarFile for a .tar, .tar.gz or .tar.zst file (by magic), and its closer."""
-    import tarfile
+    """A forward-only TarFile for a .tar, .tar.gz or .tar.zst file (by magic), and its closer."""
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic == ZSTD_MAGIC:
-        src = open(path, "rb")
-        proc = ctx.runner.popen("zstd", ["-d", "-q", "-c"], stdin=src, stdout="pipe")
-        tar = tarfile.open(fileobj=proc.stdout, mode="r|", bufsize=CHUNK)
-
-        def close() -> None:
-            tar.close()
-            src.close()
-            stop_process(proc, grace=2)
-        return tar, close
-    raw = open(path, "rb")
+    src = open(path, "rb")
+    proc = None
     try:
-        tar = tarfile.open(fileobj=raw, mode="r|gz" if magic[:2] == GZIP_MAGIC else "r|", bufsize=CHUNK)
-    except tarfile.TarError as exc:
-        raw.close()
+        if magic == ZSTD_MAGIC:
+            proc = ctx.runner.popen("zstd", ["-d", "-q", "-c"], stdin=src, stdout="pipe")
+            widen_pipe(proc.stdout.fileno())
+            tar = open_tar_reader(fd_reader(proc.stdout.fileno()))
+        elif magic[:2] == GZIP_MAGIC:
+            import gzip
+            tar = open_tar_reader(gzip.GzipFile(fileobj=src, mode="rb").readinto)
+        else:
+            tar = open_tar_reader(src.readinto)
+    except (OSError, *archive_errors()) as exc:
+        src.close()
+        if proc is not None:
+            stop_process(proc, grace=2)
         raise CorruptState(f"{path} is not a readable archive ({exc})") from None
 
-    def close_plain() -> None:
-        tar.close()
-        raw.close()
-    return tar, close_plain
+    def close() -> None:
+        src.close()
+        if proc is not None:
+            stop_process(proc, grace=2)
+    return tar, close
 
 
 def op_version_export(ctx: Context, version: str, output: str) -> Result:
@@ -3662,17 +3812,15 @@ def op_version_export(ctx: Context, version: str, output: str) -> Result:
         data = (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode()
         tmp = os.path.join(os.path.dirname(dest), f".abssctl-tmp-{ctx.op_id}-{os.path.basename(dest)}")
         ctx.out.progress(f"writing {dest} ({compression})")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
-            sink = HashingWriter(fd)
-            write_tar_stream(ctx, sink, compression,
-                             lambda tar: _write_bundle_tar(tar, tree, data, sums, listing, int(now)))
+            digest, _size = write_tar_stream(ctx, fd, compression,
+                                             lambda tar: _write_bundle_tar(tar, tree, data, sums, listing, int(now)))
             os.fchmod(fd, 0o644)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, dest)
-        digest = sink.sha.hexdigest()
         write_sidecar(dest + ".sha256", dest, digest, 0o644, ctx.op_id)
         result.update({"path": dest, "sha256": digest, "size_bytes": os.path.getsize(dest),
                        "version": version, "compression": compression})
@@ -3788,12 +3936,11 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
         if total * 1.1 > disk_free(installer.staging):
             raise DiskFull(f"the bundle needs {human_bytes(total)}; {ctx.paths.install_root} has less free")
         ctx.out.progress(f"extracting {version} ({human_bytes(total)})")
-        import tarfile
         tar, close = open_tar_stream(ctx, path)
         try:
             safe_extract(tar, installer.staging, prefix="tree/", expected=sums, max_bytes=total,
                          allow_symlinks=True, skip=("abssctl-bundle.json", "SHA256SUMS"))
-        except (tarfile.TarError, EOFError, zlib_error()) as exc:
+        except archive_errors() as exc:
             raise CorruptState(f"{path} is damaged or truncated ({exc})",
                                hint="copy the bundle again, or export it again") from None
         finally:
@@ -4992,27 +5139,15 @@ class HashingReader:
         self.sha.update(data)
         return data
 
+    def readinto(self, b: Any) -> int:
+        n = self.f.readinto(b)
+        self.sha.update(memoryview(b)[:n])
+        return n
+
     def drain(self) -> None:
-        while self.read(CHUNK):
+        buf = bytearray(CHUNK)
+        while self.readinto(buf):
             pass
-
-
-class MemberReader:
-    """Feeds one file into tarfile, hashing it and noticing if it grows or shrinks meanwhile."""
-
-    def __init__(self, f: Any, size: int, progress: Callable[[int], None]) -> None:
-        import hashlib
-        self.f = f
-        self.left = size
-        self.sha = hashlib.sha256()
-        self.progress = progress
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(min(self.left, CHUNK if n < 0 else n))
-        self.left -= len(data)
-        self.sha.update(data)
-        self.progress(len(data))
-        return data
 
 
 def backup_sidecar(archive: str) -> str:
@@ -5099,7 +5234,6 @@ class BackupWriter:
 
     def run(self) -> dict[str, Any]:
         import time
-        keep_buffers_in_heap()
         ensure_dir(self.ctx.paths.backup_root, 0o700)
         ensure_dir(self.dir, 0o700)
         files, self.total = data_files(self.data_dir)
@@ -5151,11 +5285,10 @@ class BackupWriter:
         pool, futures = self._snapshots(files)
         listing: list[dict[str, Any]] = []
         try:
-            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             try:
-                out = HashingWriter(fd)
-                write_tar_stream(self.ctx, out, self.compression, lambda tar: self._write(tar, files, futures,
-                                                                                          listing))
+                digest, size = write_tar_stream(self.ctx, fd, self.compression,
+                                                lambda tar: self._write(tar, files, futures, listing))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -5163,10 +5296,9 @@ class BackupWriter:
             pool.shutdown(wait=True)
             self._give_back_side_files(files)
         os.replace(self.tmp, self.archive)
-        digest = out.sha.hexdigest()
         write_sidecar(os.path.join(self.dir, self.id + ".sha256"), self.archive, digest, 0o600, self.ctx.op_id)
         fsync_dir(self.dir)
-        return self._index_entry(digest, out.size, listing)
+        return self._index_entry(digest, size, listing)
 
     def _give_back_side_files(self, files: Sequence[str]) -> None:
         """Opening a live database read-only can create -wal/-shm files as root: return them."""
@@ -5184,7 +5316,6 @@ class BackupWriter:
     def _write(self, tar: Any, files: Sequence[str], futures: Mapping[str, Any],
                listing: list[dict[str, Any]]) -> None:
         import tarfile
-        tar.copybufsize = CHUNK
         mtime = int(self.now)
         for rel in files:
             live = os.path.join(self.data_dir, rel)
@@ -5214,16 +5345,26 @@ class BackupWriter:
 
     def _add_file(self, tar: Any, arcname: str, path: str, rel: str, kind: str, mtime: int) -> dict[str, Any]:
         import tarfile
-        with open(path, "rb") as f:
+        import hashlib
+        sha = hashlib.sha256()
+
+        def seen(chunk: Any) -> None:
+            sha.update(chunk)
+            self._progress(len(chunk))
+        with open(path, "rb", buffering=0) as f:
             before = os.fstat(f.fileno())
             info = tarfile.TarInfo(arcname)
             info.size, info.mtime, info.mode = before.st_size, mtime, 0o640
-            reader = MemberReader(f, before.st_size, self._progress)
-            tar.addfile(info, reader)
+            try:
+                tar.addfile(info, f, seen)
+            except OSError:
+                if os.fstat(f.fileno()).st_size < before.st_size:
+                    raise BlobChanged(rel) from None
+                raise
             after = os.fstat(f.fileno())
         if kind == "file" and (after.st_size != before.st_size or after.st_mtime_ns != before.st_mtime_ns):
             raise BlobChanged(rel)
-        return {"path": rel, "size": before.st_size, "sha256": reader.sha.hexdigest(), "kind": kind}
+        return {"path": rel, "size": before.st_size, "sha256": sha.hexdigest(), "kind": kind}
 
     def _add_bytes(self, tar: Any, arcname: str, rel: str, data: bytes, mtime: int) -> dict[str, Any]:
         import hashlib
@@ -5374,25 +5515,30 @@ class ArchiveScan:
 
     def run(self, consume: Callable[[Any, Iterator[Any]], None]) -> None:
         """Hand ``consume(tar, members)`` every member but the manifest; the file is hashed on the way."""
-        import tarfile
         import threading
-        keep_buffers_in_heap()
-        with open(self.path, "rb") as raw:
+        with open(self.path, "rb", buffering=0) as raw:
             magic = raw.read(4)
             raw.seek(0)
             reader = HashingReader(raw)
             if magic != ZSTD_MAGIC:
-                mode = "r|gz" if magic[:2] == GZIP_MAGIC else "r|"
-                self._consume(lambda: tarfile.open(fileobj=reader, mode=mode, bufsize=CHUNK), consume)
+                if magic[:2] == GZIP_MAGIC:
+                    import gzip
+                    self._consume(gzip.GzipFile(fileobj=reader, mode="rb").readinto, consume)
+                else:
+                    self._consume(reader.readinto, consume)
                 reader.drain()
                 self.sha256 = reader.sha.hexdigest()
                 return
             proc = self.ctx.runner.popen("zstd", ["-d", "-q", "-c"], stdin="pipe", stdout="pipe")
+            into, out = proc.stdin.fileno(), proc.stdout.fileno()
+            widen_pipe(into)
+            widen_pipe(out)
 
             def feed() -> None:
+                view = memoryview(bytearray(CHUNK))
                 try:
-                    while chunk := reader.read(CHUNK):
-                        proc.stdin.write(chunk)
+                    while n := reader.readinto(view):
+                        write_all(into, view[:n])
                 except OSError:
                     pass
                 finally:
@@ -5403,8 +5549,9 @@ class ArchiveScan:
             feeder = threading.Thread(target=feed, daemon=True)
             feeder.start()
             try:
-                self._consume(lambda: tarfile.open(fileobj=proc.stdout, mode="r|", bufsize=CHUNK), consume)
-                while proc.stdout.read(CHUNK):
+                self._consume(fd_reader(out), consume)
+                drain = memoryview(bytearray(CHUNK))
+                while os.readv(out, [drain]):
                     pass
                 feeder.join(timeout=600)
                 rc = proc.wait(timeout=60)
@@ -5415,12 +5562,11 @@ class ArchiveScan:
                                    hint="use another copy of this backup")
             self.sha256 = reader.sha.hexdigest()
 
-    def _consume(self, opener: Callable[[], Any], consume: Callable[[Any, Iterator[Any]], None]) -> None:
-        import tarfile
+    def _consume(self, read_into: Callable[[memoryview], int], consume: Callable[[Any, Iterator[Any]], None]) -> None:
         try:
-            tar = opener()
+            tar = open_tar_reader(read_into)
             consume(tar, self._members(tar))
-        except (tarfile.TarError, EOFError, zlib_error()) as exc:
+        except archive_errors() as exc:
             raise CorruptState(f"{self.path} is damaged or truncated ({exc})",
                                hint="use another copy of this backup") from None
 
@@ -5450,9 +5596,12 @@ class ArchiveScan:
                                    hint="the archive is damaged; use another backup")
 
 
-def zlib_error() -> type:
+def archive_errors() -> tuple[type, ...]:
+    """What reading a damaged .tar, .tar.gz or .tar.zst stream can raise."""
+    import gzip
+    import tarfile
     import zlib
-    return zlib.error
+    return tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile
 
 
 def verify_backup(ctx: Context, entry: dict[str, Any], deep: bool) -> dict[str, Any]:

@@ -37,8 +37,8 @@ def special(name: str, kind: bytes, **attrs: object) -> tuple[tarfile.TarInfo, N
 def extract(path: Path, dest: Path, **kw: object) -> abssctl.ExtractReport:
     dest.mkdir(exist_ok=True)
     opts = {"prefix": "tree/", "expected": None, "max_bytes": 1 << 30, "allow_symlinks": True, **kw}
-    with tarfile.open(path, "r|") as tar:
-        return abssctl.safe_extract(tar, str(dest), **opts)
+    with open(path, "rb") as raw:      # the forward-only reader every abssctl caller uses
+        return abssctl.safe_extract(abssctl.open_tar_reader(raw.readinto), str(dest), **opts)
 
 
 def test_a_clean_tree_extracts_with_our_modes(tmp_path: Path) -> None:
