@@ -2204,14 +2204,16 @@ def _range_ok(have: tuple[int, int, int], text: str) -> bool | None:
 class CertInfo:
     """What openssl says about a certificate file (never the key)."""
 
-    __slots__ = ("subject", "issuer", "not_after", "fingerprint", "san")
+    __slots__ = ("subject", "issuer", "not_after", "fingerprint", "san", "not_before")
 
-    def __init__(self, subject: str, issuer: str, not_after: float, fingerprint: str, san: list[str]) -> None:
+    def __init__(self, subject: str, issuer: str, not_after: float, fingerprint: str, san: list[str],
+                 not_before: float | None = None) -> None:
         self.subject = subject
         self.issuer = issuer
         self.not_after = not_after
         self.fingerprint = fingerprint
         self.san = san
+        self.not_before = not_before
 
     def covers(self, domain: str) -> bool:
         """Does a SAN (or a one-label wildcard) cover ``domain``?"""
@@ -2238,8 +2240,8 @@ class Tls:
     def inspect(self, cert: str) -> CertInfo:
         import calendar
         import time
-        done = self.runner.run("openssl", ["x509", "-in", cert, "-noout", "-enddate", "-subject", "-issuer",
-                                           "-fingerprint", "-sha256", "-ext", "subjectAltName"],
+        done = self.runner.run("openssl", ["x509", "-in", cert, "-noout", "-startdate", "-enddate", "-subject",
+                                           "-issuer", "-fingerprint", "-sha256", "-ext", "subjectAltName"],
                                mutating=False, check=False)
         if done.returncode != 0:
             raise UsageError(f"{cert} is not a readable PEM certificate",
@@ -2252,12 +2254,17 @@ class Tls:
                 san += [p.strip()[4:].lower() for p in line.split(",") if p.strip().startswith("DNS:")]
             elif sep:
                 fields[key.strip()] = value.strip()
-        try:
-            not_after = calendar.timegm(time.strptime(fields.get("notAfter", ""), "%b %d %H:%M:%S %Y %Z"))
-        except ValueError:
-            raise UsageError(f"cannot read the expiry date of {cert}") from None
+        def when(key: str) -> float | None:
+            try:
+                return float(calendar.timegm(time.strptime(fields.get(key, ""), "%b %d %H:%M:%S %Y %Z")))
+            except ValueError:
+                return None
+        not_after = when("notAfter")
+        if not_after is None:
+            raise UsageError(f"cannot read the expiry date of {cert}")
         fingerprint = next((v for k, v in fields.items() if k.endswith("Fingerprint")), "")
-        return CertInfo(fields.get("subject", ""), fields.get("issuer", ""), float(not_after), fingerprint, san)
+        return CertInfo(fields.get("subject", ""), fields.get("issuer", ""), not_after, fingerprint, san,
+                        when("notBefore"))
 
     @staticmethod
     def check_pair(cert: str, key: str, chain: str | None = None) -> None:
@@ -4288,8 +4295,8 @@ def _validate_create(ctx: Context, name: str, domain: str | None, port: int | No
                  if os.path.lexists(p)]
     if leftovers:
         raise AlreadyExists(f"{leftovers[0]} exists but no instance {name!r} is registered",
-                            hint="it was kept by instance delete or made by hand: restore it or move it "
-                                 "aside, then create again")
+                            hint="abssctl init --discover shows what is there (init --rebuild-state "
+                                 "re-registers it); or move it aside, then create again")
     owner = insts.domain_owner(domain)
     if owner:
         raise Conflict(f"domain {domain} already belongs to instance {owner!r}",
@@ -6077,8 +6084,8 @@ def _check_data_loadable(ctx: Context, versions: Versions, names: Sequence[str],
             problems.append(f"{name} (data migrated by {insts[name].get('data_version') or 'a newer version'})")
     if problems:
         raise UsageError(f"{target} cannot load the data of {', '.join(problems)}",
-                         hint=f"the server's migrations are one-way: keep these instances on their version, or "
-                              f"restore a backup taken before they were migrated")
+                         hint="the server's migrations are one-way: keep these instances on their version, or "
+                              "restore a backup taken before they were migrated")
 
 
 UPGRADE_PHASES = ("stop", "backup", "render", "start")
@@ -6390,12 +6397,21 @@ def _descendants(pid: int) -> set[int]:
 PROBES: list[tuple[str, Callable[[Context, Facts], list[Finding]]]] = []
 
 
-def probe(category: str) -> Callable[[Callable[[Context, Facts], list[Finding]]], Callable[[Context, Facts], list[Finding]]]:
-    """Register a probe function under a category."""
+def probe(category: str, timeout: float = 5.0) -> Callable[[Callable[[Context, Facts], list[Finding]]],
+                                                            Callable[[Context, Facts], list[Finding]]]:
+    """Register a probe function under a category, with the seconds it may take before it counts as failed."""
     def register(fn: Callable[[Context, Facts], list[Finding]]) -> Callable[[Context, Facts], list[Finding]]:
+        fn.timeout = timeout  # type: ignore[attr-defined]
         PROBES.append((category, fn))
         return fn
     return register
+
+
+def _each(names: Sequence[str], one: Callable[[str], list[Finding]]) -> list[Finding]:
+    """``one(name)`` for every instance on a small pool (the network probes), findings in name order."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return [f for found in pool.map(one, names) for f in found]
 
 
 def _ok(pid: str, target: str | None, message: str, **kw: Any) -> Finding:
@@ -6408,7 +6424,7 @@ def probe_env_tools(ctx: Context, facts: Facts) -> list[Finding]:
     for tool, status in (("node", "fail"), ("nginx", "fail"), ("systemctl", "fail"), ("npm", "warn"),
                          ("openssl", "warn"), ("journalctl", "warn"), ("zstd", "warn")):
         if ctx.runner.available(tool):
-            out.append(_ok(f"env.tool", tool, f"{tool} is installed"))
+            out.append(_ok("env.tool", tool, f"{tool} is installed"))
         else:
             note = " (backups fall back to gzip)" if tool == "zstd" else ""
             out.append(Finding("env.tool", tool, status, f"{tool} is not installed{note}",
@@ -6416,7 +6432,7 @@ def probe_env_tools(ctx: Context, facts: Facts) -> list[Finding]:
     return out
 
 
-@probe("env")
+@probe("env", timeout=15)
 def probe_env_node_abi(ctx: Context, facts: Facts) -> list[Finding]:
     versions = facts.versions_doc.get("versions", {})
     if not versions or not ctx.runner.available("node"):
@@ -6482,8 +6498,8 @@ def probe_state(ctx: Context, facts: Facts) -> list[Finding]:
                            ("dir", ctx.paths.instance_dir(name))):
             if not os.path.lexists(path):
                 out.append(Finding("state.drift", name, "fail", f"{name} is registered but its {what} {path} is "
-                                   "missing", hint=f"abssctl doctor --fix re-renders units and vhosts; a missing "
-                                   f"directory needs a restore: abssctl backup restore"))
+                                   "missing", hint="abssctl doctor --fix re-renders units and vhosts; a missing "
+                                   "directory needs a restore: abssctl backup restore"))
     for port, res in sorted(facts.ports.items()):
         if res.get("instance") not in facts.instances:
             out.append(Finding("state.ports", port, "warn", f"port {port} is reserved for {res.get('instance')}, "
@@ -6498,7 +6514,8 @@ def probe_state(ctx: Context, facts: Facts) -> list[Finding]:
                 inst = fname[len(pattern):].rsplit(".", 1)[0]
                 if inst not in facts.instances:
                     out.append(Finding("state.drift", inst, "warn", f"{os.path.join(d, fname)} belongs to no "
-                                       "registered instance", hint="remove it, or re-register it"))
+                                       "registered instance", hint="abssctl init --discover shows what is there; "
+                                       "init --rebuild-state re-registers it (or remove it)"))
     link = ctx.paths.current
     current = facts.versions_doc.get("current")
     on_disk = os.readlink(link) if os.path.islink(link) else None
@@ -6552,10 +6569,20 @@ def _clear_lock_note(path: str) -> None:
 
 
 def _leftover_findings(ctx: Context) -> list[Finding]:
+    """Temp, staging, smoke and trash names (§3.5) over an hour old whose op id no journal holds, in
+    every directory abssctl writes beside its targets."""
     import time
-    live = json.dumps([d for _p, d in list_journals(ctx.paths.journal_dir)])
+    journaled = {str((d or {}).get("op_id")) for _p, d in list_journals(ctx.paths.journal_dir)}
+    p = ctx.paths
+    roots = [p.install_root, p.instance_root, p.backup_root, p.tls_dir, p.state_dir, p.registry_dir,
+             p.unit_dir, p.sites_available, p.sites_enabled]
+    for top in (p.instance_root, p.backup_root, p.tls_dir):
+        try:
+            roots += [os.path.join(top, n) for n in sorted(os.listdir(top)) if NAME_RE.match(n)]
+        except OSError:
+            pass
     out = []
-    for root in (ctx.paths.install_root, ctx.paths.instance_root, ctx.paths.backup_root, ctx.paths.tls_dir):
+    for root in roots:
         try:
             names = os.listdir(root)
         except OSError:
@@ -6564,7 +6591,8 @@ def _leftover_findings(ctx: Context) -> list[Finding]:
             path = os.path.join(root, name)
             if not name.startswith(TEMP_MARKERS) or time.time() - os.lstat(path).st_mtime < 3600:
                 continue
-            if any(part and part in live for part in name.split("-")[-2:]):
+            op = re.search(r"\d{8}T\d{6}Z-[0-9a-f]{8}", name)
+            if op and op.group(0) in journaled:
                 continue
             out.append(Finding("state.leftover", path, "warn", f"{path} is left over from an interrupted operation",
                                fix=lambda plan, path=path: plan.add("state.leftover", f"remove {path}", path,
@@ -6593,7 +6621,7 @@ def _mode_finding(ctx: Context, path: str, mode: int, uid: int, gid: int, label:
                    f"it should be {mode:04o} {label}", fix=fix)
 
 
-@probe("fs")
+@probe("fs", timeout=20)
 def probe_fs(ctx: Context, facts: Facts) -> list[Finding]:
     import pwd
     out: list[Finding] = []
@@ -6608,10 +6636,16 @@ def probe_fs(ctx: Context, facts: Facts) -> list[Finding]:
         if f:
             out.append(f)
     for name in sorted(facts.instances):
-        root = ctx.paths.instance_dir(name)
-        for path, mode, u, g in ((root, 0o750, 0, gid), (os.path.join(root, "config.json"), 0o640, 0, gid),
-                                 (os.path.join(root, "data"), 0o750, uid, gid)):
-            f = _mode_finding(ctx, path, mode, u, g, "")
+        root, tdir = ctx.paths.instance_dir(name), os.path.join(ctx.paths.tls_dir, name)
+        group = ctx.config.get("service", "group")
+        wanted = [(root, 0o750, 0, gid, f"root:{group}"), (os.path.join(root, "config.json"), 0o640, 0, gid,
+                                                          f"root:{group}"),
+                  (os.path.join(root, "data"), 0o750, uid, gid, f"{ctx.config.get('service', 'user')}:{group}"),
+                  (tdir, 0o700, 0, 0, "root:root")]
+        wanted += [(os.path.join(tdir, f + prev), mode, 0, 0, "root:root") for f, mode in
+                   (("privkey.pem", 0o600), ("fullchain.pem", 0o644)) for prev in ("", ".prev")]
+        for path, mode, u, g, label in wanted:
+            f = _mode_finding(ctx, path, mode, u, g, label)
             if f:
                 out.append(f)
         data = os.path.join(root, "data")
@@ -6672,7 +6706,7 @@ def probe_ports(ctx: Context, facts: Facts) -> list[Finding]:
     return out or [_ok("ports.listening", None, "every port is where it should be")]
 
 
-@probe("systemd")
+@probe("systemd", timeout=10)
 def probe_systemd(ctx: Context, facts: Facts) -> list[Finding]:
     out = []
     versions = Versions(ctx)
@@ -6706,13 +6740,38 @@ def probe_systemd(ctx: Context, facts: Facts) -> list[Finding]:
         elif state != "active" and entry.get("enabled"):
             out.append(Finding("systemd.inactive", name, "warn", f"{name} is enabled but {state or 'not running'}",
                                hint=f"abssctl instance start {name}"))
-        config = os.path.join(ctx.paths.instance_dir(name), "config.json")
-        try:
-            json.loads(open(config, "rb").read())
-        except (OSError, ValueError):
-            out.append(Finding("systemd.config", name, "fail", f"{config} is missing or not JSON: the server exits 0 "
-                               "and systemd never restarts it", hint=f"restore it from a backup of {name}"))
+        out += _config_findings(ctx, name, entry, state == "active" or bool(entry.get("enabled")))
     return out or [_ok("systemd.unit", None, "units match, are enabled as registered, and run")]
+
+
+def _config_findings(ctx: Context, name: str, entry: Mapping[str, Any], restart: bool) -> list[Finding]:
+    """config.json (the --config of ExecStart) against a fresh render; --fix re-renders it atomically,
+    keeping the file's mode and group (fs.mode judges those), then restarts the instance behind the
+    health gate when it runs or should (the server reads the file only at start)."""
+    config, port = os.path.join(ctx.paths.instance_dir(name), "config.json"), int(entry["port"])
+    fresh = server_config(ctx.paths.instance_dir(name), port)
+    current, mode, gid, broken = None, 0o640, ctx.service_gid(), True
+    try:
+        with open(config, "rb") as f:
+            current = f.read()
+            st = os.fstat(f.fileno())
+        mode, gid = st.st_mode & 0o7777, st.st_gid
+        broken = not isinstance(json.loads(current), dict)
+    except (OSError, ValueError):
+        pass
+    if current == fresh:
+        return []
+    def fix(plan: Plan) -> None:
+        _file_step(ctx, plan, "config.write", config, fresh, mode, gid, f"re-render {config}")
+        if restart:
+            _start_and_gate_step(ctx, plan, name, port, str(entry["resolved_version"]), {}, verb="restart")
+    usable = os.path.isdir(ctx.paths.instance_dir(name)) and not os.path.isdir(config)
+    if broken:
+        return [Finding("systemd.config", name, "fail", f"{config} is missing or not JSON: the server exits 0 and "
+                        "systemd never restarts it", hint="abssctl doctor --fix re-renders it",
+                        fix=fix if usable else None)]
+    return [Finding("systemd.config", name, "warn", f"{config} is not what abssctl would write",
+                    hint="abssctl doctor --fix re-renders it and restarts the instance", fix=fix if usable else None)]
 
 
 def parse_nginx_dump(text: str) -> dict[str, str]:
@@ -6735,18 +6794,48 @@ def _size_bytes(text: str) -> int:
     return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
 
 
-@probe("nginx")
+def _directives(text: str) -> list[tuple[list[str], str, str]]:
+    """(enclosing block names, directive, first argument) of each simple directive in nginx text."""
+    stack: list[str] = []
+    found = []
+    for m in re.finditer(r"([^{};]*)([{};])", re.sub(r"#[^\n]*", "", text)):
+        words, ch = m.group(1).split(), m.group(2)
+        if ch == "{":
+            stack.append(words[0] if words else "")
+        elif ch == "}":
+            stack = stack[:-1]
+        elif len(words) > 1:
+            found.append((list(stack), words[0], words[1]))
+    return found
+
+
+def _vhost_body_limit(files: Mapping[str, str], vhost: str, text: str) -> tuple[str, str] | None:
+    """The client_max_body_size our vhost sets itself (its includes followed), and the file it is in."""
+    import fnmatch
+    found = None
+    for _blocks, word, arg in _directives(text):
+        if word == "client_max_body_size":
+            found = (arg, vhost)
+        elif word == "include":
+            for path, body in files.items():
+                if fnmatch.fnmatch(path, arg) or fnmatch.fnmatch(path, "*/" + arg):
+                    found = next(((a, path) for _b, w, a in reversed(_directives(body))
+                                  if w == "client_max_body_size"), found)
+    return found
+
+
+@probe("nginx", timeout=15)
 def probe_nginx(ctx: Context, facts: Facts) -> list[Finding]:
     out = []
     if facts.nginx_ok is None:
         return [Finding("nginx.test", None, "fail", "nginx is not installed", hint=INSTALL_HINTS["nginx"])]
     try:
-        Nginx(ctx.runner).test()
+        ctx.runner.run("nginx", ["-t"], mutating=False, timeout=12)
         out.append(_ok("nginx.test", None, "nginx -t passes"))
     except ProviderError as exc:
         out.append(Finding("nginx.test", None, "fail", "nginx -t fails: " + " ".join(exc.details.get("stderr", [])[:2])))
     files = parse_nginx_dump(facts.nginx_dump)
-    need = _size_bytes(str(ctx.config.get("nginx", "client_max_body_size")))
+    need = max(SERVER_UPLOAD.values())                  # MB: what the server accepts (§4.6.1)
     outside = "\n".join(text for path, text in files.items() if not os.path.basename(path).startswith("abssctl-"))
     names_seen: dict[str, str] = {}
     for path, text in files.items():
@@ -6756,7 +6845,11 @@ def probe_nginx(ctx: Context, facts: Facts) -> list[Finding]:
                     out.append(Finding("nginx.server-name", server, "warn", f"{server} is served by {path} and "
                                        f"{names_seen[server]}"))
                 names_seen.setdefault(server, path)
-    http_sizes = [_size_bytes(m.group(1)) for m in re.finditer(r"client_max_body_size\s+(\S+);", outside)]
+    http_level = None                                   # the last http-level one applies where a server sets none
+    for path, body in files.items():
+        if not os.path.basename(path).startswith("abssctl-"):
+            http_level = next(((a, path) for blocks, w, a in reversed(_directives(body)) if w ==
+                               "client_max_body_size" and set(blocks) <= {"http"}), http_level)
     for name, entry in sorted(facts.instances.items()):
         vhost, link = ctx.paths.vhost_file(name), ctx.paths.vhost_link(name)
         try:
@@ -6772,12 +6865,14 @@ def probe_nginx(ctx: Context, facts: Facts) -> list[Finding]:
                                _nginx_publish_step(ctx, plan, {vhost: fresh}, {link: vhost}, (),
                                                    f"re-render {vhost}", vhost)))
         text = (current or b"").decode("utf-8", "replace")
-        mine = [_size_bytes(m.group(1)) for m in re.finditer(r"client_max_body_size\s+(\S+);", text)]
-        effective = mine[-1] if mine else (http_sizes[-1] if http_sizes else 1 << 20)
-        if effective < need:
-            out.append(Finding("nginx.body-size", name, "fail", f"client_max_body_size is {effective} bytes for "
-                               f"{entry['domain']}; sync uploads up to {need} bytes will get 413",
-                               data={"effective": effective, "required": need}))
+        size, source = _vhost_body_limit(files, vhost, text) or http_level or ("1m", "")
+        if 0 < _size_bytes(size) < need << 20:          # 0 is nginx's "no limit"
+            hint = (f"set [nginx] client_max_body_size = \"{need}M\" in {ctx.config.path}, then abssctl doctor "
+                    "--fix" if source == vhost else f"remove the override in {source} or raise it to {need}M"
+                    if source else f"nginx's default is 1m: set client_max_body_size {need}M")
+            out.append(Finding("nginx.body-size", name, "fail", f"client_max_body_size is {size} for "
+                               f"{entry['domain']}; sync uploads up to {need}M will get 413", hint=hint,
+                               data={"effective": size, "required": f"{need}M"}))
         if re.search(r"add_header\s+Cross-Origin-(Opener|Embedder)-Policy", text + outside, re.IGNORECASE):
             out.append(Finding("nginx.coop", name, "fail", "an add_header Cross-Origin-* applies to "
                                f"{entry['domain']}: the server sends these itself, and doubled headers break the app",
@@ -6785,7 +6880,59 @@ def probe_nginx(ctx: Context, facts: Facts) -> list[Finding]:
     return out
 
 
-@probe("tls")
+def _through_nginx(context: Any, port: int, domain: str, path: str | None = None) -> tuple[bytes | None,
+                                                                                         list[str]]:
+    """(the certificate nginx serves for ``domain`` over loopback with SNI, the lower-cased header names of
+    its answer to ``GET path`` with that Host); (None, []) when it does not answer within 1 s + 3 s."""
+    import socket
+    import time
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as raw, \
+                context.wrap_socket(raw, server_hostname=domain) as tls:
+            deadline = time.monotonic() + 3
+            tls.settimeout(3)
+            cert, head = tls.getpeercert(binary_form=True), b""
+            if path:
+                tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {domain}\r\nConnection: close\r\n\r\n".encode())
+                while b"\r\n\r\n" not in head and len(head) < 1 << 16 and time.monotonic() < deadline:
+                    chunk = tls.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+            lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+            return cert, [line.split(":", 1)[0].strip().lower() for line in lines if ":" in line]
+    except OSError:
+        return None, []
+
+
+@probe("nginx", timeout=10)
+def probe_nginx_live(ctx: Context, facts: Facts) -> list[Finding]:
+    """A real request through the vhost: the server's COOP and COEP headers arrive exactly once."""
+    https = int(ctx.config.get("nginx", "https_port"))
+    wanted = ("cross-origin-opener-policy", "cross-origin-embedder-policy")
+
+    def one(name: str) -> list[Finding]:
+        domain = str(facts.instances[name].get("domain"))
+        if facts.units.get(unit_name(name), {}).get("ActiveState") != "active":
+            return []
+        served, heads = _through_nginx(facts.tls_client, https, domain, "/")
+        counts = {h: heads.count(h) for h in wanted}
+        where = f"https://{domain}/ through nginx on 127.0.0.1:{https}"
+        if served is None or not heads:
+            return [Finding("nginx.live", name, "warn", f"{where} did not answer within 4 s")]
+        if max(counts.values()) > 1:
+            return [Finding("nginx.live", name, "fail", f"{where} sends " + " and ".join(
+                f"{n} {h}" for h, n in counts.items() if n > 1) + " headers: doubled, they break the web app",
+                hint="remove add_header Cross-Origin-* lines that apply to it", data=counts)]
+        if min(counts.values()) == 0:
+            return [Finding("nginx.live", name, "warn", f"{where} lacks " + " and ".join(
+                h for h, n in counts.items() if n == 0) + ": the web app needs both (SharedArrayBuffer)",
+                hint="look for proxy_hide_header lines that apply to it", data=counts)]
+        return [_ok("nginx.live", name, f"{where} sends one COOP and one COEP header", data=counts)]
+    return _each(sorted(facts.instances), one) if facts.nginx_ok is not None and https in facts.listeners else []
+
+
+@probe("tls", timeout=20)
 def probe_tls(ctx: Context, facts: Facts) -> list[Finding]:
     import time
     out = []
@@ -6821,21 +6968,31 @@ def probe_tls(ctx: Context, facts: Facts) -> list[Finding]:
     return out or [_ok("tls.pair", None, "certificates match their keys and are valid")]
 
 
-def _served_cert(context: Any, port: int, domain: str) -> bytes | None:
-    """The certificate nginx serves for ``domain`` (SNI) on loopback, or None when it does not answer."""
-    import socket
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as raw, \
-                context.wrap_socket(raw, server_hostname=domain) as tls:
-            tls.settimeout(3)
-            return tls.getpeercert(binary_form=True)
-    except OSError:
-        return None
+@probe("tls", timeout=10)
+def probe_tls_served(ctx: Context, facts: Facts) -> list[Finding]:
+    """The certificate nginx serves equals the file (a renewal written in place needs a reload)."""
+    import ssl
+    https = int(ctx.config.get("nginx", "https_port"))
+
+    def one(name: str) -> list[Finding]:
+        entry = facts.instances[name]
+        cert = str((entry.get("tls") or {}).get("cert") or "")
+        served = _through_nginx(facts.tls_client, https, str(entry.get("domain")))[0]
+        if served is None or not os.path.isfile(cert):
+            return []
+        blocks = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+                            open(cert, encoding="ascii", errors="replace").read(), re.S)
+        if blocks and ssl.PEM_cert_to_DER_cert(blocks[0]) != served:
+            return [Finding("tls.served", name, "warn", f"nginx serves an older certificate for {entry['domain']} "
+                            f"than {cert}", hint="abssctl doctor --fix reloads nginx",
+                            fix=lambda plan: plan.add("nginx.reload", "reload nginx", "nginx",
+                                                      lambda: Nginx(ctx.runner).reload()))]
+        return [_ok("tls.served", name, f"nginx serves {cert} for {entry['domain']}")]
+    return _each(sorted(facts.instances), one) if https in facts.listeners else []
 
 
-@probe("app")
+@probe("app", timeout=10)
 def probe_app(ctx: Context, facts: Facts) -> list[Finding]:
-    from concurrent.futures import ThreadPoolExecutor
     names = sorted(facts.instances)
 
     def one(name: str) -> list[Finding]:
@@ -6860,24 +7017,9 @@ def probe_app(ctx: Context, facts: Facts) -> list[Finding]:
                                  "every user shares one rate-limit bucket"))
         if (cfg or {}).get("hostname") not in (None, "127.0.0.1"):
             found.append(Finding("app.hostname", name, "fail", f"{name} listens on {cfg.get('hostname')}: it is "
-                                 "reachable without TLS", hint="set hostname to 127.0.0.1 in its config.json"))
-        https = int(ctx.config.get("nginx", "https_port"))
-        served = _served_cert(facts.tls_client, https, str(entry.get("domain"))) if https in facts.listeners \
-            else None
-        cert = (entry.get("tls") or {}).get("cert")
-        if served is not None and cert and os.path.isfile(cert):
-            import ssl
-            blocks = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
-                                open(cert, encoding="ascii", errors="replace").read(), re.S)
-            if blocks and ssl.PEM_cert_to_DER_cert(blocks[0]) != served:
-                found.append(Finding("tls.served", name, "warn", f"nginx serves an older certificate for "
-                                     f"{entry['domain']} than {cert}",
-                                     fix=lambda plan: plan.add("nginx.reload", "reload nginx", "nginx",
-                                                               lambda: Nginx(ctx.runner).reload())))
+                                 "reachable without TLS", hint="abssctl doctor --fix re-renders its config.json"))
         return found
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(one, names))
-    return [f for r in results for f in r]
+    return _each(names, one)
 
 
 @probe("disk")
@@ -6920,31 +7062,47 @@ def probe_backups(ctx: Context, facts: Facts) -> list[Finding]:
 
 
 def run_probes(ctx: Context, only: Sequence[str], exclude: Sequence[str]) -> list[Finding]:
-    """Gather the facts once, then run every selected probe on a pool with a time limit each."""
+    """Gather the facts once, then run the selected probes, eight at a time, each on a daemon thread
+    with its own time limit (counted from its start): a probe past it is a failed finding, and doctor
+    goes on without waiting for it."""
+    import threading
     import time
-    from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
     facts = Facts(ctx)
     chosen = [(c, fn) for c, fn in PROBES if (not only or c in only) and c not in exclude]
+    slots = threading.BoundedSemaphore(8)
+    runs: list[dict[str, Any]] = [{"done": threading.Event()} for _ in chosen]
 
-    def timed(fn: Callable[[Context, Facts], list[Finding]]) -> tuple[list[Finding], int]:
-        t0 = time.monotonic()
-        try:
-            found = fn(ctx, facts)
-        except AbssctlError as exc:
-            found = [Finding(f"{fn.__name__[6:].split('_')[0]}.probe", None, "fail", exc.message, hint=exc.hint)]
-        return found, int((time.monotonic() - t0) * 1000)
-
-    findings: list[Finding] = []
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [(c, fn, pool.submit(timed, fn)) for c, fn in chosen]
-        for category, fn, future in futures:
+    def work(run: dict[str, Any], category: str, fn: Callable[[Context, Facts], list[Finding]]) -> None:
+        with slots:
+            run["t0"] = time.monotonic()
             try:
-                found, ms = future.result(timeout=30)
-            except FutureTimeout:
-                found, ms = [Finding(f"{category}.{fn.__name__}", None, "fail", "timed out")], 30000
-            for f in found:
-                f.duration_ms = ms
-            findings += found
+                run["found"] = fn(ctx, facts)
+            except AbssctlError as exc:
+                run["found"] = [Finding(f"{category}.probe", fn.__name__[6:], "fail", exc.message, hint=exc.hint)]
+            except BaseException as exc:        # a bug: re-raised below, on the main thread
+                run["error"] = exc
+            run["ms"] = int((time.monotonic() - run["t0"]) * 1000)
+            run["done"].set()
+
+    for run, (category, fn) in zip(runs, chosen):
+        threading.Thread(target=work, args=(run, category, fn), name=fn.__name__, daemon=True).start()
+    findings: list[Finding] = []
+    for run, (category, fn) in zip(runs, chosen):
+        limit = float(getattr(fn, "timeout", 5.0))
+        while not run["done"].wait(0.02 if "t0" not in run else max(0.0, run["t0"] + limit - time.monotonic())):
+            if "t0" in run and time.monotonic() >= run["t0"] + limit:
+                break
+        if not run["done"].is_set():
+            found, ms = [Finding(f"{category}.timeout", fn.__name__[6:], "fail", f"{fn.__name__} timed out "
+                                 f"after {limit:g}s", hint="run abssctl --debug doctor --only " + category)], \
+                int(limit * 1000)
+        elif "error" in run:
+            raise run["error"]
+        else:
+            found, ms = run["found"], run["ms"]
+        for f in found:
+            f.duration_ms = ms
+        findings += found
     return findings
 
 
@@ -6973,12 +7131,23 @@ def op_doctor(ctx: Context, *, only: Sequence[str], exclude: Sequence[str], fix:
                 if f.fix and f.status != "ok":
                     f.fix(plan)
             return plan
+        # run_mutation rolls dead journals back before it re-plans, so the plan no longer holds that
+        # repair: a journal that is gone afterwards is a change too (in the result and the ops log).
+        dead = [p for p, d in list_journals(ctx.paths.journal_dir) if d and not pid_alive(int(d.get("pid") or 0))]
+        m = Mutation(title="doctor --fix", build=build, global_mode="exclusive", target={"kind": "host"},
+                     args={"only": list(only), "exclude": list(exclude)},
+                     confirm=lambda plan: confirm(ctx, "Apply these repairs?\n" + "\n".join(
+                         f"  {s.summary}" for s in plan.steps)))
+
+        def finish(plan: Plan) -> dict[str, Any]:
+            gone = [os.path.basename(p)[:-5] for p in dead if not os.path.exists(p)]
+            if gone:
+                m.log_extra.update(changed=True, recovered=gone)
+            return {"recovered": gone}
+        m.finish = finish
         ctx.command = "doctor --fix"
-        res = run_mutation(ctx, Mutation(title="doctor --fix", build=build, global_mode="exclusive",
-                                         target={"kind": "host"}, args={"only": list(only), "exclude": list(exclude)},
-                                         confirm=lambda plan: confirm(ctx, "Apply these repairs?\n" + "\n".join(
-                                             f"  {s.summary}" for s in plan.steps))))
-        changed = bool(res.changed)
+        res = run_mutation(ctx, m)
+        changed = bool(res.changed) or bool(res.data.get("recovered"))
         if ctx.dry_run:
             return res
         findings = run_probes(ctx, only, exclude)
@@ -7132,6 +7301,15 @@ def op_support_bundle(ctx: Context, output: str | None, *, redact: bool) -> Resu
             if os.path.isfile(path):
                 add_text(f"instances/{name}/{os.path.basename(path)}", open(path, encoding="utf-8",
                                                                             errors="replace").read())
+        cert = str((facts.instances[name].get("tls") or {}).get("cert") or "")
+        if cert and os.path.isfile(cert) and ctx.runner.available("openssl"):
+            try:                                # metadata only: the file itself may hold a key (TurnKey)
+                info = Tls(ctx.runner).inspect(cert)
+                meta = {"path": cert, "subject": info.subject, "issuer": info.issuer, "san": info.san,
+                        "not_after": rfc3339(info.not_after), "fingerprint_sha256": info.fingerprint}
+            except AbssctlError as exc:
+                meta = {"path": cert, "error": exc.message}
+            add_json(f"instances/{name}/certificate.json", meta)
         if ctx.runner.available("journalctl"):
             done = ctx.runner.run("journalctl", ["-u", unit_name(name), "-n", "500", "--no-pager", "-o", "short-iso"],
                                   mutating=False, check=False)
@@ -7237,6 +7415,21 @@ def discover(ctx: Context) -> dict[str, Any]:
             "current": os.readlink(ctx.paths.current) if os.path.islink(ctx.paths.current) else None}
 
 
+def _discovered_tls(ctx: Context, s: Mapping[str, Any]) -> dict[str, Any]:
+    """The TLS source of a found vhost: files under <tls_dir>/<name>/ are abssctl's self-signed pair when
+    the certificate is what ``tls self-signed`` makes (self-issued, CN and only SAN the domain), else custom."""
+    tls = {**(s["tls"] or {}), "chain": None}
+    if not tls.get("cert", "").startswith(os.path.join(ctx.paths.tls_dir, s["name"]) + "/"):
+        return {"source": "system", **tls}
+    try:
+        info = Tls(ctx.runner).inspect(tls["cert"])
+        own = info.subject == info.issuer and info.subject.replace(" ", "") == f"CN={s['domain']}" \
+            and info.san == [str(s["domain"]).lower()]
+    except AbssctlError:
+        own = False
+    return {"source": "self-signed" if own else "custom", **tls}
+
+
 def rebuild_plan(ctx: Context, plan: Plan, found: Mapping[str, Any]) -> None:
     """Registries written from what discover() found, after copying the old ones aside."""
     ports: dict[int, str] = {}
@@ -7253,16 +7446,23 @@ def rebuild_plan(ctx: Context, plan: Plan, found: Mapping[str, Any]) -> None:
                        hint="fix the units or vhosts so each port and domain belongs to one instance")
     old_versions = Versions(ctx).doc
     old_insts = Instances(ctx).doc["instances"]
+    try:                                 # the copy Registry.save keeps: the binding survives a lost file
+        kept = (read_json_file(ctx.paths.registry("instances") + ".prev") or {}).get("instances") or {}
+    except CorruptState:
+        kept = {}
     now = _now()
     instances, port_doc = {}, {}
     for s in found["instances"]:
         if not (s["unit"] and s["root"] and s["port"]):
             continue
         prior = old_insts.get(s["name"], {})
-        tls = prior.get("tls") or ({"source": "custom" if ctx.paths.tls_dir in (s["tls"] or {}).get("cert", "")
-                                    else "system", **(s["tls"] or {}), "chain": None})
+        was = prior or kept.get(s["name"]) or {}
+        binding = was.get("version") if was.get("version") in (s["version"], "current") else None
+        if binding == "current" and s["version"] != found["current"] or binding is None:
+            binding = "current" if s["version"] == found["current"] else s["version"]
+        tls = prior.get("tls") or _discovered_tls(ctx, s)
         instances[s["name"]] = {**prior, "name": s["name"], "domain": s["domain"], "port": s["port"],
-                                "version": prior.get("version", s["version"]), "resolved_version": s["version"],
+                                "version": binding, "resolved_version": s["version"],
                                 "data_version": prior.get("data_version", s["version"]),
                                 "enabled": prior.get("enabled", True), "pending_restart": False, "state": "ready",
                                 "tls": tls, "paths": instance_paths(ctx, s["name"]),

@@ -109,8 +109,6 @@ def test_discover_reports_an_unregistered_leftover(two) -> None:
     assert drift and {p["status"] for p in drift} == {"warn"}, got.doc["probes"]
 
 
-@pytest.mark.xfail(strict=True, reason="abssctl bug: state.drift for an abssctl-* unit/vhost without a registry "
-                   "entry hints 'remove it, or re-register it', not `init --discover` (§4.10)")
 def test_an_unregistered_unit_hints_init_discover(two) -> None:
     h = two
     doc = json.loads(registry_path(h, "instances").read_text())

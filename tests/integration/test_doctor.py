@@ -323,7 +323,7 @@ def break_hostname(h) -> Case:
 
 def break_missing_config(h) -> Case:
     (h.paths["instance_root"] / "bob" / "config.json").unlink()
-    return "systemd.config", "bob", "fail", 4, None, None
+    return "systemd.config", "bob", "fail", 4, True, None
 
 
 def break_cert_expiring(h) -> Case:
@@ -427,9 +427,9 @@ CASES = {
     "leftover-tmp": break_leftover_tmp,
     "leftover-tmp-in-backup-dir": break_leftover_in_backup_dir,
     "served-cert-stale": break_served_cert,
-    # not fixable by doctor
-    "hostname-0.0.0.0": break_hostname,
     "config-json-missing": break_missing_config,
+    # not fixable by doctor (or only through another probe's repair)
+    "hostname-0.0.0.0": break_hostname,
     "cert-expires-tomorrow": break_cert_expiring,
     "body-size-1m-include": break_body_size_include,
     "coop-in-vhost": break_coop_in_vhost,
@@ -437,20 +437,13 @@ CASES = {
     "foreign-listener": break_foreign_listener,
 }
 
-# Not doctor's to fix, but a drift repair re-renders the file that carried it (the vhost), so it goes.
-CURED_BY_DRIFT_FIX = {"coop-in-vhost"}
-
-BUGS = {
-    "instance-tls-dir-mode": "abssctl bug: probe_fs checks INIT_DIRS and instance dirs only, not "
-                             "<tls_dir>/<name>/ (0700 per §3.5)",
-    "leftover-tmp-in-backup-dir": "abssctl bug: _leftover_findings scans only the top level of install_root, "
-                                  "instance_root, backup_root and tls_dir, not <backup_root>/<name>/ where "
-                                  "backup create puts its .abssctl-tmp-<op_id>/ snapshots",
-}
+# Not doctor's to fix, but a drift repair re-renders the file that carried it (the vhost, or the
+# config.json, which is then read by a restart), so it goes.
+CURED_BY_DRIFT_FIX = {"coop-in-vhost", "hostname-0.0.0.0"}
 
 
-@pytest.mark.parametrize("case", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=BUGS[k]))
-                                  if k in BUGS else k for k in CASES])
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_break_and_fix(two, case: str) -> None:
     h = two
     h.squatter = None
@@ -486,8 +479,6 @@ def test_break_and_fix(two, case: str) -> None:
             h.squatter.close()
 
 
-@pytest.mark.xfail(strict=True, reason="abssctl bug: doctor --fix rolls the dead journal back in run_mutation's "
-                   "recovery step (before its plan), then finds nothing to do and reports changed: false")
 def test_fix_that_recovers_a_journal_reports_changed(two) -> None:
     h = two
     break_dead_journal(h)
@@ -549,8 +540,6 @@ def test_a_1m_http_level_limit_is_overridden_by_the_vhost(two) -> None:
     assert https_request(h, "alice", "POST", "/", b"x" * (2 << 20))[0] != 413
 
 
-@pytest.mark.xfail(strict=True, reason="abssctl bug: nginx.body-size compares the vhost with the nginx."
-                   "client_max_body_size key itself, not with the server's upload limit (50 MB)")
 def test_a_configured_body_size_below_the_upload_limit_fails(two) -> None:
     h = two
     h.configure("nginx", client_max_body_size="1m")
@@ -560,8 +549,6 @@ def test_a_configured_body_size_below_the_upload_limit_fails(two) -> None:
     assert [f["status"] for f in findings(got.doc, "nginx.body-size", "alice")] == ["fail"], not_ok(got.doc)
 
 
-@pytest.mark.xfail(strict=True, reason="abssctl bug: tls.served is produced by probe_app (category app), so "
-                   "--only tls never runs it, and --only app reports a tls-category probe")
 def test_only_tls_includes_the_served_certificate_probe(two) -> None:
     h = two
     break_served_cert(h)

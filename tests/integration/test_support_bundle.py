@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import ssl
 import tarfile
 from pathlib import Path
 
@@ -152,6 +153,13 @@ def test_default_bundle_has_no_secrets_and_no_identities(planted, tmp_path: Path
     assert cfg["password"] == "<redacted>" and cfg["openId"] == "<redacted>" and cfg["port"]
     backups = json.loads(members["registry/backups.json"])["backups"]
     assert {b["instance"] for b in backups.values()} == set(NAMES)
+    # certificate metadata instead of the certificate file
+    for inst in NAMES:
+        der = ssl.PEM_cert_to_DER_cert((h.paths["tls_dir"] / inst / "fullchain.pem").read_text())
+        meta = json.loads(members[f"instances/{inst}/certificate.json"])
+        assert meta["fingerprint_sha256"].replace(":", "").lower() == hashlib.sha256(der).hexdigest(), meta
+        assert meta["not_after"].endswith("Z") and meta["san"] == [meta["subject"].split("=")[-1].strip()], meta
+        assert meta["san"][0].startswith("<domain-"), meta
 
 
 def test_no_redact_keeps_identities_but_still_removes_secrets(planted, tmp_path: Path) -> None:

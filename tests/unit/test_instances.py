@@ -692,12 +692,12 @@ def test_delete_keeps_the_data_says_where_and_blocks_a_new_create(host_with_bob:
                       ["systemctl", "--no-pager", "daemon-reload"]], sysctl
     text = h.run("--yes", "instance", "delete", BOB)
     assert text.rc == 2 and "Traceback" not in text.err, show(text)     # gone now: NotFound
-    # DESIGN §4.5.1 check 1: a leftover directory exits 2 with a hint. DESIGN names `init --discover`,
-    # which arrives with the doctor/discovery work; until then the hint says how to resolve it by hand.
+    # DESIGN §4.5.1 check 1: a leftover directory exits 2 with a hint that names `init --discover`.
     before = h.tree()
     again = h.run("--json", "instance", "create", BOB, "--domain", BOB_DOMAIN)
     assert again.rc == 2 and again.doc["error"]["kind"] == "AlreadyExists", show(again)
     assert h.tree() == before
+    assert "init --discover" in (again.doc["error"]["hint"] or ""), show(again)
     assert "move it aside" in (again.doc["error"]["hint"] or ""), show(again)
 
 
