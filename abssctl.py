@@ -6915,9 +6915,9 @@ def probe_nginx_live(ctx: Context, facts: Facts) -> list[Finding]:
         domain = str(facts.instances[name].get("domain"))
         if facts.units.get(unit_name(name), {}).get("ActiveState") != "active":
             return []
-        served, heads = _through_nginx(facts.tls_client, https, domain, "/")
+        served, heads = _through_nginx(facts.tls_client, https, domain, "/health")
         counts = {h: heads.count(h) for h in wanted}
-        where = f"https://{domain}/ through nginx on 127.0.0.1:{https}"
+        where = f"https://{domain}/health through nginx on 127.0.0.1:{https}"
         if served is None or not heads:
             return [Finding("nginx.live", name, "warn", f"{where} did not answer within 4 s")]
         if max(counts.values()) > 1:

@@ -135,6 +135,8 @@ def test_a_clean_host_has_no_failures(two) -> None:
         assert p["id"].split(".", 1)[0] == p["category"]
         assert p["exit_class"] == (4 if p["category"] in ("ports", "systemd", "nginx", "tls", "app") else 3)
     assert {p["target"] for p in findings(doc, "app.health")} == set(NAMES)
+    for probe_id in ("nginx.live", "tls.served"):       # real requests through nginx, one per instance
+        assert sorted((p["target"], p["status"]) for p in findings(doc, probe_id)) == [(n, "ok") for n in NAMES]
     # --fix on a clean host has nothing to do
     fixed = doctor(h, "--fix", "--yes")
     assert fixed.rc == 0 and fixed.doc["changed"] is False
@@ -373,6 +375,38 @@ def break_coop_in_include(h) -> Case:
     return "nginx.coop", "bob", "fail", 4, False, None
 
 
+def break_coop_doubled_live(h) -> Case:
+    """The same http-level header, seen by the live probe: one real request gets two COOP headers."""
+    break_coop_in_include(h)
+    return "nginx.live", "bob", "fail", 4, False, None
+
+
+def break_coop_hidden_live(h) -> Case:
+    """An http-level proxy_hide_header drops the server's COOP header on the way out."""
+    (h.nginx.sites_enabled / "00-hide.conf").write_text("proxy_hide_header Cross-Origin-Opener-Policy;\n")
+    reload_nginx(h)
+    deadline = time.monotonic() + 10
+    while https_request(h, "alice", path="/")[1].get("cross-origin-opener-policy") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "cross-origin-opener-policy" not in https_request(h, "alice", path="/")[1]
+    return "nginx.live", "alice", "warn", 0, False, None
+
+
+def break_config_json_drift(h) -> Case:
+    """Valid JSON that is not what abssctl writes: re-rendered by --fix, and the server restarted."""
+    cfg = h.paths["instance_root"] / "alice" / "config.json"
+    written = cfg.read_bytes()
+    doc = json.loads(written)
+    doc["loginMethod"] = "header"
+    cfg.write_text(json.dumps(doc))
+    pid = show(h, "alice")["MainPID"]
+
+    def check(h) -> None:
+        assert cfg.read_bytes() == written
+        assert show(h, "alice")["MainPID"] not in (pid, "0"), "the server must re-read config.json"
+    return "systemd.config", "alice", "warn", 0, True, check
+
+
 def break_foreign_listener(h) -> Case:
     h.ok("instance", "stop", "alice")
     squatter = socket.socket()
@@ -428,12 +462,15 @@ CASES = {
     "leftover-tmp-in-backup-dir": break_leftover_in_backup_dir,
     "served-cert-stale": break_served_cert,
     "config-json-missing": break_missing_config,
+    "config-json-drift": break_config_json_drift,
     # not fixable by doctor (or only through another probe's repair)
     "hostname-0.0.0.0": break_hostname,
     "cert-expires-tomorrow": break_cert_expiring,
     "body-size-1m-include": break_body_size_include,
     "coop-in-vhost": break_coop_in_vhost,
     "coop-in-include": break_coop_in_include,
+    "coop-doubled-live": break_coop_doubled_live,
+    "coop-hidden-live": break_coop_hidden_live,
     "foreign-listener": break_foreign_listener,
 }
 

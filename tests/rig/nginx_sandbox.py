@@ -170,9 +170,19 @@ class NginxSandbox:
         """`nginx -t` against the sandbox config."""
         return self.run("-t")
 
-    def reload(self) -> subprocess.CompletedProcess[str]:
-        """`nginx -s reload` (SIGHUP to the master; new workers come up asynchronously)."""
-        return self.run("-s", "reload")
+    def reload(self, settle: float = 15.0) -> subprocess.CompletedProcess[str]:
+        """`nginx -s reload`, then wait (bounded by ``settle``) until the old workers are gone, so that
+        every later connection meets the new configuration (old workers may accept for a moment)."""
+        old = self.worker_pids()
+        done = self.run("-s", "reload")
+        if done.returncode == 0:
+            deadline = time.monotonic() + settle
+            while time.monotonic() < deadline:
+                now = self.worker_pids()
+                if now and not set(now) & set(old):
+                    break
+                time.sleep(0.05)
+        return done
 
     def worker_pids(self) -> list[int]:
         """The master's current worker processes."""
