@@ -6838,10 +6838,12 @@ def probe_nginx(ctx: Context, facts: Facts) -> list[Finding]:
     need = max(SERVER_UPLOAD.values())                  # MB: what the server accepts (§4.6.1)
     outside = "\n".join(text for path, text in files.items() if not os.path.basename(path).startswith("abssctl-"))
     names_seen: dict[str, str] = {}
+    reported: set[tuple[str, str]] = set()
     for path, text in files.items():
         for m in re.finditer(r"server_name\s+([^;]+);", text):
             for server in m.group(1).split():
-                if server in names_seen and names_seen[server] != path:
+                if server in names_seen and names_seen[server] != path and (server, path) not in reported:
+                    reported.add((server, path))            # once per file, not per server block
                     out.append(Finding("nginx.server-name", server, "warn", f"{server} is served by {path} and "
                                        f"{names_seen[server]}"))
                 names_seen.setdefault(server, path)

@@ -407,6 +407,195 @@ def break_config_json_drift(h) -> Case:
     return "systemd.config", "alice", "warn", 0, True, check
 
 
+def edit_registry(h, name: str, change: Callable[[dict[str, Any]], None]) -> None:
+    path = h.paths["state_dir"] / "registry" / f"{name}.json"
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc, indent=2))
+
+
+def edit_config_json(h, name: str, **values: Any) -> None:
+    cfg = h.paths["instance_root"] / name / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **values}, indent=2))
+
+
+def only_version(h) -> str:
+    return sorted(h.registry_doc("versions")["versions"])[0]
+
+
+def break_zstd_missing(h) -> Case:
+    h.configure("commands", zstd=[str(h.root / "no-such-zstd")])
+    return "env.tool", "zstd", "warn", 0, False, None
+
+
+def break_node_abi(h) -> Case:
+    edit_registry(h, "versions", lambda d: d["versions"][only_version(h)].setdefault("node", {}).update(abi="1"))
+    return "env.node-abi", only_version(h), "fail", 3, False, None
+
+
+def break_engines(h) -> Case:
+    edit_registry(h, "versions", lambda d: d["versions"][only_version(h)].update(engines_node=">=99"))
+    return "env.engines", only_version(h), "warn", 0, False, None
+
+
+def break_service_user(h) -> Case:
+    h.configure("service", user="abssctl-no-such-user")
+    return "env.accounts", None, "fail", 3, False, None
+
+
+def break_unknown_key(h) -> Case:
+    h.configure("nginx", client_max_body_sise="50M")
+    return "config.unknown-key", f"nginx.client_max_body_sise in {h.config}", "warn", 0, False, None
+
+
+def break_template(h) -> Case:
+    builtin = (Path(__file__).resolve().parents[2] / "templates" / "systemd-unit.service").read_text()
+    override = h.paths["templates_dir"] / "systemd-unit.service"
+    override.parent.mkdir(parents=True, exist_ok=True)
+    override.write_text(builtin + "Environment=X=${NO_SUCH_PLACEHOLDER}\n")
+    os.chmod(override, 0o644)
+    return "config.template", "systemd-unit.service", "fail", 4, False, None     # 4: the units cannot render
+
+
+def break_registry_json(h) -> Case:
+    (h.paths["state_dir"] / "registry" / "ports.json").write_text("{ half written")
+    return "state.registry", "ports", "fail", 3, False, None
+
+
+def break_current_link(h) -> Case:
+    link = h.paths["install_root"] / "current"
+    target = os.readlink(link)
+    os.unlink(link)
+    os.symlink(target + "-elsewhere", link)
+    return "state.current", None, "fail", 3, False, None
+
+
+def break_data_aside(h) -> Case:
+    (h.paths["instance_root"] / "alice" / "data.pre-restore-20261201T000000Z-0badc0de").mkdir()
+    return "fs.data-aside", "alice", "warn", 0, False, None
+
+
+def break_data_location(h) -> Case:
+    inside = h.paths["install_root"] / only_version(h) / "node_modules" / "data"
+    edit_config_json(h, "alice", dataDir=str(inside))
+    return "fs.data-location", "alice", "fail", 3, False, None
+
+
+def break_server_name(h) -> Case:
+    (h.nginx.sites_enabled / "00-old-alice.conf").write_text(
+        f"server {{ listen 127.0.0.1:{h.nginx.http_port}; server_name {domain('alice')}; return 404; }}\n")
+    reload_nginx(h)
+    return "nginx.server-name", domain("alice"), "warn", 0, False, None
+
+
+def break_duplicate_port(h) -> Case:
+    port = instance(h, "alice")["port"]
+    edit_registry(h, "instances", lambda d: d["instances"]["bob"].update(port=port))
+    return "ports.duplicate", "bob", "fail", 4, False, None
+
+
+def break_port_range(h) -> Case:
+    top = max(instance(h, n)["port"] for n in NAMES)
+    h.configure("ports", base=top + 10, max=top + 20)
+    return "ports.range", "alice", "warn", 0, False, None
+
+
+def break_not_listening(h) -> Case:
+    """alice runs, but an admin's drop-in moved it to another port than the registry's."""
+    from rig.nginx_sandbox import free_port
+    dropin = h.paths["systemd_unit_dir"] / "abssctl-alice.service.d" / "port.conf"
+    dropin.parent.mkdir()
+    dropin.write_text(f"[Service]\nEnvironment=ACTUAL_PORT={free_port()}\n")
+    assert h.systemd.run("daemon-reload").returncode == 0
+    assert h.systemd.run("restart", "abssctl-alice.service").returncode == 0
+    deadline = time.monotonic() + 10
+    while show(h, "alice").get("ActiveState") != "active" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return "ports.listening", "alice", "fail", 4, False, None
+
+
+def break_stopped_by_hand(h) -> Case:
+    assert h.systemd.run("stop", "abssctl-bob.service").returncode == 0
+    return "systemd.inactive", "bob", "warn", 0, False, None
+
+
+def break_key_mismatch(h) -> Case:
+    """Another key in place of alice's: nginx -t fails too; not doctor's to repair."""
+    _cert, key = openssl_pair(h, "alice", 30, h.root / "other-pair")
+    (h.paths["tls_dir"] / "alice" / "privkey.pem").write_bytes(key.read_bytes())
+    return "tls.pair", "alice", "fail", 4, False, None
+
+
+def break_cert_san(h) -> Case:
+    """A valid pair for another name written in place (as a careless renewal would)."""
+    cert, key = openssl_pair(h, "carol", 30, h.root / "carol-pair")
+    tdir = h.paths["tls_dir"] / "alice"
+    (tdir / "fullchain.pem").write_bytes(cert.read_bytes())
+    (tdir / "privkey.pem").write_bytes(key.read_bytes())
+    reload_nginx(h)
+    return "tls.san", "alice", "warn", 0, False, None
+
+
+def break_key_mode(h) -> Case:
+    key = h.paths["tls_dir"] / "bob" / "privkey.pem"
+    os.chmod(key, 0o644)
+
+    def check(h) -> None:
+        assert key.stat().st_mode & 0o777 == 0o600
+    return "tls.key-mode", "bob", "warn", 3, False, check          # 3: fs.mode fails it too, and fixes it
+
+
+def break_trusted_proxies(h) -> Case:
+    edit_config_json(h, "bob", trustedProxies=["10.0.0.0/8"])
+    return "app.proxies", "bob", "warn", 0, False, None
+
+
+def break_app_version(h) -> Case:
+    """The package bob runs reports another version than the registry's (its /info reads package.json)."""
+    pkg = h.paths["install_root"] / only_version(h) / "node_modules" / "@actual-app" / "sync-server" / "package.json"
+    doc = json.loads(pkg.read_text())
+    pkg.write_text(json.dumps({**doc, "version": "0.0.1"}))
+    return "app.version", "bob", "fail", 4, False, None
+
+
+def break_disk_full(h) -> Case:
+    """backup_root on a 1 MiB tmpfs filled to the brim."""
+    mnt = h.root / "full-disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    h.mounts.append(mnt)
+    try:
+        with open(mnt / "filler", "wb") as f:
+            f.write(b"\0" * (2 << 20))
+    except OSError:
+        pass
+    h.configure("paths", backup_root=str(mnt))
+    return "disk.free", "backup_root", "fail", 3, False, None
+
+
+def break_no_backup(h) -> Case:
+    h.ok("instance", "create", "carol", "--domain", domain("carol"), "--tls", "self-signed")
+    return "backups.age", "carol", "warn", 0, False, None
+
+
+def break_corrupt_backup(h) -> Case:
+    entry = next(b for b in json.loads((h.paths["backup_root"] / "backups.json").read_text())["backups"].values() if b["instance"] == "alice")
+    archive = h.paths["backup_root"] / entry["archive"]
+    raw = bytearray(archive.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    archive.write_bytes(bytes(raw))
+    assert h.run("--json", "backup", "verify", entry["id"]).rc == 3
+    return "backups.verify", "alice", "fail", 3, False, None
+
+
+def break_missing_archive(h) -> Case:
+    entry = next(b for b in json.loads((h.paths["backup_root"] / "backups.json").read_text())["backups"].values() if b["instance"] == "bob")
+    (h.paths["backup_root"] / entry["archive"]).unlink()
+    return "backups.index", None, "warn", 0, False, None
+
+
 def break_foreign_listener(h) -> Case:
     h.ok("instance", "stop", "alice")
     squatter = socket.socket()
@@ -472,18 +661,43 @@ CASES = {
     "coop-doubled-live": break_coop_doubled_live,
     "coop-hidden-live": break_coop_hidden_live,
     "foreign-listener": break_foreign_listener,
+    "zstd-missing": break_zstd_missing,
+    "node-abi": break_node_abi,
+    "engines": break_engines,
+    "service-user-missing": break_service_user,
+    "unknown-config-key": break_unknown_key,
+    "template-broken": break_template,
+    "registry-half-written": break_registry_json,
+    "current-link-wrong": break_current_link,
+    "data-aside": break_data_aside,
+    "data-in-package-tree": break_data_location,
+    "server-name-twice": break_server_name,
+    "duplicate-port": break_duplicate_port,
+    "port-out-of-range": break_port_range,
+    "not-listening": break_not_listening,
+    "stopped-by-hand": break_stopped_by_hand,
+    "key-mismatch": break_key_mismatch,
+    "cert-san": break_cert_san,
+    "key-mode": break_key_mode,
+    "trusted-proxies": break_trusted_proxies,
+    "app-version": break_app_version,
+    "disk-full": break_disk_full,
+    "no-backup": break_no_backup,
+    "corrupt-backup": break_corrupt_backup,
+    "missing-archive": break_missing_archive,
 }
 
 # Not doctor's to fix, but a drift repair re-renders the file that carried it (the vhost, or the
 # config.json, which is then read by a restart), so it goes.
-CURED_BY_DRIFT_FIX = {"coop-in-vhost", "hostname-0.0.0.0"}
+CURED_BY_DRIFT_FIX = {"coop-in-vhost", "hostname-0.0.0.0", "data-in-package-tree", "key-mode",
+                      "trusted-proxies"}
 
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_break_and_fix(two, case: str) -> None:
     h = two
-    h.squatter = None
+    h.squatter, h.mounts = None, []
     try:
         probe_id, target, status, code, fixable, check = CASES[case](h)
         got = doctor(h)
@@ -514,6 +728,8 @@ def test_break_and_fix(two, case: str) -> None:
     finally:
         if h.squatter:
             h.squatter.close()
+        for mnt in h.mounts:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
 def test_fix_that_recovers_a_journal_reports_changed(two) -> None:
@@ -622,3 +838,12 @@ def test_bad_filters_exit_2(abssctl_host, argv) -> None:
     assert got.rc == 2 and got.doc["ok"] is False and got.doc["error"]["kind"] == "UsageError", got
     text = abssctl_host.run("doctor", *argv)
     assert text.rc == 2 and "Traceback" not in text.err
+
+
+def test_a_config_that_does_not_parse_is_bad_input(two) -> None:
+    """config.file's failing side: doctor cannot probe with a config it cannot read, so it exits 2."""
+    h = two
+    h.config.write_text(h.config.read_text() + "\n[ports\nbase = 1\n")
+    got = h.run("--json", "doctor")
+    assert got.rc == 2 and got.doc["error"]["kind"] in ("UsageError", "ConfigError"), got
+    assert str(h.config) in got.doc["error"]["message"] + json.dumps(got.doc["error"].get("details")), got
