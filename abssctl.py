@@ -2311,38 +2311,57 @@ class UndoAction:
         return {"kind": self.kind, "args": self.args}
 
     def describe(self) -> str:
-        target = self.args.get("path") or self.args.get("argv") or ""
+        target = self.args.get("path") or self.args.get("paths") or self.args.get("argv") or ""
         return f"{self.kind} {target if isinstance(target, str) else ' '.join(target)}".strip()
 
 
 class Step:
-    """One planned change: an id, a summary, a target, the action and its undo."""
+    """One planned change: an id, a summary, a target, the action and its undo. A cleanup step has
+    no undo: its action is data (``cleanup``), so recovery can finish it in another process."""
 
-    __slots__ = ("id", "summary", "target", "do", "undo")
+    __slots__ = ("id", "summary", "target", "do", "undo", "cleanup")
 
     def __init__(self, step_id: str, summary: str, target: str, do: Callable[[], None],
-                 undo: UndoAction | None) -> None:
+                 undo: UndoAction | None, cleanup: UndoAction | None = None) -> None:
         self.id = step_id
         self.summary = summary
         self.target = target
         self.do = do
         self.undo = undo
+        self.cleanup = cleanup
 
     def as_dict(self) -> dict[str, Any]:
-        return {"step": self.id, "summary": self.summary, "target": self.target,
-                "undo": self.undo.describe() if self.undo else None}
+        doc = {"step": self.id, "summary": self.summary, "target": self.target,
+               "undo": self.undo.describe() if self.undo else None}
+        if self.cleanup:
+            doc["cleanup"] = True
+        return doc
 
 
 class Plan:
-    """A title and the ordered steps of one operation."""
+    """A title and the ordered steps of one operation: reversible steps, then cleanup steps.
+
+    The first cleanup step is the point of no return: everything before it is undone on failure,
+    Ctrl-C or (through the journal) kill -9; from it on the change stands, and what is left to do
+    is finished instead, by this process or by the recovery of its journal."""
 
     def __init__(self, title: str) -> None:
         self.title = title
-        self.steps: list[Step] = []
+        self._changes: list[Step] = []
+        self._cleanups: list[Step] = []
+
+    @property
+    def steps(self) -> list[Step]:
+        return self._changes + self._cleanups
 
     def add(self, step_id: str, summary: str, target: str, do: Callable[[], None],
             undo: UndoAction | None = None) -> None:
-        self.steps.append(Step(step_id, summary, target, do, undo))
+        self._changes.append(Step(step_id, summary, target, do, undo))
+
+    def cleanup(self, step_id: str, summary: str, target: str, action: UndoAction) -> None:
+        """A step past the point of no return (it runs after every change, whenever it was added);
+        its action must be idempotent: run_undo runs it, here or in recovery."""
+        self._cleanups.append(Step(step_id, summary, target, lambda: None, None, action))
 
     def as_list(self) -> list[dict[str, Any]]:
         return [s.as_dict() for s in self.steps]
@@ -2352,7 +2371,8 @@ class Plan:
             return [f"{self.title}: nothing to do"]
         lines = [f"{self.title}:"]
         for n, s in enumerate(self.steps, 1):
-            undo = f"  (undo: {s.undo.describe()})" if s.undo else ""
+            undo = f"  (undo: {s.undo.describe()})" if s.undo else "  (no undo: past the point of no return)" \
+                if s.cleanup else ""
             lines.append(f"  {n}. {s.summary}{undo}")
         return lines
 
@@ -2453,7 +2473,8 @@ def _undo_rename(ctx: Context, args: Mapping[str, Any]) -> None:
 
 
 def _undo_remove_tree(ctx: Context, args: Mapping[str, Any]) -> None:
-    remove_tree(args["path"])
+    for path in args.get("paths") or [args["path"]]:
+        remove_tree(path)
 
 
 def _journal_registry(args: Mapping[str, Any]) -> Registry:
@@ -2486,8 +2507,9 @@ def _undo_swap_current(ctx: Context, args: Mapping[str, Any]) -> None:
     swap_symlink(link, target, args.get("tag", "undo"))
 
 
-def _undo_discard_new_dir(ctx: Context, args: Mapping[str, Any]) -> None:
-    """A directory this operation created: move it to a trash name, then delete that."""
+def _undo_discard_dir(ctx: Context, args: Mapping[str, Any]) -> None:
+    """A directory this operation created, or one it is done with: move it to a trash name, then
+    delete that, so a kill half-way leaves a name doctor recognises, never a half-deleted original."""
     path = args["path"]
     if not os.path.isdir(path):
         return
@@ -2521,7 +2543,9 @@ UNDO_HANDLERS: dict[str, Callable[[Context, Mapping[str, Any]], None]] = {
     "data_swap": lambda ctx, args: _undo_data_swap(ctx, args),
     "start_gate": lambda ctx, args: _undo_start_gate(ctx, args),
     "restore_data": lambda ctx, args: _undo_restore_data(ctx, args),
-    "discard_new_dir": _undo_discard_new_dir,
+    "discard_dir": _undo_discard_dir,
+    "discard_backup": lambda ctx, args: _undo_discard_backup(ctx, args),
+    "tls_restore": lambda ctx, args: _undo_tls_restore(ctx, args),
     "restore_file": _undo_restore_file,
     "unit_remove": _undo_unit_remove,
     "systemctl": _undo_systemctl,
@@ -2606,7 +2630,8 @@ def _raise_terminated(signum: int, _frame: Any) -> NoReturn:
 
 def apply(ctx: Context, plan: Plan, targets: Mapping[str, Any],
           record: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Run the steps; journal each undo before its step; on any failure undo in reverse."""
+    """Run the steps; journal each undo before its step; on any failure before the point of no
+    return undo in reverse; past it, finish the cleanup steps whatever happens."""
     import signal
     import time
     journal = Journal(os.path.join(ctx.paths.journal_dir, f"{ctx.op_id}.json"), {
@@ -2620,8 +2645,9 @@ def apply(ctx: Context, plan: Plan, targets: Mapping[str, Any],
         for sig in (signal.SIGTERM, signal.SIGHUP):
             handlers[sig] = signal.signal(sig, _raise_terminated)
     record = [] if record is None else record        # the caller's list still holds the steps after a failure
+    cleanups = [s for s in plan.steps if s.cleanup]
     try:
-        for step in plan.steps:
+        for step in (s for s in plan.steps if not s.cleanup):
             for observer in STEP_OBSERVERS:
                 observer(step, "before")
             journal.doc["done"].append({"step": step.id, "undo": step.undo.as_dict() if step.undo else None})
@@ -2633,6 +2659,10 @@ def apply(ctx: Context, plan: Plan, targets: Mapping[str, Any],
             record[-1].update(status="done", ms=int((time.monotonic() - t0) * 1000))
             for observer in STEP_OBSERVERS:
                 observer(step, "after")
+        if cleanups:
+            # The point of no return: from here a failure, Ctrl-C or recovery finishes the cleanup.
+            journal.doc["cleanup"] = [s.cleanup.as_dict() for s in cleanups]
+            journal.write()
     except BaseException as exc:
         for entry in record:
             entry["status"] = "undone" if entry["status"] == "done" else "failed"
@@ -2645,22 +2675,73 @@ def apply(ctx: Context, plan: Plan, targets: Mapping[str, Any],
     finally:
         for sig, old in handlers.items():
             signal.signal(sig, old)
+    if cleanups:
+        _finish_cleanup(ctx, journal, cleanups, record)
     journal.delete()
     ctx.journal = None
     return record
 
 
+def _finish_cleanup(ctx: Context, journal: Journal, steps: Sequence[Step], record: list[dict[str, Any]]) -> None:
+    """Run the cleanup steps with Ctrl-C, SIGTERM and SIGHUP held off: the change already stands, so
+    an interrupt only waits for them. A cleanup that fails becomes a warning (what it leaves behind
+    carries the op id; doctor reports it and --fix removes it)."""
+    import signal
+    import time
+    seen: list[int] = []
+
+    def hold(signum: int, _frame: Any) -> None:
+        if not seen:
+            ctx.out.progress("past the point of no return: finishing the cleanup, please wait", always=True)
+        seen.append(signum)
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)} \
+        if _main_thread() else {}
+    try:
+        for step in steps:
+            for observer in STEP_OBSERVERS:
+                observer(step, "before")
+            journal.doc["done"].append({"step": step.id, "undo": None})
+            journal.write()
+            record.append({"step": step.id, "status": "started", "ms": 0})
+            ctx.out.progress(step.summary)
+            t0 = time.monotonic()
+            try:
+                run_undo(ctx, step.cleanup.as_dict())
+                record[-1].update(status="done", ms=int((time.monotonic() - t0) * 1000))
+            except OSError as exc:
+                record[-1]["status"] = "failed"
+                ctx.out.warn(f"{step.summary}: {exc}; abssctl doctor --fix finishes it")
+            for observer in STEP_OBSERVERS:
+                observer(step, "after")
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if seen:
+        ctx.out.warn("the interrupt came after the point of no return; the operation was completed")
+
+
 def recover_journals(ctx: Context) -> list[str]:
-    """Roll back every journal whose process is dead (after kill -9); returns their op ids."""
+    """Settle every journal whose process is dead (after kill -9): roll it back, or, past its point
+    of no return, finish its cleanup. Returns their op ids."""
     recovered = []
     for path, doc in list_journals(ctx.paths.journal_dir):
         if doc is None or pid_alive(int(doc.get("pid") or 0)) and doc.get("pid") != os.getpid():
             continue
-        ctx.out.progress(f"recover: rolling back {doc.get('command')} ({doc.get('op_id')}) "
-                         "left by a process that died")
-        failed = _undo_all(ctx, [d["undo"] for d in doc.get("done", []) if d.get("undo")])
+        if "cleanup" in doc:
+            ctx.out.progress(f"recover: finishing {doc.get('command')} ({doc.get('op_id')}), which had passed "
+                             "its point of no return when its process died")
+            failed = []
+            for action in doc["cleanup"]:
+                try:
+                    run_undo(ctx, action)
+                except OSError as exc:
+                    failed.append(f"{action.get('kind')} {(action.get('args') or {}).get('path', '')}: {exc}")
+        else:
+            ctx.out.progress(f"recover: rolling back {doc.get('command')} ({doc.get('op_id')}) "
+                             "left by a process that died")
+            failed = _undo_all(ctx, [d["undo"] for d in doc.get("done", []) if d.get("undo")])
         if failed:
-            raise HostError(f"could not roll back the interrupted operation {doc.get('op_id')}",
+            raise HostError(f"could not settle the interrupted operation {doc.get('op_id')}",
                             hint="recover by hand: " + "; ".join(failed), details={"journal": path})
         os.unlink(path)
         recovered.append(str(doc.get("op_id")))
@@ -2889,7 +2970,11 @@ class InitPlanner:
         if not os.path.isdir(path) or os.path.islink(path):
             raise HostError(f"{path} exists but is not a directory",
                             hint="move it away or point the [paths] key elsewhere, then re-run init")
-        st = os.stat(path)
+        self._fix_existing(plan, path, owner, mode)
+
+    def _fix_existing(self, plan: Plan, path: str, owner: str, mode: int) -> None:
+        """A step that sets owner and mode of an existing path, if they differ from §3.5."""
+        st = os.lstat(path)
         want_uid, want_gid = self._owner(owner)
         wrong_owner = self.as_root and (st.st_uid, st.st_gid) != (want_uid, want_gid)
         if (st.st_mode & 0o7777) != mode or wrong_owner:
@@ -2918,6 +3003,11 @@ class InitPlanner:
                      UndoAction("remove_path", path=paths.config_file))
         for name in REGISTRY_FILES + ("backups",):
             reg = self.ctx.registry(name)
+            if os.path.isfile(reg.path) and not os.path.islink(reg.path):
+                for path in (reg.path, reg.path + ".prev"):
+                    if os.path.isfile(path) and not os.path.islink(path):
+                        self._fix_existing(plan, path, "root" if name == "backups" else "group", reg.mode)
+                continue
             if os.path.lexists(reg.path):
                 continue
             plan.add("registry.create", f"create an empty {name} registry {reg.path}", reg.path,
@@ -4498,7 +4588,7 @@ def _create_steps(ctx: Context, plan: Plan, req: CreateRequest, gate: dict[str, 
             os.chown(path, uid, gid)
             os.chmod(path, 0o750)
     plan.add("fs.dirs", f"create {paths['root']} and its data dirs", paths["root"], make_dirs,
-             UndoAction("discard_new_dir", path=paths["root"]))
+             UndoAction("discard_dir", path=paths["root"]))
     plan.add("config.write", f"write {paths['config']}", paths["config"],
              lambda: atomic_write(paths["config"], server_config(paths["root"], req.port), mode=0o640, gid=gid,
                                   tag=ctx.op_id), UndoAction("remove_path", path=paths["config"]))
@@ -4509,7 +4599,7 @@ def _create_steps(ctx: Context, plan: Plan, req: CreateRequest, gate: dict[str, 
         else:
             do_tls = lambda: install_custom_files(ctx, name, req.cert or "", req.key or "", req.chain)  # noqa: E731
         plan.add("tls.write", f"write the {req.tls} certificate into {tdir}", tdir, do_tls,
-                 UndoAction("discard_new_dir", path=tdir))
+                 UndoAction("discard_dir", path=tdir))
     _unit_step(ctx, plan, name, render_unit(ctx, name, req.port, req.version, versions),
                f"write {paths['unit']} and daemon-reload")
     _systemctl_step(ctx, plan, "enable", unit_name(name), "disable")
@@ -4767,6 +4857,38 @@ def op_instance_set_port(ctx: Context, name: str, port: int) -> Result:
                                           ctx, Instances(ctx).get(name), gate)}))
 
 
+def _tls_files_step(ctx: Context, plan: Plan, name: str, summary: str, do: Callable[[], None]) -> None:
+    """Replace an instance's key and certificate (and their .prev). Until the change stands the old
+    files are kept aside as hard links in the 0700 TLS dir; the journal names them but never holds
+    their bytes (§6.4: no key material in a file that outlives a kill -9)."""
+    tp = _tls_paths(ctx, name)
+    existed = {p: os.path.lexists(p) for p in (tp["key"], tp["cert"], tp["key"] + ".prev", tp["cert"] + ".prev")}
+    aside = {p: os.path.join(tp["dir"], f".abssctl-tmp-{ctx.op_id}-{os.path.basename(p)}") for p in existed}
+
+    def run() -> None:
+        for path, was in existed.items():
+            if was and not os.path.lexists(aside[path]):
+                os.link(path, aside[path])
+        do()
+    plan.add("tls.write", summary, tp["dir"], run,
+             UndoAction("tls_restore", files={p: {"aside": aside[p], "existed": was}
+                                              for p, was in existed.items()}))
+    plan.cleanup("tls.forget", f"drop the old key and certificate kept aside in {tp['dir']}", tp["dir"],
+                 UndoAction("remove_tree", paths=list(aside.values())))
+
+
+def _undo_tls_restore(ctx: Context, args: Mapping[str, Any]) -> None:
+    """Put the old key and certificate back from their kept-aside links; nginx reloads them."""
+    for path, how in args["files"].items():
+        if os.path.lexists(how["aside"]):
+            os.replace(how["aside"], path)
+        elif not how["existed"] and os.path.lexists(path):
+            os.unlink(path)
+    nginx = Nginx(ctx.runner)
+    nginx.test()
+    nginx.reload()
+
+
 def op_instance_set_domain(ctx: Context, name: str, domain: str) -> Result:
     def build() -> Plan:
         insts = Instances(ctx)
@@ -4780,11 +4902,8 @@ def op_instance_set_domain(ctx: Context, name: str, domain: str) -> Result:
                            hint="pick another domain, or see abssctl instance list")
         tls = dict(entry["tls"])
         if tls.get("source") == "self-signed":
-            tdir = _tls_paths(ctx, name)["dir"]
-            before = {p: snapshot(os.path.join(tdir, p)) for p in ("privkey.pem", "fullchain.pem")}
-            plan.add("tls.write", f"regenerate the self-signed certificate for {domain}", tdir,
-                     lambda: make_self_signed(ctx, name, domain, 825),
-                     UndoAction("nginx_restore", files={os.path.join(tdir, p): s for p, s in before.items()}))
+            _tls_files_step(ctx, plan, name, f"regenerate the self-signed certificate for {domain}",
+                            lambda: make_self_signed(ctx, name, domain, 825))
         elif tls.get("source") == "custom" and not Tls(ctx.runner).inspect(tls["cert"]).covers(domain):
             ctx.out.warn(f"the custom certificate of {name} does not cover {domain}; install one that does "
                          f"with abssctl tls install {name} --cert F --key F")
@@ -4847,7 +4966,7 @@ def op_instance_rename(ctx: Context, old: str, new: str) -> Result:
                 raise AlreadyExists(f"{tp_new['dir']} already exists", hint="move it aside first")
             plan.add("tls.copy", f"copy {tp_old['dir']} to {tp_new['dir']}", tp_new["dir"],
                      lambda: copy_private_dir(tp_old["dir"], tp_new["dir"]),
-                     UndoAction("discard_new_dir", path=tp_new["dir"]))
+                     UndoAction("discard_dir", path=tp_new["dir"]))
             tls.update(cert=tp_new["cert"], key=tp_new["key"])
         version = str(entry["resolved_version"])
         _unit_step(ctx, plan, new, render_unit(ctx, new, int(entry["port"]), version, Versions(ctx)),
@@ -4874,8 +4993,8 @@ def op_instance_rename(ctx: Context, old: str, new: str) -> Result:
         if active:
             _start_and_gate_step(ctx, plan, new, int(entry["port"]), version, gate)
         if own_tls:
-            plan.add("tls.delete", f"delete the old TLS copy {trash}", trash,
-                     lambda: remove_tree(trash) if os.path.lexists(trash) else None)
+            plan.cleanup("tls.delete", f"delete the old TLS copy {trash}", trash,
+                         UndoAction("remove_tree", path=trash))
         return plan
 
     Instances(ctx).get(old)
@@ -4918,8 +5037,8 @@ def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: 
         if _is_active(state):
             _systemctl_step(ctx, plan, "stop", unit, "start")
         if purge_data and not no_backup:     # cold, and while the unit and vhost still exist to be saved
-            plan.add("backup.pre-delete", f"take a final cold backup of {name}", name,
-                     lambda: final.update(take_backup(ctx, name, reason="pre-delete", message=message)))
+            backup_step(ctx, plan, "backup.pre-delete", f"take a final cold backup of {name}", name, final,
+                        reason="pre-delete", message=message)
         if state.get("UnitFileState") == "enabled":
             _systemctl_step(ctx, plan, "disable", unit, "enable")
         _nginx_publish_step(ctx, plan, {}, {}, (ctx.paths.vhost_link(name), ctx.paths.vhost_file(name)),
@@ -4935,8 +5054,8 @@ def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: 
                 if os.path.lexists(path):
                     trashes.append(trash)
                     _rename_path_step(plan, f"purge.{what}", path, trash, f"move {path} aside")
-            plan.add("purge.delete", "delete the moved-aside data (no undo past this point)", name,
-                     lambda: [remove_tree(t) for t in trashes if os.path.lexists(t)] and None)
+            plan.cleanup("purge.delete", "delete the moved-aside data", name,
+                         UndoAction("remove_tree", paths=trashes))
         return plan
 
     def ask(_plan: Plan) -> None:
@@ -5010,12 +5129,6 @@ def _retls(ctx: Context, name: str, source: str, prepare: Callable[[Plan, dict[s
     return run_mutation(ctx, Mutation(title=f"tls {source} {name}", build=build, instances=[name],
                                       target={"kind": "instance", "name": name}, args={"name": name,
                                                                                       "source": source}))
-
-
-def _tls_files_step(ctx: Context, plan: Plan, name: str, summary: str, do: Callable[[], None]) -> None:
-    tp = _tls_paths(ctx, name)
-    before = {p: snapshot(p) for p in (tp["key"], tp["cert"], tp["key"] + ".prev", tp["cert"] + ".prev")}
-    plan.add("tls.write", summary, tp["dir"], do, UndoAction("nginx_restore", files=before))
 
 
 def op_tls_install(ctx: Context, name: str, cert: str, key: str, chain: str | None) -> Result:
@@ -5420,15 +5533,58 @@ def record_backup(ctx: Context, name: str, entry: Mapping[str, Any]) -> None:
             doc["instances"][name]["last_backup_id"] = entry["id"]
 
 
-def take_backup(ctx: Context, name: str, *, reason: str, message: str | None = None,
-                labels: Sequence[str] = (), compression: str = "auto") -> dict[str, Any]:
-    """Write and record one backup of an instance; used by backup create and by safety backups."""
-    entry = Instances(ctx).get(name)
-    writer = BackupWriter(ctx, name, entry, compression_for(ctx, compression), reason, message, labels)
-    result = writer.run()
-    record_backup(ctx, name, result)
-    ctx.out.progress(f"backup {name}: {result['id']} ({human_bytes(result['size_bytes'])})")
-    return result
+def backup_step(ctx: Context, plan: Plan, step_id: str, summary: str, name: str, made: dict[str, Any], *,
+                reason: str, message: str | None = None, labels: Sequence[str] = (),
+                compression: str = "auto", then: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """One backup of an instance as a plan step (backup create and every safety backup): ``made``
+    gets its index entry, and ``then`` is called with it inside the step. The undo removes what the
+    step left half-made (temp archive, snapshot dir, an archive not yet indexed) and a finished manual
+    backup; a finished safety backup is kept, as the rollback of its operation may restore from it."""
+    method = compression_for(ctx, compression)
+    previous = (Instances(ctx).doc["instances"].get(name) or {}).get("last_backup_id")
+    undo = UndoAction("discard_backup", instance=name, id=None, tmp=None, archive=None,
+                      snap_dir=os.path.join(ctx.paths.backup_root, name, f".abssctl-tmp-{ctx.op_id}"),
+                      keep=reason != "manual", last_backup_id=previous)
+
+    def do() -> None:
+        writer = BackupWriter(ctx, name, Instances(ctx).get(name), method, reason, message, labels)
+        undo.args.update(id=writer.id, tmp=writer.tmp, archive=writer.archive)
+        if ctx.journal is not None:
+            ctx.journal.write()             # the names reach the journal before the files exist
+        result = writer.run()
+        record_backup(ctx, name, result)
+        ctx.out.progress(f"backup {name}: {result['id']} ({human_bytes(result['size_bytes'])})")
+        made.update(result)
+        if then is not None:
+            then(result)
+    plan.add(step_id, summary, name, do, undo)
+
+
+def _undo_discard_backup(ctx: Context, args: Mapping[str, Any]) -> None:
+    """Undo of backup_step: temp files go; the archive, its sidecar and index entry go unless kept."""
+    for path in (args.get("tmp"), args.get("snap_dir")):
+        if path and os.path.isdir(path) and not os.path.islink(path):
+            remove_tree(path)
+        elif path and os.path.lexists(path):
+            os.unlink(path)
+    backup_id, archive = args.get("id"), args.get("archive")
+    if not backup_id or not archive:
+        return
+    reg = ctx.registry("backups")
+    if os.path.exists(reg.path) and backup_id in reg.load()["backups"]:
+        if args.get("keep"):
+            return
+        with reg.edit(ctx.op_id) as doc:
+            doc["backups"].pop(backup_id, None)
+    insts = ctx.registry("instances")
+    if (insts.load()["instances"].get(args["instance"]) or {}).get("last_backup_id") == backup_id:
+        with insts.edit(ctx.op_id) as doc:
+            doc["instances"][args["instance"]]["last_backup_id"] = args.get("last_backup_id")
+    gone = [path for path in (archive, backup_sidecar(archive)) if os.path.lexists(path)]
+    for path in gone:
+        os.unlink(path)
+    if gone:
+        fsync_dir(os.path.dirname(archive))
 
 
 def _backup_output(ctx: Context, entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -5453,9 +5609,9 @@ def op_backup_create(ctx: Context, names: Sequence[str], *, message: str | None,
 
         def build(name: str = name, made: dict[str, Any] = made) -> Plan:
             plan = Plan(f"back up {name}")
-            plan.add("backup.write", f"snapshot and archive {name} into {ctx.paths.backup_root}/{name}/",
-                     name, lambda: made.update(take_backup(ctx, name, reason="manual", message=message,
-                                                           labels=labels, compression=compression)))
+            backup_step(ctx, plan, "backup.write",
+                        f"snapshot and archive {name} into {ctx.paths.backup_root}/{name}/", name, made,
+                        reason="manual", message=message, labels=labels, compression=compression)
             return plan
         try:
             res = run_mutation(ctx, Mutation(title=f"backup {name}", build=build, instances=[name],
@@ -5956,8 +6112,8 @@ def op_backup_restore(ctx: Context, backup_id: str, *, instance: str | None, pre
         if active:
             _systemctl_step(ctx, plan, "stop", unit_name(target), "start")
         if pre_backup:
-            plan.add("backup.pre-restore", f"take a cold pre-restore backup of {target}", target,
-                     lambda: made.update(take_backup(ctx, target, reason="pre-restore", message=message)))
+            backup_step(ctx, plan, "backup.pre-restore", f"take a cold pre-restore backup of {target}", target,
+                        made, reason="pre-restore", message=message)
         trash = os.path.join(root, f".trash-data-{ctx.op_id}")
 
         def swap() -> None:
@@ -5975,17 +6131,16 @@ def op_backup_restore(ctx: Context, backup_id: str, *, instance: str | None, pre
                        dict(current, data_version=entry.get("server_version") or version,
                             last_restore={"backup_id": backup_id, "at": _now()}, updated_at=_now()),
                        f"record the restore of {backup_id}")
-
-        def finish_up() -> None:
-            remove_tree(staging)
-            if made:
-                os.rename(aside, os.path.join(root, f".trash-pre-restore-{ctx.op_id}"))
-                remove_tree(os.path.join(root, f".trash-pre-restore-{ctx.op_id}"))
-            with ctx.registry("backups").edit(ctx.op_id) as doc:
-                if backup_id in doc["backups"]:
-                    doc["backups"][backup_id]["last_restored_at"] = _now()
-        plan.add("restore.cleanup", "remove the staging dir (and the old data, once a pre-restore backup "
-                                    "holds it)", root, finish_up)
+        index = ctx.registry("backups")
+        indexed = index.load()["backups"].get(backup_id)
+        if indexed:
+            _registry_step(ctx, plan, index, backup_id, dict(indexed, last_restored_at=_now()),
+                           f"record the restore in the index entry of {backup_id}")
+        plan.cleanup("restore.cleanup", f"remove the staging dir {staging}", staging,
+                     UndoAction("remove_tree", path=staging))
+        if pre_backup:        # the pre-restore backup holds the old data; without one it is kept
+            plan.cleanup("restore.drop-old-data", f"delete the old data {aside}", aside,
+                         UndoAction("discard_dir", path=aside))
         return plan
 
     def ask(_plan: Plan) -> None:
@@ -6113,11 +6268,11 @@ def _upgrade_steps(ctx: Context, plan: Plan, name: str, target: str, tracker: Up
     if "backup" in phases and backup:
         protect = UndoAction("restore_data", name=name, backup_id=None, what=reason.replace("pre-", ""))
 
-        def cold_backup() -> None:
-            made = take_backup(ctx, name, reason=reason, message=message, labels=[label])
+        def taken(made: dict[str, Any]) -> None:
             row["backup_id"] = protect.args["backup_id"] = made["id"]
             m.log_extra.setdefault("backup_ids", []).append(made["id"])
-        plan.add(f"{name}.backup", f"cold {reason} backup of {name} (label {label})", name, cold_backup)
+        backup_step(ctx, plan, f"{name}.backup", f"cold {reason} backup of {name} (label {label})", name, {},
+                    reason=reason, message=message, labels=[label], then=taken)
         # A no-op whose undo puts the backed-up data back: recorded after the backup, so it knows the id.
         plan.add(f"{name}.protect", f"from here on {name}'s data may be migrated by {target}", name,
                  lambda: None, protect)
@@ -6534,10 +6689,11 @@ def _journal_findings(ctx: Context) -> list[Finding]:
     out = []
     for path, doc in list_journals(ctx.paths.journal_dir):
         if doc and not pid_alive(int(doc.get("pid") or 0)):
+            settle = "finishes its cleanup" if "cleanup" in doc else "rolls it back"
             out.append(Finding("state.journal", doc.get("op_id"), "fail",
                                f"{doc.get('command')} ({doc.get('op_id')}) was interrupted and left a journal",
-                               hint="abssctl doctor --fix (or any mutating command) rolls it back",
-                               fix=lambda plan: plan.add("state.recover", "roll back interrupted operations",
+                               hint=f"abssctl doctor --fix (or any mutating command) {settle}",
+                               fix=lambda plan: plan.add("state.recover", "settle interrupted operations",
                                                          ctx.paths.journal_dir, lambda: recover_journals(ctx))))
     return out
 

@@ -24,32 +24,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 # Known abssctl bugs this tier found and that are not fixed yet. Each case still runs and must fail
 # (strict): when the bug is fixed, the xfail turns red and its entry here is removed.
-KNOWN_BUGS = {
-    "test_ctrl_c_at_every_step_boundary_exits_130_and_restores_the_tree[instance rename]":
-        "no commit point: an interrupt after the irreversible tls.delete step still rolls back",
-    "test_ctrl_c_at_every_step_boundary_exits_130_and_restores_the_tree[instance delete]":
-        "no commit point: an interrupt after purge.delete still rolls back",
-    "test_ctrl_c_at_every_step_boundary_exits_130_and_restores_the_tree[backup create]":
-        "no commit point: an interrupt after the archive is indexed rolls nothing back but exits 130",
-    "test_ctrl_c_at_every_step_boundary_exits_130_and_restores_the_tree[backup restore]":
-        "no commit point: an interrupt after restore.cleanup reverts the registry but not the data",
-    "test_kill_9_at_every_step_boundary_then_a_rerun_converges[instance rename]":
-        "no commit point: recovery after tls.delete restores a vhost naming deleted files",
-    "test_kill_9_at_every_step_boundary_then_a_rerun_converges[instance delete]":
-        "no commit point: recovery after purge.delete cannot bring the data back",
-    "test_kill_9_at_every_step_boundary_then_a_rerun_converges[backup create]":
-        "no commit point: a completed backup survives its own rollback",
-    "test_kill_9_at_every_step_boundary_then_a_rerun_converges[backup restore]":
-        "no commit point: recovery after restore.cleanup reverts only the registry",
-    "test_kill_9_inside_the_archive_write_leaves_nothing_behind_after_recovery":
-        "the backup's temp archive and snapshot dir are not journaled, so recovery leaves them",
-    "test_kill_9_around_vhost_changes_keeps_real_nginx_passing":
-        "no commit point: rename recovery after tls.delete leaves nginx failing -t",
-    "test_init_after_a_change_of_service_group_re_owns_every_registry":
-        "init fixes the group of registry/ but not of the registry files",
-    "test_no_private_key_bytes_enter_an_intent_journal":
-        "tls install journals the key snapshots (0600, root-only, but still key bytes on disk)",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def pytest_collection_modifyitems(config, items):

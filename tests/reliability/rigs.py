@@ -158,7 +158,7 @@ state = {"after": 0, "fired": False, "seen": []}
 def observer(step, phase):
     if phase == "after":
         state["after"] += 1
-    state["seen"].append([step.id, phase])
+    state["seen"].append([step.id, phase, step.cleanup is not None])
     if state["fired"] or mode == "count":
         return
     if (k == 0 and phase == "before") or (k > 0 and phase == "after" and state["after"] == k):
@@ -231,11 +231,21 @@ def cli(config: Path, *argv: Any, env: dict[str, str] | None = None,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
 
-def steps_of(sb: Any, argv: list[str]) -> list[str]:
-    """The step ids a full run of ARGV goes through (a child run with a counting observer)."""
+def steps_of(sb: Any, argv: list[str]) -> list[tuple[str, bool]]:
+    """(step id, past the point of no return?) for each step a full run of ARGV goes through (a child
+    run with a counting observer). A cleanup step runs after the change stands (DESIGN §2.3 Plan)."""
     proc, seen = run_child(sb, "count", 0, argv)
     assert proc.returncode == 0, f"baseline run failed: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return [s for s, phase in (seen or []) if phase == "after"]
+    return [(s, cleanup) for s, phase, cleanup in (seen or []) if phase == "after"]
+
+
+def committed_at(steps: list[tuple[str, bool]], k: int) -> bool:
+    """Whether boundary k ("after step k") lies past the point of no return."""
+    return k > 0 and steps[k - 1][1]
+
+
+def point_name(steps: list[tuple[str, bool]], k: int) -> str:
+    return f"{k:2d} {'before ' + steps[0][0] if k == 0 else 'after ' + steps[k - 1][0]}"
 
 
 # ----------------------------------------------------------------------------------------------

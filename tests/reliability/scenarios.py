@@ -171,10 +171,9 @@ SCENARIOS: dict[str, Scenario] = {s.command: s for s in [
     Scenario("instance create", _nothing,
              lambda c: ["instance", "create", "alice", "--domain", DOMAIN, "--tls", "self-signed"], _created),
     Scenario("instance rename", _alice_with_backup, lambda c: ["instance", "rename", "alice", "alicia"], _renamed),
-    # --no-backup: with the final backup, delete --purge-data cannot run at all today (see
-    # test_delete_purge_data_with_its_final_backup_succeeds in test_interrupt.py)
+    # with its final pre-delete backup (a safety backup: kept by a rollback, like pre-restore's)
     Scenario("instance delete", _alice_with_backup,
-             lambda c: ["--yes", "instance", "delete", "alice", "--purge-data", "--no-backup"], _deleted),
+             lambda c: ["--yes", "instance", "delete", "alice", "--purge-data"], _deleted),
     Scenario("backup create", _alice_with_backup, lambda c: ["backup", "create", "alice", "-m", "again"],
              _backed_up),
     Scenario("backup restore", _restore_setup, lambda c: ["--yes", "backup", "restore", c["backup"]], _restored),

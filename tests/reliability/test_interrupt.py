@@ -1,18 +1,35 @@
-"""Ctrl-C at every step boundary (DESIGN §5.2, P4): SIGINT to the child from an observer exits 130
-after the undo, and the tree equals the starting tree, modulo the ops log, lock files and `.prev`
-registry copies (and the runtime files and safety backups rigs.rollback_problems() names); the
-units the fake systemd runs are as they were."""
+"""Ctrl-C at every step boundary (DESIGN §5.2, P4).
+
+Before the point of no return (every reversible step): SIGINT to the child from an observer exits
+130 after the undo, and the tree equals the starting tree, modulo the ops log, lock files and `.prev`
+registry copies (and the runtime files and safety backups rigs.rollback_problems() names); the units
+the fake systemd runs are as they were.
+
+Past it (the cleanup steps of rename, delete --purge-data and restore, DESIGN §2.3 Plan): the change
+already stands, so the interrupt waits for the cleanup, the command says so and exits 0, and the
+state is the completed one: consistent registries, no leftovers, and what the scenario must produce.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from reliability.rigs import MATRIX, RHost, rhost, rollback_problems, run_child, snapshot_state, steps_of  # noqa: F401
+from reliability.rigs import (MATRIX, RHost, committed_at, consistency_problems, point_name, rhost,  # noqa: F401
+                              rollback_problems, run_child, snapshot_state, steps_of)
 from reliability.scenarios import SCENARIOS, Scenario
 
 pytestmark = pytest.mark.reliability
+
+
+def _json_doc(stdout: str, problems: list[str]) -> dict | None:
+    try:
+        return json.loads(stdout)
+    except ValueError:
+        problems.append(f"stdout is not one JSON document: {stdout[:200]!r}")
+        return None
 
 
 def interrupt_matrix(h: RHost, sc: Scenario) -> list[str]:
@@ -25,26 +42,41 @@ def interrupt_matrix(h: RHost, sc: Scenario) -> list[str]:
     for k in range(len(steps) + 1):
         h.restore()
         before = snapshot_state(h.sb)
-        point = f"{k:2d} {'before ' + steps[0] if k == 0 else 'after ' + steps[k - 1]}"
+        point = point_name(steps, k)
+        committed = committed_at(steps, k)
         proc, note = run_child(h.sb, "int", k, argv)
         problems = []
-        if proc.returncode != 130:
-            problems.append(f"exit {proc.returncode}, not 130: {proc.stderr.strip()[-500:]}")
+        if "Traceback" in proc.stderr:
+            problems.append("traceback on stderr")
+        if committed:
+            want_rc, want_result = 0, "ok"
+            doc = _json_doc(proc.stdout, problems)
+            if proc.returncode != 0:
+                problems.append(f"exit {proc.returncode}, not 0: {proc.stderr.strip()[-500:]}")
+            elif doc is not None:
+                if doc.get("ok") is not True:
+                    problems.append(f"JSON is not ok: {doc}")
+                if "after the point of no return" not in proc.stderr:
+                    problems.append("the command did not say the interrupt came past the point of no return")
+                problems += consistency_problems(h.sb, kept_dirs=sc.kept_dirs, kept_aside=sc.kept_aside)
+                problems += sc.verify(h, ctx, SimpleNamespace(rc=proc.returncode, doc=doc))
         else:
-            try:
-                doc = json.loads(proc.stdout)
-                if doc.get("error", {}).get("kind") != "Interrupted":
+            want_rc, want_result = 130, "interrupted"
+            if proc.returncode != 130:
+                problems.append(f"exit {proc.returncode}, not 130: {proc.stderr.strip()[-500:]}")
+            else:
+                doc = _json_doc(proc.stdout, problems)
+                if doc is not None and doc.get("error", {}).get("kind") != "Interrupted":
                     problems.append(f"JSON error kind {doc.get('error')}")
-            except ValueError:
-                problems.append(f"stdout is not one JSON document: {proc.stdout[:200]!r}")
-            if "Traceback" in proc.stderr:
-                problems.append("traceback on stderr")
-        problems += rollback_problems(h.sb, before, sc.kept_aside)
+            problems += rollback_problems(h.sb, before, sc.kept_aside)
         log = Path(h.sb.paths["log_dir"]) / "operations.jsonl"
         records = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
-        if not records or records[-1].get("result") != "interrupted" or records[-1].get("exit_code") != 130:
-            problems.append(f"ops log does not record the interruption: {records[-1:]}")
-        outcome = "ok: exit 130, tree as before" if not problems else "FAIL: " + "; ".join(problems)
+        if not records or records[-1].get("result") != want_result or records[-1].get("exit_code") != want_rc:
+            problems.append(f"ops log does not record result {want_result}: {records[-1:]}")
+        if problems:
+            outcome = "FAIL: " + "; ".join(problems)
+        else:
+            outcome = "ok: cleanup finished, exit 0, completed state" if committed else "ok: exit 130, tree as before"
         MATRIX.add("Ctrl-C", sc.command, point, outcome)
         if problems:
             failures.append(f"{point}: {'; '.join(problems)}")
@@ -52,6 +84,6 @@ def interrupt_matrix(h: RHost, sc: Scenario) -> list[str]:
 
 
 @pytest.mark.parametrize("command", list(SCENARIOS))
-def test_ctrl_c_at_every_step_boundary_exits_130_and_restores_the_tree(rhost: RHost, command: str) -> None:
+def test_ctrl_c_at_every_step_boundary_rolls_back_or_finishes(rhost: RHost, command: str) -> None:
     failures = interrupt_matrix(rhost, SCENARIOS[command])
     assert not failures, f"{command}:\n" + "\n".join(failures)

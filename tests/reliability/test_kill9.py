@@ -1,7 +1,10 @@
 """kill -9 at every step boundary (DESIGN §7 Reliability, P4): after each kill no state or config
-file is half-written, nginx -t passes, a journal is left; the next mutating command (`init`, as
-doctor --fix does not exist yet) rolls the journal back to the starting state; a re-run of the same
-command then converges to consistent registries, with no orphan or corrupt backup.
+file is half-written, nginx -t passes, a journal is left. Before the point of no return the next
+mutating command (`init` here; doctor --fix does the same) rolls the journal back to the starting
+state, and a re-run of the same command then converges to consistent registries, with no orphan or
+corrupt backup. Past it (a cleanup step of rename, delete --purge-data or restore), the recovery
+finishes the cleanup instead: the state is the completed one, and a re-run is a no-op or exits 2
+NotFound (the old name is gone).
 
 Boundary 0 is "before the first step" (the journal exists, nothing was done); boundary k is "after
 step k". Two extra rows kill *inside* a step, through a tool that SIGKILLs its parent: zstd during
@@ -15,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from reliability.rigs import (MATRIX, RHost, consistency_problems, problems_after_kill, registry,  # noqa: F401
-                              rhost, rollback_problems, run_child, snapshot_state, steps_of)
+from reliability.rigs import (MATRIX, RHost, committed_at, consistency_problems, point_name,  # noqa: F401
+                              problems_after_kill, registry, rhost, rollback_problems, run_child,
+                              snapshot_state, steps_of)
 from reliability.scenarios import SCENARIOS, Scenario, seed, alice_data
 
 pytestmark = pytest.mark.reliability
@@ -40,6 +44,22 @@ def recover(h: RHost, before: dict, sc: Scenario) -> list[str]:
     return [f"after recovery: {p}" for p in rollback_problems(h.sb, before, sc.kept_aside)]
 
 
+def finish(h: RHost, sc: Scenario, ctx: dict, argv: list[str]) -> list[str]:
+    """Past the point of no return: `init` finishes the cleanup; the state is the completed one, and a
+    re-run changes nothing or finds its target gone."""
+    res = h.run("--json", "init")
+    if res.rc != 0:
+        return [f"recovery by init exits {res.rc}: {res.err.strip()[-600:]}"]
+    if "recover: finishing" not in res.err:
+        return ["init did not say it finished the dead journal's cleanup"]
+    problems = [f"after recovery: {p}" for p in
+                consistency_problems(h.sb, kept_dirs=sc.kept_dirs, kept_aside=sc.kept_aside) + sc.verify(h, ctx, None)]
+    again = h.run("--json", *argv)
+    if again.rc != 0 and not (again.rc == 2 and (again.doc or {}).get("error", {}).get("kind") == "NotFound"):
+        problems.append(f"re-run exits {again.rc}: {again.err.strip()[-600:]}")
+    return problems + consistency_problems(h.sb, kept_dirs=sc.kept_dirs, kept_aside=sc.kept_aside)
+
+
 def kill_matrix(h: RHost, sc: Scenario) -> list[str]:
     ctx: dict = {}
     sc.setup(h, ctx)
@@ -51,17 +71,25 @@ def kill_matrix(h: RHost, sc: Scenario) -> list[str]:
     for k in range(len(steps) + 1):
         h.restore()
         before = snapshot_state(h.sb)
-        point = f"{k:2d} {'before ' + steps[0] if k == 0 else 'after ' + steps[k - 1]}"
+        point = point_name(steps, k)
+        committed = committed_at(steps, k)
         proc, note = run_child(h.sb, "kill", k, ["--json", "-q", *argv])
         if proc.returncode != -signal.SIGKILL:
             problems = [f"child was not killed (rc {proc.returncode}; the re-built plan differs?): "
                         f"{proc.stderr.strip()[-400:]}"]
         else:
             problems = problems_after_kill(h.sb, k, sc.command)
-            problems += recover(h, before, sc)
-            problems += converge(h, sc, ctx, argv)
-        outcome = "ok: journal left, recovery restored the start, re-run converged" if not problems else \
-            "FAIL: " + "; ".join(problems)
+            if committed:
+                problems += finish(h, sc, ctx, argv)
+            else:
+                problems += recover(h, before, sc)
+                problems += converge(h, sc, ctx, argv)
+        if problems:
+            outcome = "FAIL: " + "; ".join(problems)
+        elif committed:
+            outcome = "ok: journal left, recovery finished the cleanup, state complete"
+        else:
+            outcome = "ok: journal left, recovery restored the start, re-run converged"
         MATRIX.add("kill -9", sc.command, point, outcome)
         if problems:
             failures.append(f"{point}: {'; '.join(problems)}")

@@ -141,3 +141,78 @@ def test_sigterm_during_apply_undoes_and_exits_130(sandbox) -> None:
     assert not [p for p in new if "registry" in p or p.startswith("srv")]
     records = [json.loads(x) for x in (sandbox.paths["log_dir"] / "operations.jsonl").read_text().splitlines()]
     assert records[-1]["result"] == "interrupted" and records[-1]["exit_code"] == 130
+
+
+def trash_plan(tmp: Path) -> abssctl.Plan:
+    """A reversible change, then a cleanup past the point of no return (two trash dirs to delete)."""
+    plan = abssctl.Plan("test")
+    made = tmp / "made"
+    trashes = [tmp / ".trash-a-op", tmp / ".trash-b-op"]
+    for t in trashes:
+        t.mkdir()
+        (t / "content").write_text("old")
+    plan.cleanup("trash.delete", "delete the trash", str(tmp),
+                 abssctl.UndoAction("remove_tree", paths=[str(t) for t in trashes]))
+    plan.add("fs.write", "make a file", str(made), lambda: made.write_text("new"),   # added after the cleanup,
+             abssctl.UndoAction("remove_path", path=str(made)))                       # runs before it
+    return plan
+
+
+def test_cleanup_steps_run_last_and_the_plan_says_they_have_no_undo(sandbox, tmp_path: Path) -> None:
+    ctx = make_ctx(sandbox)
+    work = tmp_path / "work"
+    work.mkdir()
+    plan = trash_plan(work)
+    assert [s["step"] for s in plan.as_list()] == ["fs.write", "trash.delete"]
+    assert plan.as_list()[1]["cleanup"] is True and "cleanup" not in plan.as_list()[0]
+    assert "no undo: past the point of no return" in plan.text()[2]
+    steps = abssctl.apply(ctx, plan, {})
+    assert [(s["step"], s["status"]) for s in steps] == [("fs.write", "done"), ("trash.delete", "done")]
+    assert sorted(p.name for p in work.iterdir()) == ["made"]
+
+
+def test_ctrl_c_past_the_point_of_no_return_finishes_instead_of_undoing(sandbox, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    def interrupt(step, phase):
+        if step.id == "trash.delete" and phase == "before":
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(abssctl, "STEP_OBSERVERS", [interrupt])
+    ctx = make_ctx(sandbox)
+    work = tmp_path / "work"
+    work.mkdir()
+    abssctl.apply(ctx, trash_plan(work), {})                # no KeyboardInterrupt escapes
+    assert sorted(p.name for p in work.iterdir()) == ["made"]
+    assert os.listdir(ctx.paths.journal_dir) == []
+
+
+KILL_AT_CLEANUP = """
+import os, sys
+sys.path.insert(0, {root!r})
+import abssctl
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from unit.test_plan import make_ctx, trash_plan
+class Sb: config = {config!r}
+def observer(step, phase):
+    if step.id == "trash.delete" and phase == "before":
+        os.kill(os.getpid(), 9)
+abssctl.STEP_OBSERVERS.append(observer)
+abssctl.apply(make_ctx(Sb), trash_plan(Path({tmp!r})), {{}})
+"""
+
+
+def test_kill_9_past_the_point_of_no_return_is_finished_by_recovery(sandbox, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_CLEANUP.format(
+        root=str(ROOT), tests=str(ROOT / "tests"), config=str(sandbox.config), tmp=str(work))],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert sorted(p.name for p in work.iterdir()) == [".trash-a-op", ".trash-b-op", "made"]
+    [journal] = list((sandbox.paths["state_dir"] / "journal").iterdir())
+    assert json.loads(journal.read_text())["cleanup"][0]["kind"] == "remove_tree"
+    got = sandbox.run("--json", "init")
+    assert got.rc == 0, got.err
+    assert "recover: finishing test" in got.err
+    assert sorted(p.name for p in work.iterdir()) == ["made"]       # finished, not rolled back
+    assert not journal.exists()
