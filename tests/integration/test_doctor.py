@@ -606,6 +606,32 @@ def break_foreign_listener(h) -> Case:
     return "ports.foreign", "alice", "fail", 4, False, None
 
 
+def break_nginx_config(h) -> Case:
+    """Someone else's site that nginx -t rejects: reported, never touched by --fix."""
+    foreign = h.nginx.sites_enabled / "zz-someone-else.conf"
+    foreign.write_text("server {\n    listen 127.0.0.1:1;\n    no_such_directive on;\n}\n")
+    return "nginx.test", None, "fail", 4, False, None
+
+
+def break_node_broken(h) -> Case:
+    """A node that is there but does not run (a broken install)."""
+    node = h.root / "bin-broken" / "node"
+    node.parent.mkdir(exist_ok=True)
+    node.write_text("#!/bin/sh\necho 'node: error while loading shared libraries' >&2\nexit 127\n")
+    node.chmod(0o755)
+    h.configure("commands", node=[str(node)])
+    return "env.node", None, "fail", 3, False, None
+
+
+def break_hung_server(h) -> Case:
+    """A server whose process is alive, its unit active, its port open, but that answers nothing."""
+    pid = int(show(h, "alice")["MainPID"])
+    assert pid > 0
+    os.kill(pid, signal.SIGSTOP)
+    h.stopped.append(pid)                            # continued by the test
+    return "app.health", "alice", "fail", 4, False, None
+
+
 def break_served_cert(h) -> Case:
     """A renewal written in place (as on TurnKey) while nginx keeps serving the old certificate."""
     cert, key = openssl_pair(h, "bob", 90, h.root / "renewed")
@@ -685,6 +711,9 @@ CASES = {
     "no-backup": break_no_backup,
     "corrupt-backup": break_corrupt_backup,
     "missing-archive": break_missing_archive,
+    "nginx-t-fails": break_nginx_config,
+    "node-broken": break_node_broken,
+    "server-hung": break_hung_server,
 }
 
 # Not doctor's to fix, but a drift repair re-renders the file that carried it (the vhost, or the
@@ -697,7 +726,7 @@ CURED_BY_DRIFT_FIX = {"coop-in-vhost", "hostname-0.0.0.0", "data-in-package-tree
 @pytest.mark.parametrize("case", list(CASES))
 def test_break_and_fix(two, case: str) -> None:
     h = two
-    h.squatter, h.mounts = None, []
+    h.squatter, h.mounts, h.stopped = None, [], []
     try:
         probe_id, target, status, code, fixable, check = CASES[case](h)
         got = doctor(h)
@@ -728,6 +757,8 @@ def test_break_and_fix(two, case: str) -> None:
     finally:
         if h.squatter:
             h.squatter.close()
+        for pid in h.stopped:
+            os.kill(pid, signal.SIGCONT)
         for mnt in h.mounts:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
