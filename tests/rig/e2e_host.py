@@ -19,11 +19,12 @@ tier's (tests/rig/host.py) but driven as a subprocess like the E2E sandboxes (te
 
 ``E2EHost`` is an ``E2ESandbox`` (``run``/``env``/``registry_doc``...) plus ``nginx``, ``systemd``,
 ``ok()`` (a call that must exit 0), ``https()`` (one request through the sandbox nginx with SNI,
-like ``curl -k --resolve DOMAIN:PORT:127.0.0.1``), ``eventually()`` (bounded polling), ``nginx_ok()``
-and ``state()`` (a registry document). Helpers for the server's API through that nginx, shared by
-the E2E modules: ``healthy``, ``bootstrap_and_login``, ``login``, ``login_refused``, ``user_files``,
-``upload_headers``, ``upload_user_file`` and ``download_user_file``. Only loopback is spoken to;
-every wait is bounded.
+like ``curl -k --resolve DOMAIN:PORT:127.0.0.1``), ``eventually()`` (bounded polling),
+``wait_vhost()`` (nginx presents an instance's certificate for its domain, so the new vhost is the
+one answering), ``nginx_ok()`` and ``state()`` (a registry document). Helpers for the server's API
+through that nginx, shared by the E2E modules: ``healthy``, ``bootstrap_and_login``, ``login``,
+``login_refused``, ``user_files``, ``upload_headers``, ``upload_user_file`` and
+``download_user_file``. Only loopback is spoken to; every wait is bounded.
 """
 from __future__ import annotations
 
@@ -159,6 +160,37 @@ class E2EHost(E2ESandbox):
             if time.monotonic() > deadline:
                 return last
             time.sleep(0.2)
+
+    def served_cert(self, domain: str, timeout: float = HTTP_TIMEOUT) -> bytes:
+        """DER of the certificate nginx presents for SNI DOMAIN: it tells which vhost answers."""
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        raw = socket.create_connection(("127.0.0.1", self.nginx.https_port), timeout=timeout)
+        with ctx.wrap_socket(raw, server_hostname=domain) as tls:
+            return tls.getpeercert(binary_form=True) or b""
+
+    def wait_vhost(self, name: str, domain: str, seconds: float = 20.0, times: int = 3) -> None:
+        """Wait (bounded) until nginx answers DOMAIN with NAME's certificate, TIMES connections in a
+        row. abssctl's `nginx -s reload` returns before the new workers serve; until they do, a new
+        domain meets the first vhost on the port, whose /health says UP just the same."""
+        pem = (self.paths["tls_dir"] / name / "fullchain.pem").read_text(encoding="ascii")
+        end = "-----END CERTIFICATE-----"
+        want = ssl.PEM_cert_to_DER_cert(pem[:pem.index(end) + len(end)] + "\n")
+        deadline = time.monotonic() + seconds
+        streak, last = 0, "never answered"
+        while streak < times:
+            try:
+                got = self.served_cert(domain)
+                streak = streak + 1 if got == want else 0
+                last = "the certificate of another vhost" if got != want else "a match"
+            except OSError as exc:
+                streak, last = 0, repr(exc)
+            if streak >= times:
+                return
+            assert time.monotonic() < deadline, (
+                f"nginx did not serve {domain} with {name}'s certificate within {seconds} s: {last}")
+            time.sleep(0.1)
 
     def health(self, domain: str) -> HttpReply | str:
         """GET /health through nginx until it says UP (bounded); returns the last reply."""
