@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from rig.e2e import V25, V26, PhaseTimings
-from rig.e2e_host import E2EHost, HttpReply, e2e_host  # noqa: F401  (the fixture)
+from rig.e2e_host import (E2EHost, bootstrap_and_login, e2e_host, healthy,  # noqa: F401  (the fixture)
+                          login, login_refused, upload_headers, user_files)
 from rig.systemd_sandbox import pid_alive
 
 pytestmark = pytest.mark.e2e
@@ -27,12 +28,6 @@ VERSIONS = {"alice": V25, "bob": V26}
 UPLOAD_MB = 30
 OLD_PASSWORD = "e2e-old-password-1"
 NEW_PASSWORD = "e2e-new-password-2"
-
-
-def healthy(host: E2EHost, domain: str) -> None:
-    got = host.health(domain)
-    assert isinstance(got, HttpReply) and got.status == 200 and got.json() == {"status": "UP"}, (
-        f"/health of {domain} through nginx: {got if isinstance(got, str) else got.describe()}")
 
 
 @pytest.fixture(scope="module")
@@ -45,42 +40,6 @@ def instances(e2e_host: E2EHost, e2e_timings: PhaseTimings) -> dict[str, Any]:
                                      "--version", VERSIONS[name], "--tls", "self-signed")
         assert e2e_host.nginx_ok() == ""
     return docs
-
-
-def upload_headers(token: str | None, file_id: str, name: str) -> dict[str, str]:
-    headers = {"Content-Type": "application/encrypted-file", "x-actual-file-id": file_id,
-               "x-actual-name": name, "x-actual-format": "2"}
-    if token:
-        headers["x-actual-token"] = token
-    return headers
-
-
-def bootstrap_and_login(host: E2EHost, domain: str, password: str) -> str:
-    needs = host.https_json(domain, "/account/needs-bootstrap")
-    assert needs.status == 200 and needs.json()["data"]["bootstrapped"] is False, needs.describe()
-    boot = host.https_json(domain, "/account/bootstrap", {"password": password})
-    assert boot.status == 200 and boot.json()["status"] == "ok", boot.describe()
-    return login(host, domain, password)
-
-
-def login(host: E2EHost, domain: str, password: str) -> str:
-    got = host.https_json(domain, "/account/login", {"loginMethod": "password", "password": password})
-    doc = got.json() or {}
-    assert got.status == 200 and doc.get("status") == "ok" and doc["data"]["token"], got.describe()
-    return doc["data"]["token"]
-
-
-def login_refused(host: E2EHost, domain: str, password: str) -> bool:
-    got = host.https_json(domain, "/account/login", {"loginMethod": "password", "password": password})
-    return (got.json() or {}).get("status") == "error"
-
-
-def user_files(host: E2EHost, domain: str, token: str) -> dict[str, str]:
-    """fileId -> name from /sync/list-user-files."""
-    got = host.https_json(domain, "/sync/list-user-files", token=token)
-    doc = got.json() or {}
-    assert got.status == 200 and doc.get("status") == "ok", got.describe()
-    return {row["fileId"]: row["name"] for row in doc["data"] if not row.get("deleted")}
 
 
 # ----------------------------------------------------------------------------------------------

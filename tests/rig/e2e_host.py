@@ -12,13 +12,19 @@ tier's (tests/rig/host.py) but driven as a subprocess like the E2E sandboxes (te
 - ``[commands] node`` = Node 22 for every version, ``systemctl``/``journalctl``/``nginx``/
   ``nginx_reload`` from the sandboxes; ``[nginx]`` ports from the sandbox nginx; ``[ports]`` a free
   high range; ``[service] user/group = root``; ``[health] timeout = 120``; the real npm registry;
-- ``init --yes``, then 25.6.0 installed from the registry on Node 22 (ABI 127, the shared npm cache
-  of ``$CACHE/npm-cache``) and 26.8.1 imported from the ``built_versions`` bundle (built on Node 22).
+- ``init --yes``, then 25.6.0 on Node 22 (ABI 127) and 26.8.1 imported from the ``built_versions``
+  bundle (built on Node 22). The run's first host installs 25.6.0 from the registry (the shared npm
+  cache of ``$CACHE/npm-cache``) and exports it into the run's bundle dir; later hosts (other
+  modules) import that bundle, so no version is built twice on the same node in one run.
 
 ``E2EHost`` is an ``E2ESandbox`` (``run``/``env``/``registry_doc``...) plus ``nginx``, ``systemd``,
 ``ok()`` (a call that must exit 0), ``https()`` (one request through the sandbox nginx with SNI,
-like ``curl -k --resolve DOMAIN:PORT:127.0.0.1``), ``eventually()`` (bounded polling), ``nginx_ok()``
-and ``state()`` (a registry document). Only loopback is spoken to; every wait is bounded.
+like ``curl -k --resolve DOMAIN:PORT:127.0.0.1``), ``eventually()`` (bounded polling),
+``wait_vhost()`` (nginx presents an instance's certificate for its domain, so the new vhost is the
+one answering), ``nginx_ok()`` and ``state()`` (a registry document). Helpers for the server's API
+through that nginx, shared by the E2E modules: ``healthy``, ``bootstrap_and_login``, ``login``,
+``login_refused``, ``user_files``, ``upload_headers``, ``upload_user_file`` and
+``download_user_file``. Only loopback is spoken to; every wait is bounded.
 """
 from __future__ import annotations
 
@@ -39,7 +45,8 @@ from rig.nginx_sandbox import NginxSandbox, free_port
 from rig.nginx_sandbox import NGINX
 from rig.systemd_sandbox import SystemdSandbox, systemctl_script
 
-__all__ = ["E2EHost", "HttpReply", "e2e_host"]
+__all__ = ["E2EHost", "HttpReply", "bootstrap_and_login", "download_user_file", "e2e_host", "healthy",
+           "login", "login_refused", "upload_headers", "upload_user_file", "user_files"]
 
 HTTP_TIMEOUT = 30.0
 
@@ -154,10 +161,100 @@ class E2EHost(E2ESandbox):
                 return last
             time.sleep(0.2)
 
+    def served_cert(self, domain: str, timeout: float = HTTP_TIMEOUT) -> bytes:
+        """DER of the certificate nginx presents for SNI DOMAIN: it tells which vhost answers."""
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        raw = socket.create_connection(("127.0.0.1", self.nginx.https_port), timeout=timeout)
+        with ctx.wrap_socket(raw, server_hostname=domain) as tls:
+            return tls.getpeercert(binary_form=True) or b""
+
+    def wait_vhost(self, name: str, domain: str, seconds: float = 20.0, times: int = 3) -> None:
+        """Wait (bounded) until nginx answers DOMAIN with NAME's certificate, TIMES connections in a
+        row. abssctl's `nginx -s reload` returns before the new workers serve; until they do, a new
+        domain meets the first vhost on the port, whose /health says UP just the same."""
+        pem = (self.paths["tls_dir"] / name / "fullchain.pem").read_text(encoding="ascii")
+        end = "-----END CERTIFICATE-----"
+        want = ssl.PEM_cert_to_DER_cert(pem[:pem.index(end) + len(end)] + "\n")
+        deadline = time.monotonic() + seconds
+        streak, last = 0, "never answered"
+        while streak < times:
+            try:
+                got = self.served_cert(domain)
+                streak = streak + 1 if got == want else 0
+                last = "the certificate of another vhost" if got != want else "a match"
+            except OSError as exc:
+                streak, last = 0, repr(exc)
+            if streak >= times:
+                return
+            assert time.monotonic() < deadline, (
+                f"nginx did not serve {domain} with {name}'s certificate within {seconds} s: {last}")
+            time.sleep(0.1)
+
     def health(self, domain: str) -> HttpReply | str:
         """GET /health through nginx until it says UP (bounded); returns the last reply."""
         return self.eventually(lambda: self.https(domain, "/health"),
                                lambda r: r.status == 200 and r.json() == {"status": "UP"})
+
+
+# -- the server's API through nginx (assertions shared by the E2E modules) --------------------------
+
+def healthy(host: E2EHost, domain: str) -> None:
+    """/health of DOMAIN through nginx says UP (polled, bounded), else the test fails."""
+    got = host.health(domain)
+    assert isinstance(got, HttpReply) and got.status == 200 and got.json() == {"status": "UP"}, (
+        f"/health of {domain} through nginx: {got if isinstance(got, str) else got.describe()}")
+
+
+def upload_headers(token: str | None, file_id: str, name: str) -> dict[str, str]:
+    """The headers of /sync/upload-user-file for an encrypted budget file (with x-actual-token)."""
+    headers = {"Content-Type": "application/encrypted-file", "x-actual-file-id": file_id,
+               "x-actual-name": name, "x-actual-format": "2"}
+    if token:
+        headers["x-actual-token"] = token
+    return headers
+
+
+def bootstrap_and_login(host: E2EHost, domain: str, password: str) -> str:
+    """Set the first password of a fresh server, then log in; returns the session token."""
+    needs = host.https_json(domain, "/account/needs-bootstrap")
+    assert needs.status == 200 and needs.json()["data"]["bootstrapped"] is False, needs.describe()
+    boot = host.https_json(domain, "/account/bootstrap", {"password": password})
+    assert boot.status == 200 and boot.json()["status"] == "ok", boot.describe()
+    return login(host, domain, password)
+
+
+def login(host: E2EHost, domain: str, password: str) -> str:
+    """/account/login with the password must succeed; returns the session token."""
+    got = host.https_json(domain, "/account/login", {"loginMethod": "password", "password": password})
+    doc = got.json() or {}
+    assert got.status == 200 and doc.get("status") == "ok" and doc["data"]["token"], got.describe()
+    return doc["data"]["token"]
+
+
+def login_refused(host: E2EHost, domain: str, password: str) -> bool:
+    got = host.https_json(domain, "/account/login", {"loginMethod": "password", "password": password})
+    return (got.json() or {}).get("status") == "error"
+
+
+def user_files(host: E2EHost, domain: str, token: str) -> dict[str, str]:
+    """fileId -> name from /sync/list-user-files."""
+    got = host.https_json(domain, "/sync/list-user-files", token=token)
+    doc = got.json() or {}
+    assert got.status == 200 and doc.get("status") == "ok", got.describe()
+    return {row["fileId"]: row["name"] for row in doc["data"] if not row.get("deleted")}
+
+
+def upload_user_file(host: E2EHost, domain: str, token: str, file_id: str, name: str, body: bytes) -> None:
+    """POST a budget file to /sync/upload-user-file; the server must accept it."""
+    up = host.https(domain, "/sync/upload-user-file", "POST", body, upload_headers(token, file_id, name))
+    assert up.status == 200 and up.json()["status"] == "ok", up.describe()
+
+
+def download_user_file(host: E2EHost, domain: str, token: str, file_id: str) -> HttpReply:
+    return host.https(domain, "/sync/download-user-file", headers={"x-actual-token": token,
+                                                                   "x-actual-file-id": file_id})
 
 
 def _require(res: CliResult, what: str) -> None:
@@ -165,10 +262,35 @@ def _require(res: CliResult, what: str) -> None:
         pytest.fail(f"{what} failed:\n{res.describe()}")
 
 
+# 25.6.0 as built on Node 22 by the first E2E host of this run, exported so later hosts import it
+# (seconds) instead of installing it from the registry again (minutes): version -> bundle.
+_NODE22_BUNDLES: dict[str, Path] = {}
+
+
+def _install_v25(host: E2EHost, node: NodeRuntime, bundles: Path, timings: PhaseTimings, who: str) -> None:
+    """25.6.0 on Node 22: from the registry on the run's first host (then exported), else its bundle."""
+    bundle = _NODE22_BUNDLES.get(V25)
+    if bundle is not None and bundle.is_file():
+        with timings.phase(f"e2e host {who}: version import {V25} (bundle from an earlier host, node "
+                           f"{node.version})"):
+            res = host.run("version", "import", bundle)
+        _require(res, f"version import {bundle}")
+        return
+    with timings.phase(f"e2e host {who}: version install {V25} (registry, node {node.version})"):
+        res = host.run("version", "install", V25)
+    _require(res, f"version install {V25} on node {node.version}")
+    bundle = bundles / f"sync-server-{V25}-abi{node.abi}.tar.zst"
+    with timings.phase(f"e2e host {who}: version export {V25} (for later hosts)"):
+        res = host.run("version", "export", V25, "-o", bundle)
+    _require(res, f"version export {V25} -o {bundle}")
+    _NODE22_BUNDLES[V25] = bundle
+
+
 @pytest.fixture(scope="module")
-def e2e_host(tmp_path_factory: pytest.TempPathFactory, node22: NodeRuntime, e2e_cache: Path,
-             built_versions: BuiltVersions, e2e_timings: PhaseTimings) -> Iterator[E2EHost]:
-    """One host per test module with 25.6.0 (registry, Node 22) and 26.8.1 (bundle) installed."""
+def e2e_host(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, node22: NodeRuntime,
+             e2e_cache: Path, built_versions: BuiltVersions, e2e_timings: PhaseTimings) -> Iterator[E2EHost]:
+    """One host per test module with 25.6.0 (Node 22: the registry for the run's first host, a bundle
+    of that install for the others) and 26.8.1 (the ``built_versions`` bundle) installed."""
     script = systemctl_script()
     if script is None:
         pytest.skip(f"systemctl replacement not unpacked under {e2e_cache}/systemctl "
@@ -176,6 +298,7 @@ def e2e_host(tmp_path_factory: pytest.TempPathFactory, node22: NodeRuntime, e2e_
     if not shutil.which(NGINX):
         pytest.skip(f"{NGINX} not found (apt-get install nginx-light)")
     bundle26 = built_versions[V26].require_bundle()
+    who = request.module.__name__.rsplit(".", 1)[-1]
     base = tmp_path_factory.mktemp("e2e-host")
     nginx = NginxSandbox(base / "nginx")
     systemd = SystemdSandbox(base / "sd", script)
@@ -185,10 +308,8 @@ def e2e_host(tmp_path_factory: pytest.TempPathFactory, node22: NodeRuntime, e2e_
         nginx.start()
         host = E2EHost(base / "host", node22, e2e_cache, nginx, systemd)
         _require(host.run("init", "--yes", timeout=60), "abssctl init --yes")
-        with e2e_timings.phase(f"e2e host: version install {V25} (registry, node {node22.version})"):
-            res = host.run("version", "install", V25)
-        _require(res, f"version install {V25} on node {node22.version}")
-        with e2e_timings.phase(f"e2e host: version import {V26} (bundle)"):
+        _install_v25(host, node22, bundle26.parent, e2e_timings, who)
+        with e2e_timings.phase(f"e2e host {who}: version import {V26} (bundle)"):
             res = host.run("version", "import", bundle26)
         _require(res, f"version import {bundle26}")
         yield host
