@@ -178,3 +178,39 @@ def test_delete_purge_data_with_its_final_backup_succeeds(rhost: RHost) -> None:
     assert res.rc == 0, f"rc={res.rc}\n{res.out}\n{res.err}"
     reasons = [b["reason"] for b in registry(h.sb, "backups")["backups"].values()]
     assert reasons == ["pre-delete"], reasons
+
+
+@pytest.mark.parametrize("after", ["current.swap", "alice.stop", "alice.backup", "unit.write"])
+def test_kill_9_of_a_switch_then_doctor_fix_converges(rhost: RHost, after: str) -> None:
+    """Issue 7: kill -9 of `version switch` after the pre-switch backup, after the swap of current,
+    and mid-restart (alice stopped; her unit re-rendered for the new version). `doctor --fix` rolls
+    the journal back to the starting state (current and alice on 25.6.0, alice running); a re-run
+    of the switch then converges."""
+    h = rhost
+    sc = SCENARIOS["version switch"]
+    ctx: dict = {}
+    sc.setup(h, ctx)
+    h.save()
+    argv = sc.argv(ctx)
+    steps = steps_of(h.sb, ["--json", "-q", *argv])
+    ids = [s for s, _cleanup in steps]
+    assert after in ids, ids
+    h.restore()
+    before = snapshot_state(h.sb)
+    k = ids.index(after) + 1
+    proc, _note = run_child(h.sb, "kill", k, ["--json", "-q", *argv])
+    problems = [] if proc.returncode == -signal.SIGKILL else [f"not killed: rc {proc.returncode} {proc.stderr[-300:]}"]
+    problems += problems_after_kill(h.sb, k, sc.command)
+    diagnosis = h.run("--json", "doctor", "--only", "state")
+    journal = [p for p in (diagnosis.doc or {}).get("probes", []) if p["id"] == "state.journal"]
+    if not journal or journal[0]["status"] != "fail" or "rolls it back" not in journal[0]["hint"]:
+        problems.append(f"doctor does not report the dead journal: {journal}")
+    fixed = h.run("--json", "--yes", "doctor", "--fix")
+    if "recover: rolling back version switch" not in fixed.err:
+        problems.append(f"doctor --fix did not roll the switch back: rc {fixed.rc} {fixed.err[-400:]}")
+    problems += [f"after doctor --fix: {p}" for p in rollback_problems(h.sb, before, sc.kept_aside)]
+    problems += converge(h, sc, ctx, argv)
+    MATRIX.add("kill -9", "version switch", f"{k:2d} after {after} (doctor --fix)",
+               "ok: doctor --fix restored the start, re-run converged" if not problems
+               else "FAIL: " + "; ".join(problems))
+    assert not problems, problems
