@@ -5215,6 +5215,9 @@ def sqlite_snapshot(src: str, dst: str) -> None:
     try:
         target = sqlite3.connect(dst)
         try:
+            # The copy is a temp file that lives until it is archived, and the archive is fsynced:
+            # its own six fdatasyncs only made the stream wait (27 ms -> 3-9 ms for account.sqlite).
+            target.execute("PRAGMA synchronous=OFF")
             source.backup(target)
             target.execute("PRAGMA journal_mode=DELETE")
         finally:
