@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Backup budgets (DESIGN.md §8, rows 2, 3 and 5): backup create / restore against tar | zstd.
 
-Usage: /usr/bin/python3 tests/bench/backup.py [--size-mib 1024] [--runs 3] [--keep]
+Usage: /usr/bin/python3 tests/bench/backup.py [--size-mib 1024] [--runs 5] [--warmup 2] [--keep]
                                               [--python /usr/bin/python3] [--abssctl PATH]
 
 Builds a sandbox host under /var/tmp (a real disk, not tmpfs) with fake systemctl, journalctl,
@@ -11,8 +11,20 @@ unit renders. Its data dir is DESIGN's mix scaled to --size-mib: 900/1024 of it 
 user-files/ (half os.urandom, half word text; 2-48 MiB each) and 120/1024 in three SQLite files
 (server-files/account.sqlite and two user-files/group-*.sqlite), filled with rows through sqlite3.
 
-In the same run, each figure the median of --runs timed runs after one untimed warm-up of each
-(the two sides alternate who goes first; the disk is synced between steps, outside the timings):
+In the same run, each figure the median of --runs timed runs after --warmup untimed rounds of each
+(the two sides alternate who goes first; the disk is synced between steps, outside the timings).
+Each side deletes its own previous output (out, the archive, the extract dir, the replaced data)
+just before its next run, so neither writes into pages the other has just freed: on a VM that hands
+free memory back to its host those are still backed and cheap to fill, pages freed seconds ago are
+not, and the order of the steps would decide who gets them. The first rounds in a fresh sandbox pay
+for that memory on both sides, abssctl's (which keeps the new archive beside the snapshots, the
+staged data beside the data it replaces) for a round longer: hence two warm-up rounds.
+
+Beside each wall time it shows the CPU seconds (user + system) of the command and the children it
+waited for, which other work on the machine disturbs less. It prints the load average before it
+starts and, at the end, the CPU time that everything else (other processes, kernel threads such as
+writeback, and the hypervisor's steal) took while it ran; figures taken at a starting load of 0.5
+or more, or with others using 10% of the cpus or more, are flagged as noisy:
 
     baseline create   tar -cf - -C INSTANCE data | zstd -T0 -q > out
     abssctl create    abssctl --config CFG --json backup create bench --compression zstd
@@ -34,6 +46,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -50,6 +63,8 @@ REPO = Path(__file__).resolve().parents[2]
 CREATE_RATIO = 1.10
 RESTORE_RATIO = 1.15
 RSS_FLAT_MIB = 10.0
+NOISY_LOAD = 0.5
+NOISY_SHARE = 0.10
 SMALL_MIB = 100
 MIB = 1 << 20
 TIMEOUT = 1800
@@ -477,6 +492,7 @@ class Bench:
         self.backup_id = ""
         self.archive = Path()
         self.rss: dict[str, list[tuple[int, int]]] = {"create": [], "restore": []}
+        self.cpu: dict[str, list[float]] = {}
 
     def baseline_create(self) -> tuple[float, float]:
         """(pipeline seconds, seconds including an fsync of out like abssctl's)."""
@@ -490,26 +506,27 @@ class Bench:
         return seconds, synced
 
     def abssctl_create(self) -> float:
-        old = self.archive
+        # Its previous archive goes just before the run, as the baseline's out does (see the top).
+        if self.archive != Path():
+            self.archive.unlink(missing_ok=True)
+            self.archive.with_name(self.archive.name.split(".tar")[0] + ".sha256").unlink(missing_ok=True)
         child = run_child(self.host.create_argv(), self.host.env, self.host.work)
         backup = child.doc().get("backup") or {}
         if child.doc().get("ok") is not True or not backup.get("id"):
             raise BenchError(f"backup create gave no backup: {child.stdout[-500:]!r}")
         self.backup_id, self.archive = backup["id"], Path(backup["archive"])
-        if old != Path() and old != self.archive:           # keep only the newest archive on disk
-            old.unlink(missing_ok=True)
-            old.with_name(old.name.split(".tar")[0] + ".sha256").unlink(missing_ok=True)
         self.rss["create"].append((child.tree_kib, child.own_kib))
         return child.seconds
 
     def baseline_restore(self) -> float:
-        _rmtree(self.extract)
+        _rmtree(self.extract)               # its own last output, just before the run
         self.extract.mkdir()
         seconds = pipeline([self.host.zstd, "-d", "-T0", "-q", "-c", str(self.archive)],
                            [self.host.tar, "-xf", "-", "-C", str(self.extract)])
         return seconds
 
     def abssctl_restore(self) -> float:
+        self.host.clean_after_restore()     # its own last output (the data it replaced), likewise
         child = run_child(self.host.restore_argv(self.backup_id), self.host.env, self.host.work)
         doc = child.doc()
         if doc.get("ok") is not True or (doc.get("restore") or {}).get("backup_id") != self.backup_id:
@@ -520,32 +537,45 @@ class Bench:
         return child.seconds
 
     def settle(self) -> None:
-        """Between steps, outside the timings: drop the previous step's leftovers, flush the disk."""
-        self.host.clean_after_restore()
-        _rmtree(self.extract)
+        """Between steps, outside the timings: flush the disk. (Each side deletes its own previous
+        output just before its next run; see the top.)"""
         os.sync()
 
 
-def timed_pairs(bench: Bench, runs: int, first: Callable[[], Any], second: Callable[[], Any],
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every child this process has waited for, and theirs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_pairs(bench: Bench, runs: int, warmup: int, first: Callable[[], Any], second: Callable[[], Any],
                 label: str, after_warmup: Callable[[], None] | None = None) -> tuple[list[Any], list[float]]:
-    """One untimed warm-up of each, then `runs` timed rounds, alternating who goes first."""
+    """`warmup` untimed rounds of each, then `runs` timed rounds, alternating who goes first. The CPU
+    seconds of each timed run go to bench.cpu["<label> baseline"] and bench.cpu["<label> abssctl"];
+    ``after_warmup`` runs once, after the first abssctl run."""
     a_times: list[Any] = []
     b_times: list[float] = []
-    for i in range(runs + 1):
+    cpu = {id(a_times): bench.cpu.setdefault(f"{label} baseline", []),
+           id(b_times): bench.cpu.setdefault(f"{label} abssctl", [])}
+    for i in range(warmup + runs):
         order = [(first, a_times), (second, b_times)]
         if i % 2:
             order.reverse()
         got: dict[int, Any] = {}
+        spent: dict[int, float] = {}
         for fn, sink in order:
+            before = children_cpu()
             got[id(sink)] = fn()
+            spent[id(sink)] = children_cpu() - before
             if not i and fn == second and after_warmup is not None:
                 after_warmup()
             bench.settle()
-            if i:
+            if i >= warmup:
                 sink.append(got[id(sink)])
-        print(f"  {label} round {i}{' (warm-up)' if not i else ''}: "
-              f"baseline {_first(got[id(a_times)]) * 1000:.0f} ms, abssctl {got[id(b_times)] * 1000:.0f} ms",
-              flush=True)
+                cpu[id(sink)].append(spent[id(sink)])
+        print(f"  {label} round {i}{' (warm-up)' if i < warmup else ''}: "
+              f"baseline {_first(got[id(a_times)]) * 1000:.0f} ms (cpu {spent[id(a_times)]:.2f} s), "
+              f"abssctl {got[id(b_times)] * 1000:.0f} ms (cpu {spent[id(b_times)]:.2f} s)", flush=True)
     return a_times, b_times
 
 
@@ -586,15 +616,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the bench; 0 within budget, 1 over budget, 2 when it cannot run."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size-mib", type=int, default=1024, help="data dir size in MiB (default 1024)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per figure (default 3)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per figure (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before them (default 2)")
     p.add_argument("--keep", action="store_true",
                    help=f"keep the sandbox and cache the generated data under {CACHE}")
     p.add_argument("--python", default="/usr/bin/python3", help="target interpreter")
     p.add_argument("--abssctl", type=Path, default=REPO / "abssctl.py", metavar="PATH",
                    help="the abssctl.py (or .pyz) to measure (default: this checkout's)")
     args = p.parse_args(argv)
-    if args.runs < 1:
-        p.error("--runs must be at least 1")
+    if args.runs < 1 or args.warmup < 1:
+        p.error("--runs and --warmup must be at least 1")
     if args.size_mib < 10:
         p.error("--size-mib must be at least 10")
     scratch: Path | None = None
@@ -611,14 +642,18 @@ def main(argv: list[str] | None = None) -> int:
         host = Host(scratch / "host", data, args.python, args.abssctl.resolve())
         bench = Bench(host)
         version = subprocess.run([args.python, "--version"], capture_output=True, text=True).stdout.strip()
+        load_start = os.getloadavg()
+        machine_start = Machine()
         print(f"{args.python} ({version}),"
               f" {os.cpu_count()} cpus, {args.size_mib} MiB data dir on {fs[0] if fs else '?'} "
-              f"({len(tree_listing(data))} files), median of {args.runs} after one warm-up\n", flush=True)
+              f"({len(tree_listing(data))} files), median of {args.runs} after {args.warmup} warm-up rounds; "
+              f"load average {_loads(load_start)}\n", flush=True)
         want_blobs = blob_digests(data)
         os.sync()
-        base_c, abs_c = timed_pairs(bench, args.runs, bench.baseline_create, bench.abssctl_create, "create")
+        base_c, abs_c = timed_pairs(bench, args.runs, args.warmup, bench.baseline_create, bench.abssctl_create,
+                                    "create")
         archive_size = bench.archive.stat().st_size
-        base_r, abs_r = timed_pairs(bench, args.runs, bench.baseline_restore, bench.abssctl_restore,
+        base_r, abs_r = timed_pairs(bench, args.runs, args.warmup, bench.baseline_restore, bench.abssctl_restore,
                                     "restore", after_warmup=lambda: check_restored(host, data, want_blobs))
         full_rss = {k: max(v) for k, v in bench.rss.items()}
         if args.size_mib != SMALL_MIB:
@@ -638,15 +673,47 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _rmtree(scratch)
 
-    failures = report(args, base_c, abs_c, base_r, abs_r, archive_size, full_rss, small_rss)
+    failures = report(args, base_c, abs_c, base_r, abs_r, archive_size, full_rss, small_rss, bench.cpu)
+    seconds, others, steal = Machine().others_since(machine_start)
+    share = (others + steal) / max(0.001, seconds * (os.cpu_count() or 1))
+    print(f"\nload average before the bench {_loads(load_start)}; during its {seconds:.0f} s, everything else "
+          f"used {others:.1f} cpu-s and the hypervisor stole {steal:.1f} ({share:.0%} of the cpus)")
+    if load_start[0] >= NOISY_LOAD or share >= NOISY_SHARE:
+        print(f"NOTE: other work shared the cpus (starting load >= {NOISY_LOAD} or others >= {NOISY_SHARE:.0%}): "
+              "the wall-time ratios above are noisy; rerun on an idle machine before trusting them")
     for failure in failures:
         print(f"OVER BUDGET: {failure}", file=sys.stderr)
     return 1 if failures else 0
 
 
+def _loads(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
+
+
+class Machine:
+    """A reading of the machine's busy and steal time (/proc/stat) and of this bench's own CPU time."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+        # user nice system idle iowait irq softirq steal ...
+        self.busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / tick
+        self.steal = fields[7] / tick if len(fields) > 7 else 0.0
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        self.own = own.ru_utime + own.ru_stime + children_cpu()
+
+    def others_since(self, start: Machine) -> tuple[float, float, float]:
+        """(wall seconds, cpu-s used by everything but this bench and its children, steal cpu-s)."""
+        others = (self.busy - start.busy) - (self.own - start.own)
+        return self.at - start.at, max(0.0, others), self.steal - start.steal
+
+
 def report(args: argparse.Namespace, base_c: list[tuple[float, float]], abs_c: list[float],
            base_r: list[float], abs_r: list[float], archive_size: int,
-           full_rss: dict[str, tuple[int, int]], small_rss: dict[str, tuple[int, int]]) -> list[str]:
+           full_rss: dict[str, tuple[int, int]], small_rss: dict[str, tuple[int, int]],
+           cpu: dict[str, list[float]]) -> list[str]:
     """Print the tables; return the budget failures."""
     failures = []
     bc = statistics.median(c[0] for c in base_c) * 1000
@@ -654,22 +721,24 @@ def report(args: argparse.Namespace, base_c: list[tuple[float, float]], abs_c: l
     ac = statistics.median(abs_c) * 1000
     br = statistics.median(base_r) * 1000
     ar = statistics.median(abs_r) * 1000
+    def cpu_s(key: str) -> str:
+        return f"{statistics.median(cpu[key]):.2f}" if cpu.get(key) else "-"
     rows = [
-        ("baseline: tar -cf - | zstd -T0 -q > out", bc, bc, None),
-        ("  (baseline + fsync(out), as abssctl does)", bcs, bc, None),
-        ("abssctl backup create --compression zstd", ac, bc, CREATE_RATIO),
-        ("baseline: zstd -d -T0 -c ARCHIVE | tar -x", br, br, None),
-        ("abssctl --yes backup restore --no-pre-backup", ar, br, RESTORE_RATIO),
+        ("baseline: tar -cf - | zstd -T0 -q > out", bc, bc, None, cpu_s("create baseline")),
+        ("  (baseline + fsync(out), as abssctl does)", bcs, bc, None, ""),
+        ("abssctl backup create --compression zstd", ac, bc, CREATE_RATIO, cpu_s("create abssctl")),
+        ("baseline: zstd -d -T0 -c ARCHIVE | tar -x", br, br, None, cpu_s("restore baseline")),
+        ("abssctl --yes backup restore --no-pre-backup", ar, br, RESTORE_RATIO, cpu_s("restore abssctl")),
     ]
-    print(f"\n{'command':46} {'median ms':>10} {'x baseline':>11}  budget")
-    for label, ms, base, budget in rows:
+    print(f"\n{'command':46} {'median ms':>10} {'x baseline':>11}  {'budget':17} {'cpu s':>6}")
+    for label, ms, base, budget, cpu_text in rows:
         ratio = ms / base
         verdict = "-"
         if budget is not None:
             verdict = f"ok (<= {budget:.2f}x)" if ratio <= budget else f"OVER ({budget:.2f}x)"
             if ratio > budget:
                 failures.append(f"{label.strip()}: {ms:.0f} ms, {ratio:.2f}x the baseline (budget {budget}x)")
-        print(f"{label:46} {ms:10.0f} {ratio:11.2f}  {verdict}")
+        print(f"{label:46} {ms:10.0f} {ratio:11.2f}  {verdict:17} {cpu_text:>6}")
     mib = args.size_mib * MIB / MIB
     print(f"\nthroughput: baseline create {mib / bc * 1000:.0f} MiB/s, abssctl create {mib / ac * 1000:.0f} "
           f"MiB/s; baseline restore {mib / br * 1000:.0f} MiB/s, abssctl restore {mib / ar * 1000:.0f} MiB/s; "

@@ -56,6 +56,22 @@ def test_a_clean_tree_extracts_with_our_modes(tmp_path: Path) -> None:
     assert os.readlink(out / ".bin/run") == "../bin/run.js"
 
 
+def test_members_spanning_chunks_arrive_whole_from_a_reader_giving_short_reads(tmp_path: Path) -> None:
+    # Data crosses 1 MiB chunks and 64 KiB file writes at odd offsets; the reader, like a pipe,
+    # never returns more than 100,000 bytes at a time.
+    big = os.urandom(abssctl.CHUNK * 2 + abssctl.FILE_SLICE + 12345)
+    small = b"q" * (abssctl.FILE_SLICE - 1)
+    path = archive(tmp_path, [reg("tree/big", big), reg("tree/small", small), reg("tree/empty", b"")])
+    sums = {rel: hashlib.sha256(data).hexdigest() for rel, data in (("big", big), ("small", small), ("empty", b""))}
+    (tmp_path / "out").mkdir()
+    with open(path, "rb") as raw:
+        report = abssctl.safe_extract(abssctl.open_tar_reader(lambda view: raw.readinto(view[:100_000])),
+                                      str(tmp_path / "out"), prefix="tree/", expected=sums, max_bytes=1 << 30,
+                                      allow_symlinks=False)
+    assert report.sums == sums and report.bytes == len(big) + len(small)
+    assert (tmp_path / "out" / "big").read_bytes() == big
+
+
 @pytest.mark.parametrize("members, why", [
     ([reg("tree/../../etc/x", b"x")], "'..'"),
     ([reg("/etc/passwd", b"x")], "absolute"),
