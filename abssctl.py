@@ -1312,10 +1312,15 @@ def safe_extract(tar: Any, dest: str, *, prefix: str, expected: Mapping[str, str
     ``prefix`` (e.g. ``tree/``) is stripped; ``expected`` maps relative paths to sha256 and every
     one must arrive intact; members named in ``skip`` (already read headers) are passed over once.
     Archive modes and owners are ignored; ours are ``dir_mode``/``file_mode`` and ``uid``/``gid``.
-    ``tar`` may be any iterable of members of ``source`` (default: ``tar`` itself). Raises CorruptState.
+    Directories stay root's until every member is written, then go to ``uid``/``gid`` deepest first:
+    an owner of a directory root still writes under could swap it for a symlink and steer root's next
+    file out of the tree (O_NOFOLLOW guards the last component only). ``dest`` itself is the
+    caller's to hand over, last. ``tar`` may be any iterable of members of ``source`` (default:
+    ``tar`` itself). Raises CorruptState.
     """
     import tarfile
     source = tar if source is None else source
+    created: list[str] = []
 
     def make_dirs(path: str) -> None:
         missing = []
@@ -1325,8 +1330,7 @@ def safe_extract(tar: Any, dest: str, *, prefix: str, expected: Mapping[str, str
         for d in reversed(missing):
             os.mkdir(d, dir_mode)
             os.chmod(d, dir_mode)
-            if uid != -1 or gid != -1:
-                os.chown(d, uid, gid)
+            created.append(d)
 
     data_filter = getattr(tarfile, "data_filter", None)     # 3.11.4+; Debian 12 has 3.11.2
     seen: set[str] = set()
@@ -1380,6 +1384,9 @@ def safe_extract(tar: Any, dest: str, *, prefix: str, expected: Mapping[str, str
     for target, linkname in links:                # last, so no file is ever written through one
         make_dirs(os.path.dirname(target))
         os.symlink(linkname, target)
+    if uid != -1 or gid != -1:
+        for d in sorted(created, key=lambda p: p.count("/"), reverse=True):
+            os.chown(d, uid, gid, follow_symlinks=False)
     if expected is not None and set(expected) - set(report.sums):
         missing = sorted(set(expected) - set(report.sums))
         raise CorruptState(f"archive is missing {len(missing)} file(s), e.g. {missing[0]}",
@@ -6115,10 +6122,10 @@ def op_backup_restore(ctx: Context, backup_id: str, *, instance: str | None, pre
 
         def stage() -> None:
             ensure_dir(staging, 0o750)
-            os.chown(staging, pw.pw_uid, pw.pw_gid)
             ctx.out.progress(f"verifying and staging {backup_id}")
             scan = ArchiveScan(ctx, archive)
             extract_backup(scan, entry, staging, uid=pw.pw_uid, gid=pw.pw_gid)
+            os.chown(staging, pw.pw_uid, pw.pw_gid)          # only now: see safe_extract
             if scan.sha256 != entry.get("sha256"):
                 raise ChecksumMismatch(f"{backup_id}: the archive sha256 does not match the index",
                                        hint="the archive is damaged; use another backup")

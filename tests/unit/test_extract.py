@@ -56,6 +56,34 @@ def test_a_clean_tree_extracts_with_our_modes(tmp_path: Path) -> None:
     assert os.readlink(out / ".bin/run") == "../bin/run.js"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_directories_go_to_the_service_user_only_after_every_file_is_written(tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """While root writes a file, no directory above it may belong to the user who gets the tree:
+    that user could swap it for a symlink and steer root's write out of the tree."""
+    owners_while_writing = []
+    real = abssctl._write_member
+
+    def spy(tar, member, target, mode, uid, gid):
+        parents, d = [], os.path.dirname(target)
+        while d.startswith(str(tmp_path / "out")):
+            parents.append(os.stat(d).st_uid)
+            d = os.path.dirname(d)
+        owners_while_writing.append((member.name, parents))
+        return real(tar, member, target, mode, uid, gid)
+    monkeypatch.setattr(abssctl, "_write_member", spy)
+    path = archive(tmp_path, [reg("tree/data/user-files/a.blob", b"a"), reg("tree/data/server-files/b", b"b"),
+                              reg("tree/data/user-files/deep/c.blob", b"c")])
+    extract(path, tmp_path / "out", uid=65534, gid=65534, allow_symlinks=False)
+    assert len(owners_while_writing) == 3
+    assert all(set(owners) == {0} for _name, owners in owners_while_writing), owners_while_writing
+    out = tmp_path / "out"
+    for d in ("data", "data/user-files", "data/server-files", "data/user-files/deep"):
+        assert (out / d).stat().st_uid == 65534, d
+    assert (out / "data/user-files/deep/c.blob").stat().st_uid == 65534
+    assert out.stat().st_uid == 0                  # dest is the caller's to hand over
+
+
 def test_members_spanning_chunks_arrive_whole_from_a_reader_giving_short_reads(tmp_path: Path) -> None:
     # Data crosses 1 MiB chunks and 64 KiB file writes at odd offsets; the reader, like a pipe,
     # never returns more than 100,000 bytes at a time.
