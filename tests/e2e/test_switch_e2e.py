@@ -147,6 +147,19 @@ def current_link(h: E2EHost) -> str:
     return os.readlink(h.install_root / "current")
 
 
+def assert_on(h: E2EHost, version: str) -> dict[str, Any]:
+    """current is VERSION on disk, in `version list` and in the registry, and every instance runs it
+    on data it migrated; returns the instances registry."""
+    assert current_link(h) == version
+    listed = h.ok("version", "list")
+    assert listed["current"] == version, listed
+    assert [v["version"] for v in listed["versions"] if v["current"]] == [version], listed
+    insts = h.state("instances")["instances"]
+    for name in NAMES:
+        assert insts[name]["resolved_version"] == insts[name]["data_version"] == version, insts[name]
+    return insts
+
+
 def info_version(h: E2EHost, name: str) -> str | None:
     got = h.https(DOMAINS[name], "/info")
     assert got.status == 200, got.describe()
@@ -230,13 +243,8 @@ def test_a_failed_switch_rolls_back_package_and_data(fleet: Fleet, node22: NodeR
         (record["op_id"], "rolled-back", record["backup_ids"])], history
 
     # the package: current is 25.6.0 again, on disk and in the registry
-    assert current_link(h) == V25
-    listed = h.ok("version", "list")
-    assert listed["current"] == V25, listed
-    assert [v["version"] for v in listed["versions"] if v["current"]] == [V25], listed
-    insts = h.state("instances")["instances"]
+    insts = assert_on(h, V25)
     for name in NAMES:
-        assert insts[name]["resolved_version"] == insts[name]["data_version"] == V25, insts[name]
         assert not insts[name].get("pending_restart"), insts[name]
 
     # the data: alice's live data is 25.6.0's again; what 26.8.1 migrated is kept aside
@@ -302,13 +310,8 @@ def test_the_switch_then_succeeds_and_keeps_the_data(fleet: Fleet, e2e_timings: 
     history = h.ok("history", "-n", "1")["operations"]
     assert [(r["op_id"], r["result"], r["backup_ids"]) for r in history] == [(doc["op_id"], "ok", ids)], history
 
-    assert current_link(h) == V26
-    listed = h.ok("version", "list")
-    assert listed["current"] == V26, listed
-    assert [v["version"] for v in listed["versions"] if v["current"]] == [V26], listed
-    insts = h.state("instances")["instances"]
+    assert_on(h, V26)
     for name in NAMES:
-        assert insts[name]["resolved_version"] == insts[name]["data_version"] == V26, insts[name]
         backup = {b["id"]: b for b in h.ok("backup", "list", "--instance", name)["backups"]}[rows[name]["backup_id"]]
         assert backup["reason"] == "pre-switch" and backup["labels"] == [LABEL], backup
         assert backup["server_version"] == V25, backup
