@@ -495,6 +495,7 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "run_dir": ("path", "/run/abssctl", "lock files"),
         "templates_dir": ("path", "/etc/abssctl/templates", "template overrides"),
         "tls_dir": ("path", "/etc/abssctl/tls", "per-instance certificates and keys"),
+        "runtime_root": ("path", "/srv/abssctl/runtimes", "managed Node runtimes, one tree each"),
         "systemd_unit_dir": ("path", "/etc/systemd/system", "where units are written"),
         "nginx_sites_available": ("path", "/etc/nginx/sites-available", "where vhosts are written"),
         "nginx_sites_enabled": ("path", "/etc/nginx/sites-enabled", "where vhosts are enabled"),
@@ -520,6 +521,11 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "registry": ("str", "", "empty: npm's own configuration"),
         "allow_scripts": ("list", ["better-sqlite3", "bcrypt", "argon2"],
                           "native modules whose install scripts must run"),
+    },
+    "node": {
+        "runtime": ("str", "managed", "managed: abssctl brings the node each version needs; system: [commands] node"),
+        "package": ("str", "node-linux-{arch}", "npm package of a managed runtime ({arch}: x64 or arm64)"),
+        "default_major": ("int", 22, "node major for a version that declares no engines.node"),
     },
     "tls": {
         "default_source": ("str", "system", "system, self-signed or custom"),
@@ -554,6 +560,7 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
 CHOICES = {
     ("tls", "default_source"): ("system", "self-signed", "custom"),
     ("backups", "compression"): ("auto", "zstd", "gzip", "none"),
+    ("node", "runtime"): ("managed", "system"),
 }
 SIZE_RE = LazyRegex(r"^[1-9][0-9]{0,5}[kKmMgG]?\Z")
 RANGES = {
@@ -561,6 +568,7 @@ RANGES = {
     ("nginx", "http_port"): (1, 65535), ("nginx", "https_port"): (1, 65535),
     ("backups", "keep"): (1, 1000), ("health", "timeout"): (1, 3600),
     ("health", "interval"): (0.01, 60), ("locks", "timeout"): (0, 86400),
+    ("node", "default_major"): (18, 98),
 }
 
 

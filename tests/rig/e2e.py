@@ -98,6 +98,7 @@ PATH_KEYS_E2E = {
     "backup_root": "srv/abssctl/backups", "state_dir": "var/lib/abssctl",
     "log_dir": "var/log/abssctl", "run_dir": "run/abssctl",
     "templates_dir": "etc/abssctl/templates", "tls_dir": "etc/abssctl/tls",
+    "runtime_root": "srv/abssctl/runtimes",
     "systemd_unit_dir": "etc/systemd/system",
     "nginx_sites_available": "etc/nginx/sites-available",
     "nginx_sites_enabled": "etc/nginx/sites-enabled",
@@ -295,6 +296,7 @@ class E2ESandbox:
             "service": {"user": "root", "group": "root"},
             "commands": {"node": [str(node.node)], "npm": [str(HOST_NPM)]},
             "health": {"timeout": 120},
+            "node": {"runtime": "system"},      # the rig supplies node itself
         }
         if registry is not None:
             self.settings["npm"] = {"registry": registry}

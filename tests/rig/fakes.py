@@ -80,6 +80,7 @@ PATH_KEYS: dict[str, str] = {          # [paths] key -> location relative to tmp
     "run_dir": "run/abssctl",
     "templates_dir": "etc/abssctl/templates",
     "tls_dir": "etc/abssctl/tls",
+    "runtime_root": "srv/abssctl/runtimes",
     "systemd_unit_dir": "etc/systemd/system",
     "nginx_sites_available": "etc/nginx/sites-available",
     "nginx_sites_enabled": "etc/nginx/sites-enabled",
@@ -1282,6 +1283,7 @@ class Sandbox:
             "tls": {"system_cert": str(root / "etc/ssl/private/cert.pem"),
                     "system_key": str(root / "etc/ssl/private/cert.key")},
             "health": {"timeout": 5, "interval": 0.05},
+            "node": {"runtime": "system"},      # the managed-runtime tests switch it on
         }
         self.write_config()
         for name in [n for n in os.environ if n.startswith("ABSSCTL_")]:

@@ -45,6 +45,7 @@ class Host:
             "backup_root": root / "srv/backups", "state_dir": root / "var/lib/abssctl",
             "log_dir": root / "var/log/abssctl", "run_dir": root / "run/abssctl",
             "templates_dir": root / "etc/abssctl/templates", "tls_dir": root / "etc/abssctl/tls",
+            "runtime_root": root / "srv/runtimes",
             "systemd_unit_dir": systemd.unit_dir, "nginx_sites_available": nginx.sites_available,
             "nginx_sites_enabled": nginx.sites_enabled,
         }
@@ -56,6 +57,7 @@ class Host:
             "npm": {"registry": registry.url, "allow_scripts": ["fake-native"]},
             "tls": {"system_cert": str(root / "etc/ssl/cert.pem"), "system_key": str(root / "etc/ssl/cert.key")},
             "health": {"timeout": 20, "interval": 0.1},
+            "node": {"runtime": "system"},
             "commands": {"systemctl": systemd.command, "journalctl": systemd.journalctl_command,
                          "nginx": nginx.command, "nginx_reload": nginx.reload_command,
                          "node": ["/usr/bin/node"], "npm": [shutil.which("npm") or "/usr/bin/npm"],
