@@ -66,6 +66,7 @@ def ensure_rootfs(cache: Path) -> tuple[Path, float]:
             return rootfs, 0.0
         started = time.monotonic()
         tmp = Path(tempfile.mkdtemp(prefix="rootfs.build-", dir=base))
+        os.chmod(tmp, 0o755)             # it becomes the guest's /: mkdtemp's 0700 hangs dbus at boot
         log = base / "debootstrap.log"
         try:
             with open(log, "w") as out:
@@ -218,7 +219,10 @@ class Guest:
         subprocess.run(["cp", "-a", "--reflink=auto", str(self.base), str(self.dir)], check=True, timeout=600)
         (self.dir / STAMP).unlink(missing_ok=True)
         (self.dir / "etc/hostname").write_text(self.hostname + "\n")
-        (self.dir / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+        machine_id = uuid.uuid4().hex + "\n"
+        (self.dir / "etc/machine-id").write_text(machine_id)
+        if (self.dir / "var/lib/dbus/machine-id").is_file():     # debootstrap leaves a copy there
+            (self.dir / "var/lib/dbus/machine-id").write_text(machine_id)
         ca_dir = self.dir / HOST_CA_DIR.relative_to("/")
         ca_dir.mkdir(parents=True, exist_ok=True)
         for crt in sorted(HOST_CA_DIR.glob("*.crt")) if HOST_CA_DIR.is_dir() else []:
@@ -267,8 +271,10 @@ class Guest:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                jobs = self.run(["systemctl", "list-jobs", "--no-pager"], timeout=20, check_alive=False)
                 raise RuntimeError(f"the guest did not finish booting within {BOOT_TIMEOUT:.0f} s "
-                                   f"(is-system-running: {state!r}):\n{self.log_tail()}")
+                                   f"(is-system-running: {state!r}); systemctl list-jobs:\n{jobs.stdout}"
+                                   f"{jobs.stderr}\n{self.log_tail()}")
             res = self.run(["systemctl", "is-system-running", "--wait"], timeout=max(left, 1.0), check_alive=False)
             state = res.stdout.strip() or res.stderr.strip()
             if state in ("running", "degraded"):
