@@ -1504,8 +1504,8 @@ class Sandbox:
     def hide_host_tools(self, *tools: str) -> None:
         """A host that lacks `tools` (HOST_TOOL_PACKAGES keys) until the fake apt-get installs their
         packages: PATH becomes bin/ only, make, g++ and python3 are plain fakes there unless hidden,
-        and each hidden tool waits in fake-state/apt-pool/<package>/. Tools with a [commands] key point
-        at bin/ (so openssl and zstd become fakes)."""
+        and each hidden tool waits in fake-state/apt-pool/<package>/ ([commands] then points at bin/,
+        so a hidden openssl or zstd comes back as its fake)."""
         self.monkeypatch.setenv("PATH", str(self.bin))
         for tool, pkg in HOST_TOOL_PACKAGES.items():
             if tool in ("make", "g++", "python3") or tool in tools:
@@ -1513,10 +1513,8 @@ class Sandbox:
                 write_fake(target, tool)
                 if tool in tools:
                     (self.bin / tool).unlink(missing_ok=True)
-            if tool in ("openssl", "zstd") and tool not in tools:
-                write_fake(self.bin / tool, tool)
-            if tool in ("nginx", "npm", "node", "openssl", "zstd"):
-                self.commands[tool] = [str(self.bin / tool)]
+            if tool in ("nginx", "npm", "node") or tool in tools and tool in ("openssl", "zstd"):
+                self.commands[tool] = [str(self.bin / tool)]     # openssl, zstd: real unless hidden
         self.write_config()
 
     def apt_calls(self) -> list[dict[str, Any]]:
