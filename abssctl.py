@@ -496,6 +496,7 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "templates_dir": ("path", "/etc/abssctl/templates", "template overrides"),
         "tls_dir": ("path", "/etc/abssctl/tls", "per-instance certificates and keys"),
         "runtime_root": ("path", "/srv/abssctl/runtimes", "managed Node runtimes, one tree each"),
+        "letsencrypt_dir": ("path", "/etc/letsencrypt", "certbot's config dir: tls auto looks in live/<domain>/"),
         "systemd_unit_dir": ("path", "/etc/systemd/system", "where units are written"),
         "nginx_sites_available": ("path", "/etc/nginx/sites-available", "where vhosts are written"),
         "nginx_sites_enabled": ("path", "/etc/nginx/sites-enabled", "where vhosts are enabled"),
@@ -528,7 +529,8 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "default_major": ("int", 22, "node major for a version that declares no engines.node"),
     },
     "tls": {
-        "default_source": ("str", "system", "system, self-signed or custom"),
+        "default_source": ("str", "auto", "auto (a certbot lineage, else the system pair when it covers the "
+                           "domain, else self-signed), system, self-signed or custom"),
         "system_cert": ("path", "/etc/ssl/private/cert.pem", "the host certificate (TurnKey layout)"),
         "system_key": ("path", "/etc/ssl/private/cert.key", "the host key"),
     },
@@ -554,11 +556,12 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "zstd": ("argv", ["zstd"], "argv prefix"),
         "useradd": ("argv", ["useradd"], "argv prefix"),
         "groupadd": ("argv", ["groupadd"], "argv prefix"),
+        "apt_get": ("argv", ["apt-get"], "argv prefix; quickstart installs missing Debian packages with it"),
     },
 }
 
 CHOICES = {
-    ("tls", "default_source"): ("system", "self-signed", "custom"),
+    ("tls", "default_source"): ("auto", "system", "self-signed", "custom"),
     ("backups", "compression"): ("auto", "zstd", "gzip", "none"),
     ("node", "runtime"): ("managed", "system"),
 }
@@ -805,6 +808,7 @@ class Paths:
         self.run_dir = p["run_dir"]
         self.templates_dir = p["templates_dir"]
         self.tls_dir = p["tls_dir"]
+        self.letsencrypt_dir = p["letsencrypt_dir"]
         self.unit_dir = p["systemd_unit_dir"]
         self.sites_available = p["nginx_sites_available"]
         self.sites_enabled = p["nginx_sites_enabled"]
@@ -1564,7 +1568,7 @@ class TarWriter:
 
 TIMEOUTS = {"systemctl": 60.0, "nginx": 30.0, "nginx_reload": 30.0, "openssl": 30.0,
             "journalctl": 30.0, "npm": 60.0, "node": 60.0, "zstd": 60.0,
-            "useradd": 60.0, "groupadd": 60.0}
+            "useradd": 60.0, "groupadd": 60.0, "apt_get": 600.0}
 PINNED_ENV = {"LC_ALL": "C", "LANG": "C", "PAGER": "cat", "SYSTEMD_PAGER": "",
               "SYSTEMD_COLORS": "0", "NO_COLOR": "1"}
 
@@ -1574,6 +1578,7 @@ INSTALL_HINTS = {
     "node": "apt-get install nodejs", "systemctl": "abssctl needs systemd (apt-get install systemd)",
     "journalctl": "apt-get install systemd", "useradd": "apt-get install passwd",
     "groupadd": "apt-get install passwd",
+    "apt_get": "this host has no apt-get: install the packages with its own package manager",
 }
 
 
@@ -2803,7 +2808,8 @@ class Mutation:
     def __init__(self, *, title: str, build: Callable[[], Plan], global_mode: str = "shared",
                  instances: Sequence[str] = (), target: Mapping[str, Any] | None = None,
                  args: Mapping[str, Any] | None = None, confirm: Callable[[Plan], None] | None = None,
-                 finish: Callable[[Plan], dict[str, Any]] | None = None) -> None:
+                 finish: Callable[[Plan], dict[str, Any]] | None = None,
+                 outcome: Callable[[dict[str, Any]], list[str]] | None = None) -> None:
         self.title = title
         self.build = build
         self.global_mode = global_mode
@@ -2812,23 +2818,24 @@ class Mutation:
         self.args = dict(args or {})
         self.confirm = confirm
         self.finish = finish
+        self.outcome = outcome                  # (finish's fields) -> the lines a person reads at the end
         self.log_extra: dict[str, Any] = {}     # fields steps add to the ops-log record (backup ids, ...)
 
 
-def confirm(ctx: Context, question: str, choices: str = "[y] yes   [N] no") -> None:
+def confirm(ctx: Context, question: str, choices: str = "[y] yes   [N] no", *, default_yes: bool = False) -> None:
     """Ask before a risky step whose safe path is the default; --yes accepts it."""
     if ctx.assume_yes:
         return
     if not ctx.interactive:
         raise NeedsConfirmation(f"{question.splitlines()[0]} (needs confirmation)",
                                 hint="re-run with --yes to accept, or run it in a terminal")
-    ask_yes(ctx, question, choices)
+    ask_yes(ctx, question, choices, default_yes=default_yes)
 
 
-def ask_yes(ctx: Context, question: str, choices: str = "[y] yes   [N] no") -> None:
-    """Prompt on the terminal; anything but y/yes declines."""
-    answer = ctx.out.ask(question, choices)
-    if answer.lower() not in ("y", "yes"):
+def ask_yes(ctx: Context, question: str, choices: str = "[y] yes   [N] no", *, default_yes: bool = False) -> None:
+    """Prompt on the terminal; anything but y/yes (or, with ``default_yes``, an empty answer) declines."""
+    answer = ctx.out.ask(question, choices).strip().lower()
+    if answer not in ("y", "yes") and not (default_yes and answer == ""):
         raise Declined("declined; nothing was changed")
 
 
@@ -2856,7 +2863,12 @@ def run_mutation(ctx: Context, m: Mutation) -> Result:
             _log_operation(ctx, m, plan, steps, error)
         ctx.release_locks()
     changed = bool(plan.steps)
-    text = plan.text() if changed else [f"{m.title}: already up to date; nothing changed"]
+    # The progress lines have already shown each step: a person reads the outcome, not the plan again
+    # (the plan stays in --dry-run, and in --json's steps).
+    if not changed:
+        text = [f"{m.title}: already up to date; nothing changed"]
+    else:
+        text = m.outcome(extra) if m.outcome else [f"{plan.title}: done"]
     return Result({"op_id": ctx.op_id, "duration_ms": int((utc_now() - ctx.started) * 1000),
                    "steps": steps, **extra}, text, changed=changed)
 
@@ -3070,7 +3082,11 @@ def op_init(ctx: Context, *, allow_create_user: bool) -> Result:
     result = run_mutation(ctx, Mutation(title="init", build=planner.build, global_mode="exclusive",
                                         target={"kind": "host"},
                                         args={"allow_create_user": allow_create_user},
-                                        confirm=ask, finish=finish))
+                                        confirm=ask, finish=finish, outcome=lambda _x: [
+                                            f"the host is ready for abssctl: service user {planner.user}, "
+                                            f"config {ctx.paths.config_file}, state in {ctx.paths.state_dir}",
+                                            "next: abssctl version install latest --set-current, then "
+                                            "abssctl instance create NAME --domain FQDN"]))
     return result
 
 
@@ -3096,7 +3112,12 @@ def op_init_rebuild(ctx: Context) -> Result:
         rebuild_plan(ctx, plan, discover(ctx))
         return plan
     result = run_mutation(ctx, Mutation(title="init --rebuild-state", build=build, global_mode="exclusive",
-                                        target={"kind": "host"}, args={"rebuild_state": True}))
+                                        target={"kind": "host"}, args={"rebuild_state": True},
+                                        outcome=lambda _x: [
+                                            f"rebuilt the registries in {ctx.paths.registry_dir} from what is "
+                                            f"on the host; the old ones are in "
+                                            f"{os.path.join(ctx.paths.registry_dir, 'backup-' + ctx.op_id)}",
+                                            "next: abssctl instance list, and abssctl doctor"]))
     result.data["discovered"] = found
     return result
 
@@ -4316,14 +4337,58 @@ def _tls_paths(ctx: Context, name: str) -> dict[str, str]:
     return {"dir": base, "cert": os.path.join(base, "fullchain.pem"), "key": os.path.join(base, "privkey.pem")}
 
 
-def check_system_tls(ctx: Context) -> dict[str, Any]:
+def check_system_tls(ctx: Context, domain: str | None = None) -> dict[str, Any]:
+    """The system pair, verified; with ``domain``, it must also cover it (exit 2 if not)."""
     cert, key = ctx.config.get("tls", "system_cert"), ctx.config.get("tls", "system_key")
     for path in (cert, key):
         if not os.path.isfile(path):
             raise UsageError(f"the system certificate file {path} does not exist",
-                             hint="pass --tls self-signed, or --tls custom --cert F --key F")
+                             hint="pass --tls auto or --tls self-signed, or --tls custom --cert F --key F")
     Tls.check_pair(cert, key)
+    if domain is not None and ctx.runner.available("openssl"):
+        info = Tls(ctx.runner).inspect(cert)
+        if not info.covers(domain):
+            raise UsageError(f"the system certificate {cert} does not cover {domain} "
+                             f"(it names {', '.join(info.san) or 'no DNS names'})",
+                             hint="pass --tls auto (self-signed when nothing else covers it), or --tls custom "
+                                  "--cert F --key F")
     return {"source": "system", "cert": cert, "key": key, "chain": None}
+
+
+def letsencrypt_lineage(ctx: Context, domain: str) -> dict[str, str]:
+    """certbot's files for ``domain``: <letsencrypt_dir>/live/<domain>/{fullchain,privkey}.pem."""
+    live = os.path.join(ctx.paths.letsencrypt_dir, "live", domain)
+    return {"dir": live, "cert": os.path.join(live, "fullchain.pem"), "key": os.path.join(live, "privkey.pem")}
+
+
+def _pair_covers(ctx: Context, cert: str, key: str, domain: str) -> bool:
+    """Both files exist, the key matches, and the certificate covers ``domain`` (quietly False if not)."""
+    if not (os.path.isfile(cert) and os.path.isfile(key)):
+        return False
+    try:
+        Tls.check_pair(cert, key)
+        return Tls(ctx.runner).inspect(cert).covers(domain)
+    except UsageError as exc:
+        ctx.out.debug_line(f"tls auto: {cert} is not usable for {domain}: {exc.message}")
+        return False
+
+
+def choose_auto_tls(ctx: Context, domain: str) -> str:
+    """§11.2 ``auto``: a certbot lineage that covers the domain, else the system pair that covers it,
+    else self-signed (with a warning). Returns the source to record."""
+    if not ctx.runner.available("openssl"):
+        raise MissingTool("openssl is not installed (needed to check and make certificates)",
+                          hint=INSTALL_HINTS["openssl"])
+    lineage = letsencrypt_lineage(ctx, domain)
+    if _pair_covers(ctx, lineage["cert"], lineage["key"], domain):
+        return "letsencrypt"
+    if _pair_covers(ctx, ctx.config.get("tls", "system_cert"), ctx.config.get("tls", "system_key"), domain):
+        return "system"
+    ctx.out.warn(f"no certificate on this host covers {domain} (none in {lineage['dir']}, and the system "
+                 f"certificate {ctx.config.get('tls', 'system_cert')} does not): using a self-signed one, so "
+                 "browsers will warn until their devices trust it. For a real one, get a certificate for the "
+                 f"domain (e.g. certbot certonly --webroot) and run: abssctl tls install NAME --cert F --key F")
+    return "self-signed"
 
 
 def _write_key_and_cert(ctx: Context, tdir: str, key_data: bytes, cert_data: bytes) -> None:
@@ -4387,6 +4452,9 @@ class CreateRequest:
 def _tls_entry(ctx: Context, req: CreateRequest) -> dict[str, Any]:
     if req.tls == "system":
         return check_system_tls(ctx)
+    if req.tls == "letsencrypt":
+        lineage = letsencrypt_lineage(ctx, req.domain)
+        return {"source": "letsencrypt", "cert": lineage["cert"], "key": lineage["key"], "chain": None}
     tp = _tls_paths(ctx, req.name)
     return {"source": req.tls, "cert": tp["cert"], "key": tp["key"], "chain": None}
 
@@ -4427,6 +4495,8 @@ def _validate_create(ctx: Context, name: str, domain: str | None, port: int | No
     version = resolve_binding(ctx, versions, binding)
     _version_entry(ctx, versions, version)
     tls = tls or ctx.config.get("tls", "default_source")
+    if tls == "auto" and not (cert or key):
+        tls = choose_auto_tls(ctx, domain)
     if tls == "custom":
         if not (cert and key):
             raise UsageError("--tls custom needs --cert FILE and --key FILE",
@@ -4437,7 +4507,7 @@ def _validate_create(ctx: Context, name: str, domain: str | None, port: int | No
     elif tls == "self-signed" and not ctx.runner.available("openssl"):
         raise MissingTool("openssl is not installed (needed for --tls self-signed)", hint=INSTALL_HINTS["openssl"])
     elif tls == "system":
-        check_system_tls(ctx)
+        check_system_tls(ctx, domain)
     _host_checks(ctx)
     return CreateRequest(name, domain, port, binding, version, tls, cert, key, chain, start), None
 
@@ -4583,7 +4653,18 @@ def op_instance_create(ctx: Context, name: str, *, domain: str | None, port: int
     return run_mutation(ctx, Mutation(title=f"create {name}", build=build, finish=finish, global_mode="exclusive",
                                       instances=[name], target={"kind": "instance", "name": name},
                                       args={"name": name, "domain": req.domain, "port": req.port,
-                                            "version": version, "tls": req.tls, "start": start}))
+                                            "version": version, "tls": req.tls, "start": start},
+                                      outcome=lambda x: _created_outcome(x["instance"])))
+
+
+def _created_outcome(inst: Mapping[str, Any]) -> list[str]:
+    name, url = inst.get("name"), inst.get("url")
+    running = inst.get("health") == "UP"
+    lines = [f"created {name}: {url} (port {inst.get('port')}, version {inst.get('resolved_version')}, "
+             f"TLS {(inst.get('tls') or {}).get('source')}, {'running' if running else 'not started'})"]
+    lines.append(f"next: open {url} and set the server password" if running
+                 else f"next: abssctl instance start {name}")
+    return lines
 
 
 def _instance_summary(ctx: Context, entry: Mapping[str, Any], gate: Mapping[str, Any]) -> dict[str, Any]:
@@ -4623,7 +4704,7 @@ def _create_steps(ctx: Context, plan: Plan, req: CreateRequest, gate: dict[str, 
     plan.add("config.write", f"write {paths['config']}", paths["config"],
              lambda: atomic_write(paths["config"], server_config(paths["root"], req.port), mode=0o640, gid=gid,
                                   tag=ctx.op_id), UndoAction("remove_path", path=paths["config"]))
-    if req.tls != "system":
+    if req.tls not in ("system", "letsencrypt"):          # those files are served where they are
         tdir = _tls_paths(ctx, name)["dir"]
         if req.tls == "self-signed":
             do_tls = lambda: make_self_signed(ctx, name, req.domain, 825)  # noqa: E731
@@ -4745,10 +4826,15 @@ def op_instance_lifecycle(ctx: Context, name: str, verb: str) -> Result:
             _registry_step(ctx, plan, Instances(ctx).registry, name, updated, f"record {name} {verb}ed")
         return plan
 
+    done = {"start": "started", "stop": "stopped", "restart": "restarted", "enable": "enabled",
+            "disable": "disabled"}.get(verb, verb)
     return run_mutation(ctx, Mutation(title=f"{verb} {name}", build=build, instances=[name],
                                       target={"kind": "instance", "name": name}, args={"name": name},
                                       finish=lambda _p: {"instance": _instance_summary(
-                                          ctx, Instances(ctx).get(name), gate)}))
+                                          ctx, Instances(ctx).get(name), gate)},
+                                      outcome=lambda x: [f"{name} {done}" + (
+                                          f"; /health is {x['instance']['health']}" if x["instance"].get("health")
+                                          else "") + f" (abssctl instance status {name} shows it)"]))
 
 
 def op_instance_status(ctx: Context, name: str | None) -> Result:
@@ -4885,7 +4971,9 @@ def op_instance_set_port(ctx: Context, name: str, port: int) -> Result:
     return run_mutation(ctx, Mutation(title=f"set-port {name}", build=build, instances=[name],
                                       target={"kind": "instance", "name": name}, args={"name": name, "port": port},
                                       finish=lambda _p: {"instance": _instance_summary(
-                                          ctx, Instances(ctx).get(name), gate)}))
+                                          ctx, Instances(ctx).get(name), gate)},
+                                      outcome=lambda x: [f"{name} now listens on 127.0.0.1:{x['instance']['port']}, "
+                                                         f"and nginx proxies {x['instance']['domain']} to it"]))
 
 
 def _tls_files_step(ctx: Context, plan: Plan, name: str, summary: str, do: Callable[[], None]) -> None:
@@ -4935,8 +5023,8 @@ def op_instance_set_domain(ctx: Context, name: str, domain: str) -> Result:
         if tls.get("source") == "self-signed":
             _tls_files_step(ctx, plan, name, f"regenerate the self-signed certificate for {domain}",
                             lambda: make_self_signed(ctx, name, domain, 825))
-        elif tls.get("source") == "custom" and not Tls(ctx.runner).inspect(tls["cert"]).covers(domain):
-            ctx.out.warn(f"the custom certificate of {name} does not cover {domain}; install one that does "
+        elif tls.get("source") in ("custom", "letsencrypt") and not Tls(ctx.runner).inspect(tls["cert"]).covers(domain):
+            ctx.out.warn(f"the {tls['source']} certificate of {name} does not cover {domain}; install one that does "
                          f"with abssctl tls install {name} --cert F --key F")
         vhost = ctx.paths.vhost_file(name)
         _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, domain, int(entry["port"]), tls)}, {}, (),
@@ -4950,7 +5038,10 @@ def op_instance_set_domain(ctx: Context, name: str, domain: str) -> Result:
                                       target={"kind": "instance", "name": name},
                                       args={"name": name, "domain": domain},
                                       finish=lambda _p: {"instance": _instance_summary(
-                                          ctx, Instances(ctx).get(name), {})}))
+                                          ctx, Instances(ctx).get(name), {})},
+                                      outcome=lambda x: [f"{name} is now served as {x['instance']['url']}",
+                                                         f"next: point {domain}'s DNS at this host, and tell its "
+                                                         "users the new address"]))
 
 
 def _rename_path_step(plan: Plan, step_id: str, src: str, dst: str, summary: str) -> None:
@@ -5032,7 +5123,9 @@ def op_instance_rename(ctx: Context, old: str, new: str) -> Result:
     return run_mutation(ctx, Mutation(title=f"rename {old}", build=build, instances=[old, new],
                                       target={"kind": "instance", "name": old}, args={"old": old, "new": new},
                                       finish=lambda _p: {"instance": _instance_summary(
-                                          ctx, Instances(ctx).get(new), gate)}))
+                                          ctx, Instances(ctx).get(new), gate)},
+                                      outcome=lambda x: [f"renamed {old} to {new} (unit {x['instance']['unit']}, "
+                                                         f"still {x['instance']['url']})"]))
 
 
 def _backup_index_rename_step(ctx: Context, plan: Plan, old: str, new: str) -> None:
@@ -5112,7 +5205,9 @@ def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: 
 
     result = run_mutation(ctx, Mutation(title=f"delete {name}", build=build, instances=[name], confirm=ask,
                                         target={"kind": "instance", "name": name},
-                                        args={"name": name, "purge_data": purge_data, "no_backup": no_backup}))
+                                        args={"name": name, "purge_data": purge_data, "no_backup": no_backup},
+                                        outcome=lambda _x: [f"deleted instance {name}: its unit, vhost and port "
+                                                            "are gone" + (", and its data" if purge_data else "")]))
     if final:
         result.data["backup"] = _backup_output(ctx, final)
         result.text.append(f"final backup: {final['id']}")
@@ -5159,7 +5254,10 @@ def _retls(ctx: Context, name: str, source: str, prepare: Callable[[Plan, dict[s
     Instances(ctx).get(name)
     return run_mutation(ctx, Mutation(title=f"tls {source} {name}", build=build, instances=[name],
                                       target={"kind": "instance", "name": name}, args={"name": name,
-                                                                                      "source": source}))
+                                                                                      "source": source},
+                                      outcome=lambda _x: [f"{name} is now served with the {source} certificate "
+                                                          f"({(Instances(ctx).get(name).get('tls') or {}).get('cert')})",
+                                                          f"check it with: abssctl tls verify {name}"]))
 
 
 def op_tls_install(ctx: Context, name: str, cert: str, key: str, chain: str | None) -> Result:
@@ -5194,35 +5292,130 @@ def op_tls_self_signed(ctx: Context, name: str, days: int) -> Result:
     return result
 
 
+# -- host packages (§11.3) ---------------------------------------------------------------
+
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+# (what abssctl needs, the Debian package that brings it, how to look for it: "command" is a
+# [commands] key resolved by the Runner, "path" a program on PATH, "ca" the CA bundle).
+HOST_PACKAGES: tuple[tuple[str, str, str], ...] = (
+    ("nginx", "nginx-light", "command"), ("npm", "npm", "command"), ("make", "make", "path"),
+    ("g++", "g++", "path"), ("python3", "python3", "path"), ("openssl", "openssl", "command"),
+    ("ca-certificates", "ca-certificates", "ca"), ("zstd", "zstd", "command"),
+    ("node", "nodejs", "command"), ("certbot", "certbot", "path"),
+)
+# Tools needed only in some setups: (ctx, TLS source asked for) -> needed?
+HOST_PACKAGE_WHEN: dict[str, Callable[[Context, str | None], bool]] = {
+    "node": lambda ctx, tls: ctx.config.get("node", "runtime") == "system",
+    "certbot": lambda ctx, tls: tls == "acme",
+}
+APT_TIMEOUTS = {"update": 600.0, "install": 1800.0}
+
+
+def _host_tool_present(ctx: Context, tool: str, how: str) -> bool:
+    import shutil
+    if how == "command":
+        return ctx.runner.available(tool)
+    if how == "ca":
+        return os.path.isfile(CA_BUNDLE) or shutil.which("update-ca-certificates") is not None
+    return shutil.which(tool) is not None
+
+
+def missing_host_packages(ctx: Context, tls: str | None = None) -> list[tuple[str, str]]:
+    """(tool, Debian package) for every tool abssctl needs here and does not find."""
+    return [(tool, pkg) for tool, pkg, how in HOST_PACKAGES
+            if HOST_PACKAGE_WHEN.get(tool, lambda _c, _t: True)(ctx, tls) and not _host_tool_present(ctx, tool, how)]
+
+
+def _apt_get(ctx: Context, verb: str, args: Sequence[str]) -> None:
+    """apt-get VERB ARGS, non-interactive, its lines forwarded as progress (one every 5 s)."""
+    import time
+    started = time.monotonic()
+    last = [started]
+
+    def on_idle(line: str) -> None:
+        now = time.monotonic()
+        if now - last[0] < 5:
+            return
+        last[0] = now
+        ctx.out.progress(f"[{elapsed(now - started)}] apt-get {verb}: {line.strip()[:80] or 'working'}")
+    try:
+        ctx.runner.stream("apt_get", [verb, *args], timeout=APT_TIMEOUTS[verb], on_idle=on_idle, umask=0o022,
+                          env_extra={"DEBIAN_FRONTEND": "noninteractive"})
+    except ProviderError as exc:
+        tail = list(exc.details.get("stderr") or [])
+        raise ProviderError(f"apt-get {verb} failed: {exc.message}",
+                            hint="run apt-get update by hand and check the sources in /etc/apt/sources.list "
+                                 "and /etc/apt/sources.list.d/, then re-run",
+                            details={**exc.details, "why": " | ".join(tail[-3:]) or None}) from None
+
+
+def op_host_packages(ctx: Context, tls: str | None = None) -> Result:
+    """Install the Debian packages abssctl needs and the host lacks, after a prompt (default yes).
+
+    Not a journaled mutation: it runs before init has made the state dirs, and there is nothing to
+    undo (the packages stay installed; a later failure never removes them)."""
+    missing = missing_host_packages(ctx, tls)
+    pkgs = sorted({pkg for _tool, pkg in missing})
+    data: dict[str, Any] = {"packages": {"missing": pkgs, "tools": [tool for tool, _pkg in missing]}}
+    if not missing:
+        return Result(data, [], changed=False)
+    if not ctx.runner.available("apt_get"):
+        raise MissingTool(f"this host lacks {', '.join(t for t, _p in missing)} and has no apt-get to install them",
+                          hint="install these (Debian names) with the host's package manager, then re-run: "
+                               + " ".join(pkgs), details={"packages": pkgs})
+    install = ["-y", "--no-install-recommends", *pkgs]
+    plan = Plan("host packages")
+
+    def run_apt() -> None:
+        _apt_get(ctx, "update", [])
+        _apt_get(ctx, "install", install)
+    plan.add("apt.install", f"install Debian packages: {' '.join(pkgs)} (apt-get update, then apt-get install "
+             f"{' '.join(install)}; not undone: the packages stay installed)", "apt", run_apt)
+    if ctx.dry_run:
+        return Result({**data, "dry_run": True, "plan": plan.as_list()}, plan.text(), changed=False)
+    confirm(ctx, f"Install these Debian packages: {' '.join(pkgs)}?", "[Y] yes   [n] no", default_yes=True)
+    import time
+    step = plan.steps[0]
+    ctx.out.progress(step.summary)
+    t0 = time.monotonic()
+    step.do()
+    record = [{"step": step.id, "status": "done", "ms": int((time.monotonic() - t0) * 1000)}]
+    still = missing_host_packages(ctx, tls)
+    if still:
+        raise MissingTool(f"after apt-get install, still missing: {', '.join(t for t, _p in still)}",
+                          hint="check the [commands] entries for them in the config file, or install "
+                               + " ".join(sorted({p for _t, p in still})) + " by hand",
+                          details={"missing": [t for t, _p in still]})
+    data["packages"]["installed"] = pkgs
+    return Result({**data, "steps": record}, [f"installed Debian packages: {' '.join(pkgs)}"], changed=True)
+
+
 # -- quickstart ------------------------------------------------------------------------
 
-QUICKSTART_TOOLS = (("node", "nodejs"), ("npm", "npm"), ("nginx", "nginx-light"), ("systemctl", "systemd"),
-                    ("openssl", "openssl"))
-
-
-def op_quickstart(ctx: Context, name: str, domain: str, version: str) -> Result:
-    """init, version install --set-current, instance create: each part idempotent, so a re-run resumes."""
-    import shutil
-    missing = [pkg for tool, pkg in QUICKSTART_TOOLS if not ctx.runner.available(tool)]
-    missing += [tool for tool in ("make", "g++", "python3") if shutil.which(tool) is None]
-    if missing:
-        raise MissingTool("quickstart needs tools this host does not have",
-                          hint="apt-get install " + " ".join(sorted(set(missing))))
+def op_quickstart(ctx: Context, name: str, domain: str, version: str, tls: str | None = None) -> Result:
+    """Host packages, init, version install --set-current, instance create: each part idempotent,
+    so a re-run resumes."""
+    if not ctx.runner.available("systemctl"):
+        raise MissingTool("systemctl is not installed", hint=INSTALL_HINTS["systemctl"])
     systemd_hint(ctx)
+    source = tls or ctx.config.get("tls", "default_source")
+    packages = op_host_packages(ctx, source)
     if ctx.dry_run:
-        raise UsageError("quickstart runs several commands, each with its own plan",
-                         hint="dry-run them one by one: init, version install, instance create")
+        follow = [f"abssctl init{' --allow-create-user' if ctx.assume_yes else ''}",
+                  f"abssctl version install {version} --set-current",
+                  f"abssctl instance create {name} --domain {domain} --version current --tls {source}",
+                  f"abssctl instance start {name}"]
+        text = (packages.text if packages.data.get("plan") else ["host packages: nothing to install"]) + \
+            ["then, each with its own plan (dry-run them one by one to see it):"] + [f"  {c}" for c in follow]
+        return Result({"dry_run": True, "plan": packages.data.get("plan", []), "packages": packages.data["packages"],
+                       "then": follow}, text, changed=False)
     parts: dict[str, Any] = {}
     parts["init"] = op_init(ctx, allow_create_user=ctx.assume_yes).changed
     _next_op(ctx)
     installed = op_version_install(ctx, version, set_current=True)
     parts["version"] = installed.data.get("version", {}).get("version")
     _next_op(ctx)
-    tls = None
-    cert = ctx.config.get("tls", "system_cert")
-    if not (os.path.isfile(cert) and os.path.isfile(ctx.config.get("tls", "system_key"))):
-        tls = "self-signed"
-        ctx.out.warn(f"no system certificate at {cert}: using a self-signed one (browsers will warn)")
     created = op_instance_create(ctx, name, domain=domain, port=None, version="current", tls=tls, cert=None,
                                  key=None, chain=None, start=True)
     _next_op(ctx)
@@ -5230,10 +5423,14 @@ def op_quickstart(ctx: Context, name: str, domain: str, version: str) -> Result:
     inst = dict(created.data.get("instance", {}), health=(started.data.get("instance") or {}).get("health")
                 or created.data.get("instance", {}).get("health"))
     url = inst.get("url")
-    text = [f"{name} is up: {url}", f"next: open {url} and set the server password",
-            f"      abssctl instance status {name} shows its health"]
-    return Result({"instance": inst, "version": parts["version"], "init_changed": parts["init"], "url": url},
-                  text, changed=bool(parts["init"] or installed.changed or created.changed or started.changed))
+    text = packages.text + [f"{name} is up: {url} (TLS: {(inst.get('tls') or {}).get('source')})",
+                            f"next: open {url} and set the server password",
+                            f"      abssctl instance status {name} shows its health; abssctl backup create {name} "
+                            "takes a backup"]
+    return Result({"instance": inst, "version": parts["version"], "init_changed": parts["init"], "url": url,
+                   "packages": packages.data["packages"]}, text,
+                  changed=bool(packages.changed or parts["init"] or installed.changed or created.changed
+                               or started.changed))
 
 
 def _next_op(ctx: Context) -> None:
@@ -5963,7 +6160,9 @@ def op_backup_prune(ctx: Context, instance: str | None, *, keep: int | None, old
 
     return run_mutation(ctx, Mutation(title="prune", build=build, global_mode="exclusive", confirm=ask,
                                       target={"kind": "backups", "name": instance},
-                                      args={"instance": instance, "keep": keep, "older_than": older_than}))
+                                      args={"instance": instance, "keep": keep, "older_than": older_than},
+                                      outcome=lambda _x: [f"pruned old backups in {ctx.paths.backup_root}; "
+                                                          "abssctl backup list shows what is kept"]))
 
 
 def _parse_ts(text: str) -> float:
@@ -6021,7 +6220,9 @@ def op_backup_reconcile(ctx: Context, *, apply_changes: bool) -> Result:
         return plan
 
     result = run_mutation(ctx, Mutation(title="reconcile", build=build, global_mode="exclusive",
-                                        target={"kind": "backups"}, args={"apply": True}))
+                                        target={"kind": "backups"}, args={"apply": True},
+                                        outcome=lambda _x: [f"the backup index {ctx.paths.backup_index} now matches "
+                                                            "the files; abssctl backup list shows it"]))
     result.data.update(report)
     return result
 
@@ -6185,7 +6386,11 @@ def op_backup_restore(ctx: Context, backup_id: str, *, instance: str | None, pre
     result = run_mutation(ctx, Mutation(title=f"restore {target}", build=build, instances=[target], confirm=ask,
                                         target={"kind": "instance", "name": target},
                                         args={"backup_id": backup_id, "instance": target,
-                                              "pre_backup": pre_backup}))
+                                              "pre_backup": pre_backup},
+                                        outcome=lambda _x: [f"restored {backup_id} into {target}" + (
+                                            f"; /health is {gate['health']}" if gate.get("health") else "")
+                                            + (f" (the data before it is backup {made['id']})" if made.get("id")
+                                               else "")]))
     aside = os.path.join(root, f"data.pre-restore-{ctx.op_id}")
     result.data["restore"] = {"backup_id": backup_id, "instance": target, "health": gate.get("health"),
                               "pre_restore_backup": made.get("id"),
@@ -7105,9 +7310,10 @@ def probe_nginx_live(ctx: Context, facts: Facts) -> list[Finding]:
         domain = str(facts.instances[name].get("domain"))
         if facts.units.get(unit_name(name), {}).get("ActiveState") != "active":
             return []
-        served, heads = _through_nginx(facts.tls_client, https, domain, "/health")
+        # "/" (the web app) is where the server sends COOP and COEP; /health and /info carry neither.
+        served, heads = _through_nginx(facts.tls_client, https, domain, "/")
         counts = {h: heads.count(h) for h in wanted}
-        where = f"https://{domain}/health through nginx on 127.0.0.1:{https}"
+        where = f"https://{domain}/ through nginx on 127.0.0.1:{https}"
         if served is None or not heads:
             return [Finding("nginx.live", name, "warn", f"{where} did not answer within 4 s")]
         if max(counts.values()) > 1:
@@ -7695,7 +7901,18 @@ def cmd_init(ctx: Context, args: argparse.Namespace) -> Result:
         return op_init_rebuild(ctx)
     if args.discover:
         return op_init_discover(ctx)
-    return op_init(ctx, allow_create_user=args.allow_create_user)
+    if not args.install_packages:
+        return op_init(ctx, allow_create_user=args.allow_create_user)
+    packages = op_host_packages(ctx)
+    result = op_init(ctx, allow_create_user=args.allow_create_user)
+    result.data["packages"] = packages.data["packages"]
+    if ctx.dry_run:
+        result.data["plan"] = packages.data.get("plan", []) + result.data.get("plan", [])
+    else:
+        result.data["steps"] = packages.data.get("steps", []) + result.data.get("steps", [])
+    result.text = packages.text + result.text
+    result.changed = bool(packages.changed or result.changed)
+    return result
 
 
 def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Result:
@@ -7828,7 +8045,7 @@ def cmd_tls_self_signed(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def cmd_quickstart(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_quickstart(ctx, args.name, args.domain, args.version)
+    return op_quickstart(ctx, args.name, args.domain, args.version, args.tls)
 
 
 def cmd_instance_list(ctx: Context, args: argparse.Namespace) -> Result:
@@ -7847,25 +8064,55 @@ def cmd_version_check_updates(ctx: Context, args: argparse.Namespace) -> Result:
     return op_version_check_updates(ctx)
 
 
+def _with_outcome(ctx: Context, result: Result, lines: Callable[[dict[str, Any]], list[str]]) -> Result:
+    """After a change (not a dry run), end with what changed, where, and what to do next."""
+    if result.changed and not ctx.dry_run:
+        result.text = lines(result.data)
+    return result
+
+
+def _installed_outcome(data: dict[str, Any]) -> list[str]:
+    v = data.get("version") or {}
+    lines = [f"installed server version {v.get('version')} in {v.get('path')}"
+             + (", now current" if v.get("current") else "")]
+    lines.append("next: abssctl instance create NAME --domain FQDN" if v.get("current")
+                 else f"next: abssctl version switch {v.get('version')} (or instance set-version NAME "
+                      f"{v.get('version')})")
+    return lines
+
+
+def _moved_outcome(data: dict[str, Any]) -> list[str]:
+    rows = data.get("instances") or []
+    moved = ", ".join(f"{r['name']} ({r['outcome']})" for r in rows if r.get("outcome") != "untouched")
+    inst = data.get("instance") or {}
+    head = f"current is now {data['current']} (was {data.get('previous')})" if "current" in data \
+        else f"{inst.get('name')} now runs {inst.get('resolved_version')} (bound to {inst.get('version')})"
+    return [head + (f"; instances: {moved}" if moved else ""),
+            "abssctl instance status shows their health; the pre-switch backups are in abssctl backup list"]
+
+
 def cmd_version_install(ctx: Context, args: argparse.Namespace) -> Result:
     if args.from_bundle:
-        return op_version_import(ctx, args.from_bundle, expect_version=None if args.version == "latest"
-                                 else args.version, set_current=args.set_current)
-    return op_version_install(ctx, args.version, set_current=args.set_current)
+        return _with_outcome(ctx, op_version_import(ctx, args.from_bundle, expect_version=None
+                                                    if args.version == "latest" else args.version,
+                                                    set_current=args.set_current), _installed_outcome)
+    return _with_outcome(ctx, op_version_install(ctx, args.version, set_current=args.set_current),
+                         _installed_outcome)
 
 
 def cmd_version_switch(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_version_switch(ctx, args.version, restart=args.restart, backup=not args.no_backup,
-                             message=args.backup_message)
+    return _with_outcome(ctx, op_version_switch(ctx, args.version, restart=args.restart, backup=not args.no_backup,
+                                                message=args.backup_message), _moved_outcome)
 
 
 def cmd_instance_set_version(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_instance_set_version(ctx, args.name, args.binding, backup=not args.no_backup,
-                                   message=args.backup_message)
+    return _with_outcome(ctx, op_instance_set_version(ctx, args.name, args.binding, backup=not args.no_backup,
+                                                      message=args.backup_message), _moved_outcome)
 
 
 def cmd_version_uninstall(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_version_uninstall(ctx, args.version)
+    return _with_outcome(ctx, op_version_uninstall(ctx, args.version), lambda _d: [
+        f"uninstalled server version {args.version}; abssctl version install {args.version} brings it back"])
 
 
 def cmd_version_export(ctx: Context, args: argparse.Namespace) -> Result:
@@ -7873,7 +8120,7 @@ def cmd_version_export(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def cmd_version_import(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_version_import(ctx, args.file, set_current=args.set_current)
+    return _with_outcome(ctx, op_version_import(ctx, args.file, set_current=args.set_current), _installed_outcome)
 
 
 def cmd_completion(ctx: Context, args: argparse.Namespace) -> Result:
@@ -7997,6 +8244,8 @@ def _add_init_parser(groups: argparse._SubParsersAction) -> None:
                    help="report abssctl units, vhosts, instance dirs and versions the registries do not know")
     p.add_argument("--rebuild-state", action="store_true",
                    help="rewrite the registries from what --discover finds (the old ones are copied aside)")
+    p.add_argument("--install-packages", action="store_true",
+                   help="first install the Debian packages abssctl needs and the host lacks (apt-get; prompts)")
     p.set_defaults(writes_config=True)     # init writes a missing config file, even one named by --config
 
 
@@ -8048,8 +8297,9 @@ def _add_instance_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--version", dest="binding", default="current",
                    type=_argtype(lambda v: v if v == "current" else validate_version(v, allow_latest=False)),
                    help="current (default) or an installed exact version")
-    p.add_argument("--tls", choices=("system", "self-signed", "custom"), help="certificate source "
-                   "(default [tls] default_source)")
+    p.add_argument("--tls", choices=("auto", "system", "self-signed", "custom"), help="certificate source "
+                   "(default [tls] default_source; auto: a certbot lineage, else the system pair when it "
+                   "covers the domain, else self-signed)")
     p.add_argument("--cert", metavar="FILE", help="with --tls custom: the certificate")
     p.add_argument("--key", metavar="FILE", help="with --tls custom: its key")
     p.add_argument("--chain", metavar="FILE", help="with --tls custom: intermediate certificates")
@@ -8183,12 +8433,15 @@ def _add_tls_parser(groups: argparse._SubParsersAction) -> None:
 
 
 def _add_quickstart_parser(groups: argparse._SubParsersAction) -> None:
-    p = _single(groups, "quickstart", "init, install a version and bring up a first instance",
+    p = _single(groups, "quickstart", "install missing Debian packages, init, install a version and bring up a "
+                "first instance",
                 cmd_quickstart, "abssctl quickstart alice --domain alice.budget.example.org --yes",
                 mutating=True)
     p.add_argument("name", type=_argtype(validate_name), help="instance name")
     p.add_argument("--domain", type=_argtype(validate_fqdn), required=True, help="its FQDN")
     p.add_argument("--version", default="latest", type=_argtype(validate_version), help="default: latest")
+    p.add_argument("--tls", choices=("auto", "system", "self-signed"),
+                   help="certificate source (default [tls] default_source)")
 
 
 def _exact_version(value: str) -> str:

@@ -89,4 +89,4 @@ def test_size_budget() -> None:
     # size with doctor and the support bundle; the design card keeps one module, so the split is left to
     # whoever plans the next work, and this bound (raised once, for doctor's issue-8 probes and the
     # reliability fixes) stops unplanned growth meanwhile.
-    assert SRC.count("\n") < 8800
+    assert SRC.count("\n") < 9200     # raised for the second edition (DESIGN §11): host packages, tls auto

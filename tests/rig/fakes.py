@@ -36,6 +36,7 @@ __all__ = [
     "FAKE_NODE",
     "FAKE_NPM_VERSION",
     "FAKE_TOOLS",
+    "HOST_TOOL_PACKAGES",
     "OPTIONAL_FAKES",
     "PATH_KEYS",
     "RunResult",
@@ -81,6 +82,7 @@ PATH_KEYS: dict[str, str] = {          # [paths] key -> location relative to tmp
     "templates_dir": "etc/abssctl/templates",
     "tls_dir": "etc/abssctl/tls",
     "runtime_root": "srv/abssctl/runtimes",
+    "letsencrypt_dir": "etc/letsencrypt",
     "systemd_unit_dir": "etc/systemd/system",
     "nginx_sites_available": "etc/nginx/sites-available",
     "nginx_sites_enabled": "etc/nginx/sites-enabled",
@@ -1186,11 +1188,55 @@ def main():
 sys.exit(main())
 '''
 
+_APT_GET = r'''
+# "Installs" a package by copying fake-state/apt-pool/<package>/* next to itself (the sandbox's
+# bin/); knob {"fail": "update"|"install"} makes that verb fail as apt does (rc 100).
+BIN = os.path.dirname(os.path.abspath(sys.argv[0]))
+POOL = os.path.join(STATE, "apt-pool")
+
+
+def main():
+    import shutil
+    with edit("apt-get-env.json", {"calls": []}) as doc:
+        doc["calls"].append({"argv": ARGV, "DEBIAN_FRONTEND": os.environ.get("DEBIAN_FRONTEND")})
+    verb = next((a for a in ARGV if not a.startswith("-")), "")
+    if KNOBS.get("fail") == verb:
+        out("Reading package lists...")
+        err("E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  "
+            "Temporary failure resolving 'deb.debian.org'")
+        err("E: fake apt-get: %s failure requested by knob" % verb)
+        return 100
+    if verb == "update":
+        out("Hit:1 http://deb.debian.org/debian bookworm InRelease")
+        out("Reading package lists...")
+        return 0
+    if verb == "install":
+        pkgs = [a for a in ARGV[ARGV.index("install") + 1:] if not a.startswith("-")]
+        unknown = [p for p in pkgs if not os.path.isdir(os.path.join(POOL, p))]
+        if unknown:
+            err("E: Unable to locate package %s" % unknown[0])
+            return 100
+        for pkg in pkgs:
+            out("Setting up %s (fake) ..." % pkg)
+            for name in sorted(os.listdir(os.path.join(POOL, pkg))):
+                shutil.copy2(os.path.join(POOL, pkg, name), os.path.join(BIN, name))
+        return 0
+    err("E: Invalid operation %s" % verb)
+    return 100
+
+
+sys.exit(main())
+'''
+
 FAKE_TOOLS: dict[str, str] = {
     "systemctl": _SYSTEMCTL, "journalctl": _JOURNALCTL, "nginx": _NGINX, "npm": _NPM,
     "node": _NODE, "useradd": _PLAIN, "groupadd": _PLAIN, "openssl": _OPENSSL, "zstd": _ZSTD,
+    "apt-get": _APT_GET, "make": _PLAIN, "g++": _PLAIN, "python3": _PLAIN,
 }
-DEFAULT_FAKES = ("systemctl", "journalctl", "nginx", "npm", "node", "useradd", "groupadd")
+# Debian package of each tool a fresh host may lack (what quickstart installs, DESIGN §11.3)
+HOST_TOOL_PACKAGES = {"nginx": "nginx-light", "npm": "npm", "node": "nodejs", "openssl": "openssl",
+                      "zstd": "zstd", "make": "make", "g++": "g++", "python3": "python3"}
+DEFAULT_FAKES = ("systemctl", "journalctl", "nginx", "npm", "node", "useradd", "groupadd", "apt-get")
 OPTIONAL_FAKES = ("openssl", "zstd")
 
 
@@ -1275,6 +1321,7 @@ class Sandbox:
                 self.commands[tool] = [real]
         self.commands["useradd"] = [str(b / "useradd")]
         self.commands["groupadd"] = [str(b / "groupadd")]
+        self.commands["apt_get"] = [str(b / "apt-get")]
         self.user, self.group = _unprivileged_account()
         self.settings: dict[str, dict[str, Any]] = {
             "paths": {k: str(v) for k, v in self.paths.items()},
@@ -1454,6 +1501,27 @@ class Sandbox:
         (self.state / "npm-registry.json").write_text(json.dumps(doc, indent=1, sort_keys=True),
                                                       encoding="utf-8")
 
+    def hide_host_tools(self, *tools: str) -> None:
+        """A host that lacks `tools` (HOST_TOOL_PACKAGES keys) until the fake apt-get installs their
+        packages: PATH becomes bin/ only, make, g++ and python3 are plain fakes there unless hidden,
+        and each hidden tool waits in fake-state/apt-pool/<package>/ ([commands] then points at bin/,
+        so a hidden openssl or zstd comes back as its fake)."""
+        self.monkeypatch.setenv("PATH", str(self.bin))
+        for tool, pkg in HOST_TOOL_PACKAGES.items():
+            if tool in ("make", "g++", "python3") or tool in tools:
+                target = self.state / "apt-pool" / pkg / tool if tool in tools else self.bin / tool
+                write_fake(target, tool)
+                if tool in tools:
+                    (self.bin / tool).unlink(missing_ok=True)
+            if tool in ("nginx", "npm", "node") or tool in tools and tool in ("openssl", "zstd"):
+                self.commands[tool] = [str(self.bin / tool)]     # openssl, zstd: real unless hidden
+        self.write_config()
+
+    def apt_calls(self) -> list[dict[str, Any]]:
+        """Every fake apt-get call: {"argv": [...], "DEBIAN_FRONTEND": value or None}."""
+        path = self.state / "apt-get-env.json"
+        return json.loads(path.read_text(encoding="utf-8"))["calls"] if path.exists() else []
+
     def fake_tool(self, name: str) -> Path:
         """Replace a real tool (openssl, zstd) with its fake, in bin/ and in [commands]."""
         path = write_fake(self.bin / name, name)
@@ -1470,17 +1538,20 @@ class Sandbox:
             self.paths[key].mkdir(parents=True, exist_ok=True)
         Path(self.settings["tls"]["system_cert"]).parent.mkdir(parents=True, exist_ok=True)
 
-    def make_system_cert(self, domain: str = "example.test", days: int = 30) -> tuple[Path, Path]:
-        """A real self-signed pair at [tls] system_cert/system_key (needs the real openssl)."""
+    def make_system_cert(self, domain: str = "example.test", days: int = 30,
+                         cert: Path | None = None, key: Path | None = None) -> tuple[Path, Path]:
+        """A real self-signed pair for `domain` and `*.domain` at [tls] system_cert/system_key, or at
+        `cert`/`key` (needs the real openssl)."""
         openssl = shutil.which("openssl", path=self.orig_path)
         if openssl is None:
             pytest.skip("openssl is not installed")
-        cert = Path(self.settings["tls"]["system_cert"])
-        key = Path(self.settings["tls"]["system_key"])
+        cert = Path(cert or self.settings["tls"]["system_cert"])
+        key = Path(key or self.settings["tls"]["system_key"])
         cert.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
                         "ec_paramgen_curve:prime256v1", "-nodes", "-days", str(days),
-                        "-subj", f"/CN={domain}", "-addext", f"subjectAltName=DNS:{domain}",
+                        "-subj", f"/CN={domain}", "-addext",
+                        f"subjectAltName=DNS:{domain},DNS:*.{domain}",
                         "-keyout", str(key), "-out", str(cert)],
                        check=True, capture_output=True, timeout=30)
         key.chmod(0o600)
