@@ -4062,7 +4062,7 @@ def op_version_list(ctx: Context, *, remote: bool, prerelease: bool) -> Result:
         node = e.get("node") or {}
         rows[ver] = {"version": ver, "installed": True, "current": ver == versions.current,
                      "instances": versions.users_of(ver), "installed_at": e.get("installed_at"),
-                     "size_bytes": e.get("size_bytes"), "node_abi": node.get("abi"),
+                     "size_bytes": e.get("size_bytes"), "node_abi": node.get("abi"), "runtime": e.get("runtime"),
                      "engines_node": e.get("engines_node"), "engines_ok": e.get("engines_ok"),
                      "source": e.get("source"), "state": versions.state_of(ver)}
     warnings = []
@@ -4074,10 +4074,11 @@ def op_version_list(ctx: Context, *, remote: bool, prerelease: bool) -> Result:
         except AbssctlError as exc:
             warnings.append(f"could not read remote versions: {exc.message}; showing installed versions only")
     ordered = [rows[v] for v in sorted(rows, key=semver_key)]
-    text = table(("VERSION", "CURRENT", "INSTALLED", "INSTANCES", "SIZE", "NODE ABI", "ENGINES"),
+    text = table(("VERSION", "CURRENT", "INSTALLED", "INSTANCES", "SIZE", "NODE", "NODE ABI", "ENGINES"),
                  [(r["version"], "*" if r["current"] else "", (r.get("installed_at") or "yes")
                    if r["installed"] else "no", ",".join(r["instances"]),
-                   human_bytes(r["size_bytes"]) if r.get("size_bytes") else "", r.get("node_abi"),
+                   human_bytes(r["size_bytes"]) if r.get("size_bytes") else "",
+                   (r.get("runtime") or "system") if r["installed"] else "", r.get("node_abi"),
                    ("ok" if r.get("engines_ok") else f"needs {r.get('engines_node')}") if r["installed"] else "")
                   for r in ordered]) if ordered else ["no versions installed; try: abssctl version install latest"]
     return Result({"package": versions.package, "current": versions.current, "versions": ordered}, text,
@@ -4135,8 +4136,12 @@ def op_version_uninstall(ctx: Context, version: str) -> Result:
                     doc["versions"].pop(version, None)
             plan.add("registry.remove", f"remove {version} from {reg.path}", reg.path, drop,
                      UndoAction("registry_put", name=version, entry=entry, **_registry_args(reg)))
+        rt_trash = _runtime_unused_steps(ctx, now, plan, version, entry)
         plan.add("tree.delete", f"delete {trash} (no undo past this point)", trash,
                  lambda: remove_tree(trash) if os.path.lexists(trash) else None)
+        if rt_trash:
+            plan.add("runtime.delete", f"delete {rt_trash} (no undo past this point)", rt_trash,
+                     lambda: remove_tree(rt_trash) if os.path.lexists(rt_trash) else None)
         return plan
 
     return run_mutation(ctx, Mutation(
@@ -4144,6 +4149,28 @@ def op_version_uninstall(ctx: Context, version: str) -> Result:
         target={"kind": "version", "name": version}, args={"version": version},
         confirm=lambda _p: confirm(ctx, f"Uninstall server version {version} "
                                         f"({versions.tree(version)})?\nIt can be installed again later.")))
+
+
+def _runtime_unused_steps(ctx: Context, versions: Versions, plan: Plan, version: str,
+                          entry: Mapping[str, Any] | None) -> str | None:
+    """Uninstall's steps for a runtime no other version uses: move it aside, forget it; its trash path."""
+    rid = (entry or {}).get("runtime")
+    if not rid or any(e.get("runtime") == rid for v, e in versions.doc["versions"].items() if v != version):
+        return None
+    reg = ctx.registry("runtimes")
+    rt_dir = os.path.join(ctx.paths.runtime_root, str(rid))
+    trash = os.path.join(ctx.paths.runtime_root, f".trash-{rid}-{ctx.op_id}")
+    if os.path.isdir(rt_dir):
+        plan.add("runtime.trash", f"move the runtime {rt_dir} aside (no version uses it any more)", rt_dir,
+                 lambda: os.rename(rt_dir, trash), UndoAction("rename", src=trash, dst=rt_dir))
+    recorded = reg.load()["runtimes"].get(str(rid))
+    if recorded is not None:
+        def drop() -> None:
+            with reg.edit(ctx.op_id) as doc:
+                doc["runtimes"].pop(str(rid), None)
+        plan.add("runtime.unrecord", f"remove {rid} from {reg.path}", reg.path, drop,
+                 UndoAction("registry_put", name=str(rid), entry=recorded, **_registry_args(reg)))
+    return trash
 
 
 # -- export / import -------------------------------------------------------------------
@@ -4685,7 +4712,7 @@ def render_unit(ctx: Context, name: str, port: int, version: str, versions: Vers
     import shutil
     entry = _version_entry(ctx, versions, version)
     pkg = os.path.realpath(versions.package_dir(version))
-    node = ctx.config.command("node")
+    node = node_argv_for(ctx, entry)
     exe = node[0] if "/" in node[0] else (shutil.which(node[0]) or node[0])
     paths = instance_paths(ctx, name)
     values = {"NAME": name, "USER": ctx.config.get("service", "user"), "GROUP": ctx.config.get("service", "group"),
@@ -5243,7 +5270,7 @@ def op_instance_reset_password(ctx: Context, name: str) -> Result:
     vers = _version_entry(ctx, versions, version)
     paths = instance_paths(ctx, name)
     user = ctx.config.get("service", "user")
-    proc = ctx.runner.popen("node", [os.path.join(pkg, vers["bin"]), "--reset-password", "--config",
+    proc = runner_for(ctx, vers).popen("node", [os.path.join(pkg, vers["bin"]), "--reset-password", "--config",
                                      paths["config"]], cwd=pkg, user=None if user == "root" else user,
                             env_extra={"ACTUAL_DATA_DIR": paths["data"], "NODE_ENV": "production"},
                             stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, new_session=False)
@@ -6761,7 +6788,7 @@ def op_version_switch(ctx: Context, version: str, *, restart: str, backup: bool,
     entry = versions.doc["versions"][version]
     if entry.get("engines_ok") is False:
         ctx.out.warn(_engines_sentence(versions.package, version, str(entry.get("engines_node")),
-                                       Node(ctx.runner).info()))
+                                       Node(runner_for(ctx, entry)).info()))
     tracker = UpgradeTracker(followers)
     old = versions.current
     m = Mutation(title=f"switch to {version}", build=lambda: Plan(""), global_mode="exclusive",
@@ -7020,10 +7047,13 @@ def _ok(pid: str, target: str | None, message: str, **kw: Any) -> Finding:
 @probe("env")
 def probe_env_tools(ctx: Context, facts: Facts) -> list[Finding]:
     out = [_ok("env.python", None, f"python {sys.version.split()[0]}")]
+    managed = managed_runtime(ctx.config)
     for tool, status in (("node", "fail"), ("nginx", "fail"), ("systemctl", "fail"), ("npm", "warn"),
                          ("openssl", "warn"), ("journalctl", "warn"), ("zstd", "warn")):
         if ctx.runner.available(tool):
             out.append(_ok("env.tool", tool, f"{tool} is installed"))
+        elif tool == "node" and managed:
+            out.append(_ok("env.tool", tool, 'no system node (not needed: [node] runtime = "managed")'))
         else:
             note = " (backups fall back to gzip)" if tool == "zstd" else ""
             out.append(Finding("env.tool", tool, status, f"{tool} is not installed{note}",
@@ -7031,9 +7061,51 @@ def probe_env_tools(ctx: Context, facts: Facts) -> list[Finding]:
     return out
 
 
+@probe("env", timeout=30)
+def probe_env_runtimes(ctx: Context, facts: Facts) -> list[Finding]:
+    """Each version's managed runtime exists, runs and has the ABI its native modules were built for;
+    runtimes no version uses are reported (DESIGN §11.1)."""
+    versions = facts.versions_doc.get("versions", {})
+    try:
+        runtimes = ctx.registry("runtimes").load()["runtimes"]
+    except AbssctlError as exc:
+        return [Finding("env.runtime", None, "fail", exc.message, hint=exc.hint)]
+    out: list[Finding] = []
+    for ver, entry in sorted(versions.items()):
+        rt_dir = runtime_of(ctx, entry)
+        if rt_dir is None:
+            continue
+        rid = str(entry["runtime"])
+        recorded = (entry.get("node") or {}).get("abi")
+        again = f"abssctl version uninstall {ver}, then abssctl version install {ver} (it fetches {rid} again)"
+        if not os.path.isfile(os.path.join(rt_dir, "bin", "node")):
+            out.append(Finding("env.runtime", ver, "fail", f"{ver} runs on {rid}, but {rt_dir} is missing",
+                               hint=again))
+            continue
+        try:
+            node = Node(runner_for(ctx, entry)).info()
+        except AbssctlError as exc:
+            out.append(Finding("env.runtime", ver, "fail", f"{rid}/bin/node does not run: {exc.message}",
+                               hint=again))
+            continue
+        if recorded and recorded != node.abi:
+            out.append(Finding("env.runtime", ver, "fail", f"{ver} was built for node ABI {recorded}; {rid} "
+                               f"reports ABI {node.abi}", hint=again))
+        else:
+            out.append(_ok("env.runtime", ver, f"{ver} runs on {rid} ({node.version}, ABI {node.abi})"))
+    used = {str(e.get("runtime")) for e in versions.values() if isinstance(e, dict) and e.get("runtime")}
+    for rid in sorted(set(runtimes) - used):
+        out.append(Finding("env.runtime-unused", rid, "warn", f"runtime {rid} is used by no installed version",
+                           hint="it is removed with the last version that used it; delete "
+                                f"{os.path.join(ctx.paths.runtime_root, rid)} and its runtimes.json entry "
+                                "by hand if it is left over"))
+    return out
+
+
 @probe("env", timeout=15)
 def probe_env_node_abi(ctx: Context, facts: Facts) -> list[Finding]:
-    versions = facts.versions_doc.get("versions", {})
+    versions = {v: e for v, e in facts.versions_doc.get("versions", {}).items()
+                if not (isinstance(e, dict) and e.get("runtime"))}     # managed ones: probe_env_runtimes
     if not versions or not ctx.runner.available("node"):
         return []
     try:
@@ -7851,13 +7923,24 @@ def _tool_versions(ctx: Context) -> str:
         lines.append("BUILD-INFO " + _read_resource("BUILD-INFO.json").decode())
     except OSError:
         lines.append("BUILD-INFO: (running from source)")
-    for tool, args in (("node", ["--version"]), ("npm", ["--version"]), ("nginx", ["-v"]), ("openssl", ["version"]),
-                       ("zstd", ["--version"])):
-        if ctx.runner.available(tool):
-            done = ctx.runner.run(tool, args, mutating=False, check=False)
-            lines.append(f"{tool}: {(done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr).strip() else '?'}")
-        else:
-            lines.append(f"{tool}: not installed")
+    runners = [("", ctx.runner)]
+    try:
+        for rid in sorted(installed_runtimes(ctx)):
+            runners.append((f"{rid} ", ctx.runner.with_commands(
+                **runtime_commands(os.path.join(ctx.paths.runtime_root, rid)))))
+    except AbssctlError:
+        pass
+    for label, runner in runners:
+        for tool, args in (("node", ["--version"]), ("npm", ["--version"]), ("nginx", ["-v"]),
+                           ("openssl", ["version"]), ("zstd", ["--version"])):
+            if label and tool not in ("node", "npm"):
+                continue
+            if runner.available(tool):
+                done = runner.run(tool, args, mutating=False, check=False)
+                text = (done.stdout or done.stderr).strip()
+                lines.append(f"{label}{tool}: {text.splitlines()[0] if text else '?'}")
+            else:
+                lines.append(f"{label}{tool}: not installed")
     try:
         lines.append(open("/etc/os-release", encoding="utf-8").read())
     except OSError:
@@ -8263,7 +8346,8 @@ def cmd_version_install(ctx: Context, args: argparse.Namespace) -> Result:
     if args.from_bundle:
         return op_version_import(ctx, args.from_bundle, expect_version=None if args.version == "latest"
                                  else args.version, set_current=args.set_current)
-    return op_version_install(ctx, args.version, set_current=args.set_current)
+    return op_version_install(ctx, args.version, set_current=args.set_current,
+                              refresh_runtime=args.refresh_runtime)
 
 
 def cmd_version_switch(ctx: Context, args: argparse.Namespace) -> Result:
@@ -8622,6 +8706,8 @@ def _add_version_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--set-current", action="store_true",
                    help="point current at it (only while no instance follows current)")
     p.add_argument("--from-bundle", metavar="FILE", help="install from an export bundle (no registry)")
+    p.add_argument("--refresh-runtime", action="store_true",
+                   help="fetch the newest node of the chosen major even if an older one is installed")
     p = _verb(verbs, "switch", "point current at VER and move its instances: cold backup, restart, health "
               "gate, rollback with data", cmd_version_switch, "abssctl version switch 26.9.0",
               "abssctl version switch 26.9.0 --restart none", mutating=True)
