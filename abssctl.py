@@ -3601,7 +3601,7 @@ def _new_staging(path: str) -> None:
 
 def add_runtime_fetch_steps(ctx: Context, plan: Plan, rt: Runtime, npm: Npm) -> None:
     """npm pack the node package and npm, unpack both into a staging dir, verify, move, record."""
-    pack = os.path.join(rt.root, f".pack-{rt.id}-{ctx.op_id}")
+    pack = os.path.join(rt.root, f".staging-pack-{rt.id}-{ctx.op_id}")
     staging = _runtime_staging(ctx, rt)
     got: dict[str, dict[str, Any]] = {}
 
