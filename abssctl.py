@@ -4472,6 +4472,25 @@ def check_bundle_fits(manifest: Mapping[str, Any], node: NodeInfo, package: str)
                            f"glibc {host}", hint="export the bundle on a host with the same or an older glibc")
 
 
+def _bundle_runtime(ctx: Context, manifest: Mapping[str, Any]) -> Runtime:
+    """Managed mode: the installed runtime whose ABI and arch match the bundle's node (§11.1)."""
+    want = manifest.get("node") or {}
+    arch = runtime_arch()
+    package = runtime_package(ctx.config, arch)
+    fits = sorted((e.get("version") for e in installed_runtimes(ctx).values()
+                   if str(e.get("abi")) == str(want.get("abi")) and e.get("arch") == arch
+                   and isinstance(e.get("version"), str)), key=semver_key)
+    if not fits:
+        raise Incompatible(f"bundle {manifest.get('version')} was built for node ABI {want.get('abi')} (node "
+                           f"{want.get('version')}); no installed runtime has that ABI",
+                           hint="install a version that uses such a node first (abssctl version install), "
+                                'or set [node] runtime = "system" with a matching [commands] node')
+    rt = Runtime(ctx.paths.runtime_root, fits[-1], arch, package, installed=True)
+    rt.npm_version = (ctx.registry("runtimes").load()["runtimes"][rt.id].get("npm") or {}).get("version")
+    rt.node = Node(rt.runner(ctx.runner)).info()
+    return rt
+
+
 def op_version_import(ctx: Context, path: str, *, expect_version: str | None = None,
                       set_current: bool = False) -> Result:
     """Install a version from an export bundle, checked against this host; no registry is contacted."""
@@ -4491,9 +4510,12 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
         raise UsageError(f"bundle {path} holds {version}, not {expect_version}")
     versions = Versions(ctx)
     state = versions.require_not_broken(version)
-    node = _install_checks(ctx, versions) if state == "missing" else Node(ctx.runner).info()
+    rt = _bundle_runtime(ctx, manifest) if managed_runtime(ctx.config) else None
+    node = _install_checks(ctx, versions, rt, need_npm=rt is None) if state == "missing" else \
+        rt.node if rt is not None else Node(ctx.runner).info()
+    assert node is not None
     check_bundle_fits(manifest, node, versions.package)
-    installer = Installer(ctx, versions, version, node, f"bundle:{digest}")
+    installer = Installer(ctx, versions, version, node, f"bundle:{digest}", rt)
     total = int((manifest.get("files") or {}).get("bytes") or 0)
 
     def extract() -> None:

@@ -215,3 +215,18 @@ def test_system_mode_never_fetches_a_runtime(sandbox: Sandbox) -> None:
     assert res.rc == 0, show(res)
     assert packs(sandbox) == [] and res.doc["version"]["runtime"] is None
     assert list(runtime_root(sandbox).iterdir()) == []
+
+
+def test_import_in_managed_mode_runs_on_an_installed_runtime_of_the_bundles_abi(sandbox: Sandbox) -> None:
+    managed(sandbox)
+    assert sandbox.run("--json", "version", "install", "26.9.0").rc == 0
+    bundle = sandbox.root / "b.tar.gz"
+    res = sandbox.run("--json", "version", "export", "26.9.0", "-o", bundle)
+    assert res.rc == 0, show(res)
+    assert sandbox.run("--json", "--yes", "version", "install", "26.8.1").rc == 0   # keeps the runtime
+    assert sandbox.run("--json", "--yes", "version", "uninstall", "26.9.0").rc == 0
+    sandbox.commands["node"] = [str(sandbox.root / "no" / "node")]       # no system node at all
+    sandbox.write_config()
+    res = sandbox.run("--json", "version", "import", bundle)
+    assert res.rc == 0, show(res)
+    assert res.doc["version"]["runtime"] == "node-22.23.5"
