@@ -3471,6 +3471,8 @@ def op_complete(ctx: Context, what: str) -> Result:
 MIN_INSTALL_FREE = 512 << 20
 BUNDLE_KIND = "abssctl-version-bundle"
 BUNDLE_SCHEMA = 1
+BUNDLE_SCHEMA_RUNTIME = 2        # a bundle that carries its node runtime under runtime/ (§11.1)
+BUNDLE_HEADERS = ("abssctl-bundle.json", "SHA256SUMS")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -4205,28 +4207,31 @@ def _tar_bytes(tar: Any, name: str, data: bytes, mtime: int) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_bundle_tar(tar: Any, tree: str, manifest: bytes, sums: bytes,
-                      listing: tuple[list[tuple[str, str, int]], list[str], list[tuple[str, str]]],
+Listing = tuple[list[tuple[str, str, int]], list[str], list[tuple[str, str]]]
+
+
+def _write_bundle_tar(tar: Any, parts: Sequence[tuple[str, str, Listing]], manifest: bytes, sums: bytes,
                       mtime: int) -> None:
+    """The header members, then each (member prefix, directory, listing) part: runtime/, tree/."""
     import tarfile
-    files, dirs, links = listing
     _tar_bytes(tar, "abssctl-bundle.json", manifest, mtime)
     _tar_bytes(tar, "SHA256SUMS", sums, mtime)
-    for rel in dirs:
-        info = tarfile.TarInfo(f"tree/{rel}")
-        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, mtime
-        tar.addfile(info)
-    for rel, _sha, size in files:
-        path = os.path.join(tree, rel)
-        info = tarfile.TarInfo(f"tree/{rel}")
-        info.size, info.mtime = size, mtime
-        info.mode = 0o755 if os.stat(path).st_mode & 0o100 else 0o644
-        with open(path, "rb") as f:
-            tar.addfile(info, f)
-    for rel, target in links:
-        info = tarfile.TarInfo(f"tree/{rel}")
-        info.type, info.linkname, info.mtime, info.mode = tarfile.SYMTYPE, target, mtime, 0o777
-        tar.addfile(info)
+    for prefix, tree, (files, dirs, links) in parts:
+        for rel in dirs:
+            info = tarfile.TarInfo(f"{prefix}{rel}")
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, mtime
+            tar.addfile(info)
+        for rel, _sha, size in files:
+            path = os.path.join(tree, rel)
+            info = tarfile.TarInfo(f"{prefix}{rel}")
+            info.size, info.mtime = size, mtime
+            info.mode = 0o755 if os.stat(path).st_mode & 0o100 else 0o644
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+        for rel, target in links:
+            info = tarfile.TarInfo(f"{prefix}{rel}")
+            info.type, info.linkname, info.mtime, info.mode = tarfile.SYMTYPE, target, mtime, 0o777
+            tar.addfile(info)
 
 
 def write_tar_stream(ctx: Context, fd: int, compression: str, writer: Callable[[Any], None]) -> tuple[str, int]:
@@ -4344,6 +4349,32 @@ def open_tar_stream(ctx: Context, path: str) -> tuple[Any, Callable[[], None]]:
     return tar, close
 
 
+def _export_runtime_entry(ctx: Context, version: str, entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The runtimes.json entry of the runtime a version runs on (None: system node); HostError when
+    that runtime is gone, since a bundle without it would not run on an air-gapped host."""
+    rt_dir = runtime_of(ctx, entry)
+    if rt_dir is None:
+        return None
+    rid = str(entry["runtime"])
+    recorded = ctx.registry("runtimes").load()["runtimes"].get(rid)
+    if not isinstance(recorded, dict) or not os.path.isfile(os.path.join(rt_dir, "bin", "node")):
+        raise HostError(f"{version} runs on {rid}, but {rt_dir} is missing or not recorded in runtimes.json",
+                        hint=f"abssctl version uninstall {version}, then abssctl version install {version} "
+                             "(it fetches the runtime again), then export")
+    return recorded
+
+
+def _bundle_runtime_field(rid: str, rec: Mapping[str, Any] | None, listing: Listing) -> dict[str, Any]:
+    """The manifest's ``runtime``: which node and npm the bundle carries under runtime/ (§11.1)."""
+    rec = rec or {}
+    return {"id": rid, "version": rec.get("version"), "abi": rec.get("abi"), "arch": rec.get("arch"),
+            "glibc": rec.get("glibc"), "package": (rec.get("node") or {}).get("package"),
+            "npm_version": (rec.get("npm") or {}).get("version"),
+            "node_integrity": (rec.get("node") or {}).get("integrity"),
+            "npm_integrity": (rec.get("npm") or {}).get("integrity"),
+            "files": {"count": len(listing[0]), "bytes": sum(n for _r, _s, n in listing[0])}}
+
+
 def op_version_export(ctx: Context, version: str, output: str) -> Result:
     """Write an air-gap bundle of an installed version: manifest, SHA256SUMS, then the tree."""
     versions = Versions(ctx)
@@ -4355,17 +4386,30 @@ def op_version_export(ctx: Context, version: str, output: str) -> Result:
         raise UsageError(f"cannot write the bundle to {output}: give a file path in an existing directory")
     compression = "zstd" if ctx.runner.available("zstd") else "gzip"
     tree = versions.tree(version)
+    rt_dir = runtime_of(ctx, entry)
+    rt_entry = _export_runtime_entry(ctx, version, entry)
     result: dict[str, Any] = {}
 
     def write() -> None:
         ctx.out.progress(f"hashing {tree}")
         listing = _bundle_files(tree)
-        sums = "".join(f"{sha}  {rel}\n" for rel, sha, _n in listing[0]).encode()
+        parts: list[tuple[str, str, Listing]] = []
+        lines = [(rel, sha) for rel, sha, _n in listing[0]]
+        runtime = None
+        if rt_dir is not None:
+            ctx.out.progress(f"hashing {rt_dir}")
+            rt_listing = _bundle_files(rt_dir)
+            parts.append(("runtime/", rt_dir, rt_listing))
+            lines += [(f"runtime/{rel}", sha) for rel, sha, _n in rt_listing[0]]
+            runtime = _bundle_runtime_field(str(entry["runtime"]), rt_entry, rt_listing)
+        parts.append(("tree/", tree, listing))
+        sums = "".join(f"{sha}  {rel}\n" for rel, sha in sorted(lines)).encode()
         node = entry.get("node") or {}
         libc = str(node.get("libc") or "")
         import hashlib
         now = utc_now()
-        manifest = {"schema_version": BUNDLE_SCHEMA, "kind": BUNDLE_KIND, "package": versions.package,
+        manifest = {"schema_version": BUNDLE_SCHEMA if runtime is None else BUNDLE_SCHEMA_RUNTIME,
+                    "kind": BUNDLE_KIND, "package": versions.package, "runtime": runtime,
                     "version": version, "created_at": rfc3339(now), "abssctl_version": __version__,
                     "node": {"version": node.get("version"), "abi": node.get("abi"), "arch": node.get("arch"),
                              "platform": "linux"},
@@ -4382,7 +4426,7 @@ def op_version_export(ctx: Context, version: str, output: str) -> Result:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             digest, _size = write_tar_stream(ctx, fd, compression,
-                                             lambda tar: _write_bundle_tar(tar, tree, data, sums, listing, int(now)))
+                                             lambda tar: _write_bundle_tar(tar, parts, data, sums, int(now)))
             os.fchmod(fd, 0o644)
             os.fsync(fd)
         finally:
@@ -4433,8 +4477,13 @@ def read_bundle_header(ctx: Context, path: str) -> tuple[dict[str, Any], dict[st
     except ValueError:
         raise CorruptState(f"{path}: abssctl-bundle.json is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != BUNDLE_KIND or \
-            manifest.get("schema_version") != BUNDLE_SCHEMA:
-        raise CorruptState(f"{path} is not an abssctl version bundle of schema {BUNDLE_SCHEMA}")
+            manifest.get("schema_version") not in (BUNDLE_SCHEMA, BUNDLE_SCHEMA_RUNTIME):
+        raise CorruptState(f"{path} is not an abssctl version bundle of schema {BUNDLE_SCHEMA} or "
+                           f"{BUNDLE_SCHEMA_RUNTIME}", hint="create bundles with abssctl version export "
+                           "(a newer abssctl may have written this one)")
+    if manifest.get("runtime") is not None and (manifest.get("schema_version") != BUNDLE_SCHEMA_RUNTIME
+                                                or not isinstance(manifest["runtime"], dict)):
+        raise CorruptState(f"{path}: abssctl-bundle.json has a malformed runtime field")
     sums_raw = members[1][1]
     if hashlib.sha256(sums_raw).hexdigest() != manifest.get("sums_sha256"):
         raise ChecksumMismatch(f"{path}: SHA256SUMS does not match the manifest's sums_sha256",
@@ -4472,23 +4521,75 @@ def check_bundle_fits(manifest: Mapping[str, Any], node: NodeInfo, package: str)
                            f"glibc {host}", hint="export the bundle on a host with the same or an older glibc")
 
 
-def _bundle_runtime(ctx: Context, manifest: Mapping[str, Any]) -> Runtime:
-    """Managed mode: the installed runtime whose ABI and arch match the bundle's node (§11.1)."""
+def _installed_runtime(ctx: Context, version: str, arch: str, package: str) -> Runtime:
+    """An installed runtime, ready to run (its npm version from runtimes.json)."""
+    rt = Runtime(ctx.paths.runtime_root, version, arch, package, installed=True)
+    rt.npm_version = (ctx.registry("runtimes").load()["runtimes"][rt.id].get("npm") or {}).get("version")
+    rt.node = Node(rt.runner(ctx.runner)).info()
+    return rt
+
+
+def _bundle_runtime(ctx: Context, manifest: Mapping[str, Any], digest: str) -> Runtime:
+    """Managed mode: the runtime a bundle's version will run on (§11.1). The one the bundle carries,
+    reused when it is installed already with the same ABI, else to be unpacked from the bundle; a
+    bundle without one runs on an installed runtime of its node ABI."""
     want = manifest.get("node") or {}
+    carried = manifest.get("runtime")
     arch = runtime_arch()
     package = runtime_package(ctx.config, arch)
-    fits = sorted((e.get("version") for e in installed_runtimes(ctx).values()
+    installed = installed_runtimes(ctx)
+    if isinstance(carried, dict):
+        rid, version, abi = str(carried.get("id")), str(carried.get("version")), str(carried.get("abi"))
+        if not SEMVER_RE.match(version) or rid != f"node-{version}" or abi != str(want.get("abi")):
+            raise CorruptState(f"the bundle's runtime field ({rid}, {version}, ABI {abi}) does not agree "
+                               f"with its node (ABI {want.get('abi')})", hint="export the bundle again")
+        if carried.get("arch") != arch:
+            raise Incompatible(f"bundle {manifest.get('version')} carries node {version} for "
+                               f"{carried.get('arch')}; this host is {arch}", hint=f"export the bundle on a {arch} host")
+        have = installed.get(rid)
+        if have is not None:
+            if str(have.get("abi")) != abi:
+                raise Incompatible(f"the installed {rid} reports ABI {have.get('abi')}; the bundle's {rid} has "
+                                   f"ABI {abi}", hint=f"uninstall the versions that use {rid}, then import again")
+            ctx.out.progress(f"using the installed runtime {rid}")
+            return _installed_runtime(ctx, version, arch, package)
+        rt = Runtime(ctx.paths.runtime_root, version, arch, str(carried.get("package") or package),
+                     npm_version=str(carried.get("npm_version") or "") or None)
+        if os.path.lexists(rt.dir):
+            raise HostError(f"{rt.dir} exists but is not recorded in runtimes.json",
+                            hint=f"move {rt.dir} aside, then run the import again")
+        rt.expect_abi = abi
+        rt.record.update(node={"package": rt.package, "integrity": carried.get("node_integrity")},
+                         npm={"version": rt.npm_version, "integrity": carried.get("npm_integrity")},
+                         source=f"bundle:{digest}")
+        ctx.out.progress(f"the bundle carries {rid} (npm {rt.npm_version}); it is installed from the bundle")
+        return rt
+    fits = sorted((e.get("version") for e in installed.values()
                    if str(e.get("abi")) == str(want.get("abi")) and e.get("arch") == arch
                    and isinstance(e.get("version"), str)), key=semver_key)
     if not fits:
         raise Incompatible(f"bundle {manifest.get('version')} was built for node ABI {want.get('abi')} (node "
                            f"{want.get('version')}); no installed runtime has that ABI",
                            hint="install a version that uses such a node first (abssctl version install), "
+                                "export the bundle again with a managed runtime (it then carries it), "
                                 'or set [node] runtime = "system" with a matching [commands] node')
-    rt = Runtime(ctx.paths.runtime_root, fits[-1], arch, package, installed=True)
-    rt.npm_version = (ctx.registry("runtimes").load()["runtimes"][rt.id].get("npm") or {}).get("version")
-    rt.node = Node(rt.runner(ctx.runner)).info()
-    return rt
+    return _installed_runtime(ctx, str(fits[-1]), arch, package)
+
+
+def _planned_node(rt: Runtime) -> NodeInfo:
+    """The node facts a runtime still to be unpacked will have (checked again once it runs)."""
+    return NodeInfo({"version": f"v{rt.version}", "modules": rt.expect_abi, "arch": rt.arch,
+                     "platform": "linux"}, os.path.join(rt.dir, "bin", "node"))
+
+
+def _runtime_members(tar: Any) -> Iterator[Any]:
+    """A bundle's runtime/ members: after the two header members, up to the first tree/ member."""
+    for i, member in enumerate(tar):
+        if i < len(BUNDLE_HEADERS):
+            continue
+        if member.name.startswith("tree/"):
+            return
+        yield member
 
 
 def op_version_import(ctx: Context, path: str, *, expect_version: str | None = None,
@@ -4508,15 +4609,42 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
     version = validate_version(str(manifest.get("version")), allow_latest=False)
     if expect_version and version != expect_version:
         raise UsageError(f"bundle {path} holds {version}, not {expect_version}")
+    carried = manifest.get("runtime")
+    rt_sums = {k[len("runtime/"):]: v for k, v in sums.items() if carried and k.startswith("runtime/")}
+    tree_sums = {k: v for k, v in sums.items() if not (carried and k.startswith("runtime/"))}
     versions = Versions(ctx)
     state = versions.require_not_broken(version)
-    rt = _bundle_runtime(ctx, manifest) if managed_runtime(ctx.config) else None
-    node = _install_checks(ctx, versions, rt, need_npm=rt is None) if state == "missing" else \
-        rt.node if rt is not None else Node(ctx.runner).info()
-    assert node is not None
-    check_bundle_fits(manifest, node, versions.package)
+    rt = None
+    if state == "missing":
+        rt = _bundle_runtime(ctx, manifest, digest) if managed_runtime(ctx.config) else None
+        node = _install_checks(ctx, versions, rt, need_npm=rt is None)
+        fits = node if node is not None else _planned_node(rt) if rt is not None else None
+        assert fits is not None
+        check_bundle_fits(manifest, fits, versions.package)
+    else:
+        node = Node(runner_for(ctx, versions.doc["versions"].get(version))).info()
+        check_bundle_fits(manifest, node, versions.package)
     installer = Installer(ctx, versions, version, node, f"bundle:{digest}", rt)
     total = int((manifest.get("files") or {}).get("bytes") or 0)
+    rt_total = int(((carried or {}).get("files") or {}).get("bytes") or 0) if isinstance(carried, dict) else 0
+    rt_staging = _runtime_staging(ctx, rt) if rt is not None else ""
+
+    def extract_runtime() -> None:
+        assert rt is not None
+        _new_staging(rt_staging)
+        if rt_total * 1.1 > disk_free(rt_staging):
+            raise DiskFull(f"{rt.id} needs {human_bytes(rt_total)}; {rt.root} has less free",
+                           hint="free some space, or point [paths] runtime_root at a larger filesystem")
+        ctx.out.progress(f"extracting {rt.id} ({human_bytes(rt_total)})")
+        tar, close = open_tar_stream(ctx, path)
+        try:
+            safe_extract(_runtime_members(tar), rt_staging, prefix="runtime/", expected=rt_sums,
+                         max_bytes=min(rt_total, RUNTIME_MAX_BYTES), allow_symlinks=True, source=tar)
+        except archive_errors() as exc:
+            raise CorruptState(f"{path} is damaged or truncated ({exc})",
+                               hint="copy the bundle again, or export it again") from None
+        finally:
+            close()
 
     def extract() -> None:
         if os.path.lexists(installer.staging):
@@ -4527,8 +4655,9 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
         ctx.out.progress(f"extracting {version} ({human_bytes(total)})")
         tar, close = open_tar_stream(ctx, path)
         try:
-            safe_extract(tar, installer.staging, prefix="tree/", expected=sums, max_bytes=total,
-                         allow_symlinks=True, skip=("abssctl-bundle.json", "SHA256SUMS"))
+            members = (m for m in tar if not (carried and m.name.startswith("runtime/")))
+            safe_extract(members, installer.staging, prefix="tree/", expected=tree_sums, max_bytes=total,
+                         allow_symlinks=True, skip=BUNDLE_HEADERS, source=tar)
         except archive_errors() as exc:
             raise CorruptState(f"{path} is damaged or truncated ({exc})",
                                hint="copy the bundle again, or export it again") from None
@@ -4538,6 +4667,10 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
     def build() -> Plan:
         plan = Plan(f"import {version}")
         if Versions(ctx).state_of(version) == "missing":
+            if rt is not None and not rt.installed:
+                plan.add("runtime.extract", f"extract and check {rt.id} from {path}", rt_staging,
+                         extract_runtime, UndoAction("remove_tree", path=rt_staging))
+                add_runtime_place_steps(ctx, plan, rt, rt_staging)
             plan.add("bundle.extract", f"extract and check {path}", installer.staging, extract,
                      UndoAction("remove_tree", path=installer.staging))
             installer.add_verify_steps(plan)

@@ -230,3 +230,193 @@ def test_import_in_managed_mode_runs_on_an_installed_runtime_of_the_bundles_abi(
     res = sandbox.run("--json", "version", "import", bundle)
     assert res.rc == 0, show(res)
     assert res.doc["version"]["runtime"] == "node-22.23.5"
+
+
+# -- export / import carry the runtime ------------------------------------------------------------
+
+def bundle_members(path) -> tuple[list[str], dict[str, bytes], str]:
+    """(member names in order, regular files' data, how it was compressed) of a bundle."""
+    import io
+    import subprocess
+    import tarfile
+    raw = path.read_bytes()
+    how = "zstd" if raw[:4] == b"\x28\xb5\x2f\xfd" else "gzip"
+    if how == "zstd":
+        raw = subprocess.run(["zstd", "-d", "-q", "-c"], input=raw, capture_output=True, check=True,
+                             timeout=60).stdout
+    else:
+        import gzip
+        raw = gzip.decompress(raw)
+    names, data = [], {}
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+        for m in tar.getmembers():
+            names.append(m.name)
+            if m.isfile():
+                data[m.name] = tar.extractfile(m).read()
+    return names, data, how
+
+
+def write_bundle(path, names: list[str], data: dict[str, bytes]) -> None:
+    """A gzip bundle of these members (regular files; directories as such), in this order."""
+    import gzip
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            if name in data:
+                info.size, info.mode = len(data[name]), 0o755 if "/bin/" in name else 0o644
+                tar.addfile(info, io.BytesIO(data[name]))
+            else:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+    path.write_bytes(gzip.compress(buf.getvalue()))
+
+
+def runtimes_doc(sandbox: Sandbox) -> dict:
+    return json.loads((sandbox.paths["state_dir"] / "registry" / "runtimes.json").read_text())["runtimes"]
+
+
+def exported_and_gone(sandbox: Sandbox) -> tuple:
+    """Install 26.9.0 on a managed runtime, export it, uninstall it (and with it the runtime)."""
+    import hashlib
+    managed(sandbox)
+    assert sandbox.run("--json", "version", "install", "26.9.0").rc == 0
+    recorded = runtimes_doc(sandbox)["node-22.23.5"]
+    node_sha = hashlib.sha256((runtime_root(sandbox) / "node-22.23.5" / "bin" / "node").read_bytes()).hexdigest()
+    bundle = sandbox.root / "b.tar.zst"
+    res = sandbox.run("--json", "version", "export", "26.9.0", "-o", bundle)
+    assert res.rc == 0, show(res)
+    res = sandbox.run("--json", "--yes", "version", "uninstall", "26.9.0")
+    assert res.rc == 0, show(res)
+    assert list(runtime_root(sandbox).iterdir()) == [] and runtimes_doc(sandbox) == {}
+    return bundle, recorded, node_sha
+
+
+def no_node_no_npm(sandbox: Sandbox) -> None:
+    """As on an air-gapped host: no system node, no npm, no registry."""
+    sandbox.commands["node"] = [str(sandbox.root / "no" / "node")]
+    sandbox.commands["npm"] = [str(sandbox.root / "no" / "npm")]
+    sandbox.write_config()
+    sandbox.npm_offline()
+    sandbox.clear_calls()
+
+
+def test_export_carries_the_runtime_under_runtime_and_names_it_in_the_manifest(sandbox: Sandbox) -> None:
+    import hashlib
+    bundle, recorded, node_sha = exported_and_gone(sandbox)
+    names, data, _how = bundle_members(bundle)
+    assert names[:2] == ["abssctl-bundle.json", "SHA256SUMS"]
+    rest = names[2:]
+    assert all(n.startswith(("runtime/", "tree/")) for n in rest), rest
+    first_tree = next(i for i, n in enumerate(rest) if n.startswith("tree/"))
+    assert all(n.startswith("runtime/") for n in rest[:first_tree])       # runtime first, then the tree
+    assert all(n.startswith("tree/") for n in rest[first_tree:])
+    assert {"runtime/bin/node", "runtime/include/node/node_version.h",
+            "runtime/lib/npm/bin/npm-cli.js", "runtime/lib/npm/package.json"} <= set(data)
+    assert hashlib.sha256(data["runtime/bin/node"]).hexdigest() == node_sha
+    manifest = json.loads(data["abssctl-bundle.json"])
+    assert manifest["schema_version"] == 2
+    rt = manifest["runtime"]
+    assert {k: rt[k] for k in ("id", "version", "abi", "arch", "glibc", "npm_version")} == {
+        "id": "node-22.23.5", "version": "22.23.5", "abi": NODE_ABIS[22], "arch": "x64",
+        "glibc": recorded["glibc"], "npm_version": "12.2.3"}
+    assert (rt["node_integrity"], rt["npm_integrity"]) == (recorded["node"]["integrity"],
+                                                           recorded["npm"]["integrity"])
+    runtime_files = {n: d for n, d in data.items() if n.startswith("runtime/")}
+    assert rt["files"] == {"count": len(runtime_files), "bytes": sum(map(len, runtime_files.values()))}
+    sums = dict(reversed(line.split("  ", 1)) for line in data["SHA256SUMS"].decode().splitlines())
+    assert {n: sums[n] for n in runtime_files} == {n: hashlib.sha256(d).hexdigest()
+                                                    for n, d in runtime_files.items()}
+    tree_files = [n[len("tree/"):] for n in data if n.startswith("tree/")]
+    assert set(sums) == set(runtime_files) | set(tree_files)
+    assert list(sums) == sorted(sums)
+
+
+def test_system_mode_bundles_carry_no_runtime_and_stay_schema_1(sandbox: Sandbox) -> None:
+    sandbox.configure("service", user="root", group="root")
+    assert sandbox.run("--json", "init").rc == 0
+    sandbox.knob("node", eval_stdout=json.dumps({"better-sqlite3": "ok"}) + "\n")
+    assert sandbox.run("--json", "version", "install", "26.9.0").rc == 0
+    bundle = sandbox.root / "b.tar.zst"
+    assert sandbox.run("--json", "version", "export", "26.9.0", "-o", bundle).rc == 0
+    names, data, _how = bundle_members(bundle)
+    manifest = json.loads(data["abssctl-bundle.json"])
+    assert manifest["schema_version"] == 1 and manifest["runtime"] is None
+    assert not [n for n in names if n.startswith("runtime/")]
+
+
+def test_import_installs_the_carried_runtime_on_a_host_without_node_or_npm(sandbox: Sandbox) -> None:
+    bundle, recorded, node_sha = exported_and_gone(sandbox)
+    no_node_no_npm(sandbox)
+    res = sandbox.run("--json", "version", "import", bundle)
+    assert res.rc == 0, show(res)
+    assert sandbox.calls("npm") == [] and sandbox.calls("node") == []
+    assert any("-e" in c for c in sandbox.calls("runtime-node"))          # native check on the runtime
+    v = res.doc["version"]
+    assert v["runtime"] == "node-22.23.5" and v["smoke_start"]["health"] == "UP", v
+    rt = runtime_root(sandbox) / "node-22.23.5"
+    import hashlib
+    assert hashlib.sha256((rt / "bin" / "node").read_bytes()).hexdigest() == node_sha
+    assert os.access(rt / "bin" / "node", os.X_OK)
+    assert (rt / "lib" / "npm" / "bin" / "npm-cli.js").is_file()
+    assert sorted(p.name for p in runtime_root(sandbox).iterdir()) == ["node-22.23.5"]
+    entry = runtimes_doc(sandbox)["node-22.23.5"]
+    assert entry["abi"] == NODE_ABIS[22] and entry["npm"] == recorded["npm"]
+    assert entry["node"]["integrity"] == recorded["node"]["integrity"]
+    assert entry["source"].startswith("bundle:")
+    assert "extracting node-22.23.5" in res.err
+    # and it is what the version runs on: a second import of the same bundle is a no-op
+    res = sandbox.run("--json", "version", "import", bundle)
+    assert res.rc == 0 and res.doc["changed"] is False, show(res)
+
+
+def test_import_reuses_an_installed_runtime_of_the_same_id(sandbox: Sandbox) -> None:
+    managed(sandbox)
+    assert sandbox.run("--json", "version", "install", "26.9.0").rc == 0
+    bundle = sandbox.root / "b.tar.zst"
+    assert sandbox.run("--json", "version", "export", "26.9.0", "-o", bundle).rc == 0
+    assert sandbox.run("--json", "--yes", "version", "install", "26.8.1").rc == 0   # keeps the runtime
+    assert sandbox.run("--json", "--yes", "version", "uninstall", "26.9.0").rc == 0
+    before = runtimes_doc(sandbox)["node-22.23.5"]
+    no_node_no_npm(sandbox)
+    res = sandbox.run("--json", "version", "import", bundle)
+    assert res.rc == 0, show(res)
+    assert "using the installed runtime node-22.23.5" in res.err
+    assert runtimes_doc(sandbox)["node-22.23.5"] == before                # not unpacked again
+
+
+def test_a_tampered_runtime_member_exits_3_and_changes_nothing(sandbox: Sandbox) -> None:
+    bundle, _recorded, _sha = exported_and_gone(sandbox)
+    names, data, _how = bundle_members(bundle)
+    data["runtime/bin/node"] += b"\n# tampered\n"
+    bad = sandbox.root / "bad.tar.gz"
+    write_bundle(bad, names, data)                    # no sidecar: only SHA256SUMS can catch it
+    no_node_no_npm(sandbox)
+    before = sandbox.tree()
+    res = sandbox.run("--json", "version", "import", bad)
+    assert res.rc == 3, show(res)
+    assert res.doc["error"]["kind"] == "ChecksumMismatch", show(res)
+    assert "runtime/bin/node" in res.doc["error"]["message"]
+    after = sandbox.tree()
+    changed = [k for k in set(before) | set(after) if before.get(k) != after.get(k)
+               and (k.startswith("srv/") or "/registry/" in k)]
+    assert changed == []
+    assert list(runtime_root(sandbox).iterdir()) == []
+    assert list(sandbox.paths["install_root"].iterdir()) == []
+
+
+def test_a_bundle_whose_runtime_is_for_another_arch_is_refused(sandbox: Sandbox) -> None:
+    bundle, _recorded, _sha = exported_and_gone(sandbox)
+    names, data, _how = bundle_members(bundle)
+    manifest = json.loads(data["abssctl-bundle.json"])
+    manifest["runtime"]["arch"] = "arm64"
+    data["abssctl-bundle.json"] = json.dumps(manifest).encode()
+    bad = sandbox.root / "arm.tar.gz"
+    write_bundle(bad, names, data)
+    no_node_no_npm(sandbox)
+    res = sandbox.run("--json", "version", "import", bad)
+    assert res.rc == 3 and res.doc["error"]["kind"] == "Incompatible", show(res)
+    assert "arm64" in res.doc["error"]["message"]
+    assert list(runtime_root(sandbox).iterdir()) == []
