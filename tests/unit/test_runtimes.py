@@ -420,3 +420,29 @@ def test_a_bundle_whose_runtime_is_for_another_arch_is_refused(sandbox: Sandbox)
     assert res.rc == 3 and res.doc["error"]["kind"] == "Incompatible", show(res)
     assert "arm64" in res.doc["error"]["message"]
     assert list(runtime_root(sandbox).iterdir()) == []
+
+
+def test_an_old_bundle_without_a_runtime_needs_an_installed_runtime_of_its_abi(sandbox: Sandbox) -> None:
+    sandbox.configure("service", user="root", group="root")
+    assert sandbox.run("--json", "init").rc == 0
+    sandbox.knob("node", eval_stdout=json.dumps({"better-sqlite3": "ok"}) + "\n")
+    assert sandbox.run("--json", "version", "install", "26.9.0").rc == 0
+    bundle = sandbox.root / "old.tar.zst"
+    assert sandbox.run("--json", "version", "export", "26.9.0", "-o", bundle).rc == 0   # schema 1
+    assert sandbox.run("--json", "--yes", "version", "uninstall", "26.9.0").rc == 0
+    sandbox.knob("node", eval_stdout=None)
+    sandbox.configure("node", runtime="managed")
+    res = sandbox.run("--json", "version", "import", bundle)
+    assert res.rc == 3 and res.doc["error"]["kind"] == "Incompatible", show(res)
+    assert "no installed runtime has that ABI" in res.doc["error"]["message"]
+    assert "version install" in res.doc["error"]["hint"]
+    assert list(runtime_root(sandbox).iterdir()) == []
+    assert list(sandbox.paths["install_root"].iterdir()) == []
+    # once a runtime of that ABI (115, node 20) is installed, the old bundle runs on it
+    sandbox.configure("node", runtime="managed", default_major=20)
+    sandbox.npm_add_version("25.6.1", engines_node="")
+    assert sandbox.run("--json", "version", "install", "25.6.1").rc == 0
+    sandbox.npm_offline()
+    res = sandbox.run("--json", "version", "import", bundle)
+    assert res.rc == 0, show(res)
+    assert res.doc["version"]["runtime"] == "node-20.20.2"
