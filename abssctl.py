@@ -209,7 +209,7 @@ MAX_VERSION_LEN = 64
 REGISTRY_SCHEMA = 1
 OPSLOG_SCHEMA = 1
 JOURNAL_SCHEMA = 1
-REGISTRY_FILES = ("instances", "ports", "versions")
+REGISTRY_FILES = ("instances", "ports", "versions", "runtimes")
 SECRET_KEY_RE = LazyRegex(r"password|secret|token|key_material", re.IGNORECASE)
 
 
@@ -496,6 +496,7 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "templates_dir": ("path", "/etc/abssctl/templates", "template overrides"),
         "tls_dir": ("path", "/etc/abssctl/tls", "per-instance certificates and keys"),
         "runtime_root": ("path", "/srv/abssctl/runtimes", "managed Node runtimes, one tree each"),
+        "letsencrypt_dir": ("path", "/etc/letsencrypt", "certbot's config dir: tls auto looks in live/<domain>/"),
         "systemd_unit_dir": ("path", "/etc/systemd/system", "where units are written"),
         "nginx_sites_available": ("path", "/etc/nginx/sites-available", "where vhosts are written"),
         "nginx_sites_enabled": ("path", "/etc/nginx/sites-enabled", "where vhosts are enabled"),
@@ -528,7 +529,8 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "default_major": ("int", 22, "node major for a version that declares no engines.node"),
     },
     "tls": {
-        "default_source": ("str", "system", "system, self-signed or custom"),
+        "default_source": ("str", "auto", "auto (a certbot lineage, else the system pair when it covers the "
+                           "domain, else self-signed), system, self-signed or custom"),
         "system_cert": ("path", "/etc/ssl/private/cert.pem", "the host certificate (TurnKey layout)"),
         "system_key": ("path", "/etc/ssl/private/cert.key", "the host key"),
     },
@@ -554,11 +556,12 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "zstd": ("argv", ["zstd"], "argv prefix"),
         "useradd": ("argv", ["useradd"], "argv prefix"),
         "groupadd": ("argv", ["groupadd"], "argv prefix"),
+        "apt_get": ("argv", ["apt-get"], "argv prefix; quickstart installs missing Debian packages with it"),
     },
 }
 
 CHOICES = {
-    ("tls", "default_source"): ("system", "self-signed", "custom"),
+    ("tls", "default_source"): ("auto", "system", "self-signed", "custom"),
     ("backups", "compression"): ("auto", "zstd", "gzip", "none"),
     ("node", "runtime"): ("managed", "system"),
 }
@@ -805,6 +808,7 @@ class Paths:
         self.run_dir = p["run_dir"]
         self.templates_dir = p["templates_dir"]
         self.tls_dir = p["tls_dir"]
+        self.letsencrypt_dir = p["letsencrypt_dir"]
         self.unit_dir = p["systemd_unit_dir"]
         self.sites_available = p["nginx_sites_available"]
         self.sites_enabled = p["nginx_sites_enabled"]
@@ -814,6 +818,7 @@ class Paths:
         self.oplog = os.path.join(self.log_dir, "operations.jsonl")
         self.textlog = os.path.join(self.log_dir, "abssctl.log")
         self.current = os.path.join(self.install_root, "current")
+        self.runtime_root = p["runtime_root"]
 
     def registry(self, name: str) -> str:
         return os.path.join(self.registry_dir, f"{name}.json")
@@ -1564,7 +1569,7 @@ class TarWriter:
 
 TIMEOUTS = {"systemctl": 60.0, "nginx": 30.0, "nginx_reload": 30.0, "openssl": 30.0,
             "journalctl": 30.0, "npm": 60.0, "node": 60.0, "zstd": 60.0,
-            "useradd": 60.0, "groupadd": 60.0}
+            "useradd": 60.0, "groupadd": 60.0, "apt_get": 600.0}
 PINNED_ENV = {"LC_ALL": "C", "LANG": "C", "PAGER": "cat", "SYSTEMD_PAGER": "",
               "SYSTEMD_COLORS": "0", "NO_COLOR": "1"}
 
@@ -1574,6 +1579,7 @@ INSTALL_HINTS = {
     "node": "apt-get install nodejs", "systemctl": "abssctl needs systemd (apt-get install systemd)",
     "journalctl": "apt-get install systemd", "useradd": "apt-get install passwd",
     "groupadd": "apt-get install passwd",
+    "apt_get": "this host has no apt-get: install the packages with its own package manager",
 }
 
 
@@ -1616,6 +1622,13 @@ class Runner:
         self.out = out
         self.dry_run = dry_run
         self.recorded: list[list[str]] = []
+
+    def with_commands(self, **commands: Sequence[str]) -> Runner:
+        """A copy of this Runner whose ``[commands]`` entries are replaced (a managed runtime's node/npm)."""
+        import copy
+        other = copy.copy(self)
+        other.commands = dict(self.commands, **{k: list(v) for k, v in commands.items()})
+        return other
 
     def argv(self, tool: str, *args: str) -> list[str]:
         """The configured prefix for ``tool`` followed by ``args``."""
@@ -2102,8 +2115,12 @@ class Node:
                                 details={"stdout": _tail(done.stdout)}) from None
         return NodeInfo(facts, exe)
 
-    def check_native(self, package_dir: str, names: Sequence[str]) -> dict[str, str]:
-        """Load (and use) each native module from the package dir: name -> 'ok' or the error."""
+    def check_native(self, package_dir: str, names: Sequence[str],
+                     built_by: Callable[[], str] | None = None) -> dict[str, str]:
+        """Load (and use) each native module from the package dir: name -> 'ok' or the error.
+
+        ``built_by()`` names the npm that built them (path and version), for the message when node dies.
+        """
         if not names:
             return {}
         done = self.runner.run("node", ["-e", NATIVE_CHECK_JS, json.dumps(list(names))], mutating=False,
@@ -2113,9 +2130,33 @@ class Node:
         except (ValueError, IndexError):
             result = None
         if not isinstance(result, dict):
-            raise ProviderError("the native module check printed no result",
-                                details={"stderr": _tail(done.stderr)})
+            raise self._native_crash(done, names, built_by)
         return {str(k): str(v) for k, v in result.items()}
+
+    def _native_crash(self, done: Completed, names: Sequence[str],
+                      built_by: Callable[[], str] | None) -> ProviderError:
+        """node died (or printed nothing) loading native modules: say how, with which node and npm."""
+        import signal
+        exe = self.runner.commands["node"][0]
+        version = self.runner.run("node", ["--version"], mutating=False, check=False).stdout.strip() or "?"
+        modules = ", ".join(names)
+        npm = built_by() if built_by is not None else "an unknown npm"
+        if done.returncode < 0:
+            try:
+                how = f"node was killed by {signal.Signals(-done.returncode).name}"
+            except ValueError:
+                how = f"node was killed by signal {-done.returncode}"
+        elif done.returncode != 0:
+            how = f"node exited {done.returncode} without a result"
+        else:
+            how = "node printed no result"
+        return ProviderError(
+            f"{how} loading {modules} (node {exe} {version}; built by {npm}): "
+            "most likely a native module built by an npm/node-gyp whose node headers do not match this node",
+            hint='rebuild with the runtime\'s own npm: set [node] runtime = "managed" and install the version '
+                 "again (abssctl version uninstall VER, then abssctl version install VER)",
+            details={"rc": done.returncode, "modules": list(names), "node": {"path": exe, "version": version},
+                     "npm": npm, "stderr": _tail(done.stderr)})
 
     def bin_version(self, package_dir: str, bin_path: str) -> str:
         done = self.runner.run("node", [bin_path, "--version"], mutating=False, cwd=package_dir, check=False)
@@ -2166,9 +2207,52 @@ class Npm:
             raise ProviderError(f"npm has no usable 'latest' tag for {self.package}")
         return tag
 
-    def install(self, prefix: str, node: NodeInfo, on_idle: Callable[[str], None]) -> None:
+    def pack(self, spec: str, dest: str) -> dict[str, Any]:
+        """``npm pack SPEC --pack-destination DEST --json``: the tarball's path, integrity and size.
+
+        npm fetches through its own config (registry, proxy, cafile) and checks the integrity itself;
+        the sha512 of the file is checked again against what npm reports.
+        """
+        import base64
+        import hashlib
+        done = self.runner.run("npm", ["pack", spec, "--pack-destination", dest, "--json",
+                                       *self._registry_args()], mutating=False, check=False, timeout=1800)
+        text = done.stderr + "\n" + done.stdout
+        hint = ("check the network and npm's configuration (npm config get registry); on an air-gapped "
+                "host import a bundle that carries its runtime (abssctl version import FILE)")
+        if done.returncode != 0:
+            why = "is not in the npm registry" if NOT_FOUND_RE.search(text) else \
+                "could not be fetched (the registry is unreachable)" if UNREACHABLE_RE.search(text) else \
+                f"could not be fetched ({describe_exit(done.argv, done.returncode)})"
+            raise ProviderError(f"{spec} {why}", hint=hint, details={"stderr": _tail(text)})
+        try:
+            found = json.loads(done.stdout)
+        except ValueError:
+            found = None
+        first = found[0] if isinstance(found, list) and found else found
+        if not isinstance(first, dict) or not isinstance(first.get("filename"), str):
+            raise ProviderError(f"npm pack {spec} did not report the tarball it wrote",
+                                hint=hint, details={"stdout": _tail(done.stdout)})
+        path = os.path.join(dest, os.path.basename(first["filename"]))
+        integrity = str(first.get("integrity") or "")
+        h = hashlib.sha512()
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    h.update(chunk)
+        except OSError as exc:
+            raise ProviderError(f"npm pack {spec} wrote no readable tarball ({exc.strerror})", hint=hint) from None
+        if integrity != "sha512-" + base64.b64encode(h.digest()).decode():
+            raise ProviderError(f"{os.path.basename(path)} does not match the integrity npm reported "
+                                   f"({integrity or 'none'})", hint="clear npm's cache (npm cache clean "
+                                   "--force) and try again")
+        return {"path": path, "integrity": integrity, "size": os.path.getsize(path)}
+
+    def install(self, prefix: str, node: NodeInfo, on_idle: Callable[[str], None],
+                env_extra: Mapping[str, str] | None = None) -> None:
         """``npm install --prefix`` with umask 022, node's headers as nodedir and node first on PATH."""
         env = {"PATH": os.path.dirname(node.exe) + os.pathsep + os.environ.get("PATH", os.defpath)}
+        env.update(env_extra or {})
         if node.headers:
             env["npm_config_nodedir"] = node.headers       # node-gyp never downloads headers
         self.runner.stream("npm", ["install", "--prefix", prefix, "--omit=dev", "--no-audit", "--no-fund",
@@ -2226,6 +2310,134 @@ def _range_ok(have: tuple[int, int, int], text: str) -> bool | None:
                   "=": have == want, "": have == want}[op]:
             return False
     return True
+
+
+# --- 7c.2 Managed runtimes ---
+
+RUNTIME_ARCHES = {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64", "arm64": "arm64"}
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+NPM_CLI = os.path.join("lib", "npm", "bin", "npm-cli.js")
+NPM_RANGE = ">=10"                    # the npm releases a runtime's builder is chosen from
+
+
+def managed_runtime(config: Config) -> bool:
+    """True when abssctl brings the node each version needs (``[node] runtime = "managed"``)."""
+    return config.get("node", "runtime") == "managed"
+
+
+def runtime_arch() -> str:
+    """The node-linux-<arch> name of this machine: x64 or arm64."""
+    machine = os.uname().machine
+    arch = RUNTIME_ARCHES.get(machine)
+    if arch is None:
+        raise Incompatible(f"there is no managed node runtime for this machine ({machine}); abssctl knows "
+                           "x86_64 and aarch64", hint='install node yourself and set [node] runtime = "system"')
+    return arch
+
+
+def runtime_package(config: Config, arch: str) -> str:
+    return str(config.get("node", "package")).replace("{arch}", arch)
+
+
+def runtime_commands(rt_dir: str) -> dict[str, list[str]]:
+    """``[commands]`` node and npm of the runtime in ``rt_dir``."""
+    node = os.path.join(rt_dir, "bin", "node")
+    return {"node": [node], "npm": [node, os.path.join(rt_dir, NPM_CLI)]}
+
+
+def runtime_env(rt_dir: str) -> dict[str, str]:
+    """What the runtime's npm needs: its own headers for node-gyp, and the host's CA store (an
+    official node build trusts only its bundled CAs, so a local CA would stop the install)."""
+    env = {"npm_config_nodedir": rt_dir,
+           "PATH": os.path.join(rt_dir, "bin") + os.pathsep + os.environ.get("PATH", os.defpath)}
+    if "NODE_EXTRA_CA_CERTS" not in os.environ and os.path.isfile(CA_BUNDLE):
+        env["NODE_EXTRA_CA_CERTS"] = CA_BUNDLE
+    return env
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def choose_node(available: Iterable[str], engines: str | None, default_major: int,
+                installed: Iterable[str] = (), refresh: bool = False) -> tuple[str, bool]:
+    """The node release for a server's ``engines.node`` and whether it is already installed (§11.1).
+
+    Among the stable releases that satisfy the range: the lowest even major (an LTS line), then the
+    newest release in it; an installed one of that major that satisfies the range wins unless
+    ``refresh``. No range (or one we cannot read) means the newest of ``default_major``.
+    """
+    spec = engines if engines and engines_satisfied("v0.0.0", engines) is not None else None
+
+    def fits(v: str) -> bool:
+        return engines_satisfied(v, spec) is True if spec else _major(v) == default_major
+    stable = sorted({v for v in available if isinstance(v, str) and SEMVER_RE.match(v) and "-" not in v},
+                    key=semver_key)
+    candidates = [v for v in stable if fits(v)]
+    if not candidates:
+        wanted = f'engines.node "{spec}"' if spec else f"node {default_major}"
+        raise NotFound(f"no node release in the registry satisfies {wanted}",
+                       hint='check [node] package and default_major, or use [node] runtime = "system"')
+    majors = sorted({_major(v) for v in candidates})
+    major = ([m for m in majors if m % 2 == 0] or majors)[0]
+    newest = [v for v in candidates if _major(v) == major][-1]
+    mine = sorted((v for v in set(installed) if SEMVER_RE.match(v) and _major(v) == major and fits(v)),
+                  key=semver_key)
+    if mine and not refresh:
+        return mine[-1], True
+    return newest, newest in mine
+
+
+def choose_npm(releases: Any, node_version: str) -> str:
+    """The newest stable npm whose own ``engines.node`` the runtime's node satisfies."""
+    if isinstance(releases, (dict, str)):          # npm prints one object (or string) for one match
+        releases = [releases]
+    best: str | None = None
+    for rel in releases if isinstance(releases, list) else []:
+        rel = {"version": rel} if isinstance(rel, str) else rel
+        version = rel.get("version") if isinstance(rel, dict) else None
+        if not isinstance(version, str) or not SEMVER_RE.match(version) or "-" in version:
+            continue
+        engines = rel.get("engines")
+        spec = engines.get("node") if isinstance(engines, dict) else None
+        if spec and engines_satisfied(node_version, str(spec)) is not True:
+            continue
+        if best is None or semver_key(version) > semver_key(best):
+            best = version
+    if best is None:
+        raise ProviderError(f"no npm release in the registry supports node {node_version}",
+                            hint="check npm's registry configuration (npm config get registry)")
+    return best
+
+
+class Runtime:
+    """One managed node runtime: chosen (to fetch or unpack) or installed; ``node`` once it runs."""
+
+    def __init__(self, root: str, version: str, arch: str, package: str, *, npm_version: str | None = None,
+                 installed: bool = False) -> None:
+        self.root = root
+        self.version = version
+        self.arch = arch
+        self.package = package
+        self.npm_version = npm_version
+        self.installed = installed
+        self.node: NodeInfo | None = None
+        self.expect_abi: str | None = None
+        self.record: dict[str, Any] = {}
+
+    @property
+    def id(self) -> str:
+        return f"node-{self.version}"
+
+    @property
+    def dir(self) -> str:
+        return os.path.join(self.root, self.id)
+
+    def runner(self, base: Runner) -> Runner:
+        return base.with_commands(**runtime_commands(self.dir))
+
+    def built_by(self) -> str:
+        return f"{os.path.join(self.dir, 'lib', 'npm')} (npm {self.npm_version or '?'})"
 
 
 # ============================================================================
@@ -2803,7 +3015,8 @@ class Mutation:
     def __init__(self, *, title: str, build: Callable[[], Plan], global_mode: str = "shared",
                  instances: Sequence[str] = (), target: Mapping[str, Any] | None = None,
                  args: Mapping[str, Any] | None = None, confirm: Callable[[Plan], None] | None = None,
-                 finish: Callable[[Plan], dict[str, Any]] | None = None) -> None:
+                 finish: Callable[[Plan], dict[str, Any]] | None = None,
+                 outcome: Callable[[dict[str, Any]], list[str]] | None = None) -> None:
         self.title = title
         self.build = build
         self.global_mode = global_mode
@@ -2812,23 +3025,24 @@ class Mutation:
         self.args = dict(args or {})
         self.confirm = confirm
         self.finish = finish
+        self.outcome = outcome                  # (finish's fields) -> the lines a person reads at the end
         self.log_extra: dict[str, Any] = {}     # fields steps add to the ops-log record (backup ids, ...)
 
 
-def confirm(ctx: Context, question: str, choices: str = "[y] yes   [N] no") -> None:
+def confirm(ctx: Context, question: str, choices: str = "[y] yes   [N] no", *, default_yes: bool = False) -> None:
     """Ask before a risky step whose safe path is the default; --yes accepts it."""
     if ctx.assume_yes:
         return
     if not ctx.interactive:
         raise NeedsConfirmation(f"{question.splitlines()[0]} (needs confirmation)",
                                 hint="re-run with --yes to accept, or run it in a terminal")
-    ask_yes(ctx, question, choices)
+    ask_yes(ctx, question, choices, default_yes=default_yes)
 
 
-def ask_yes(ctx: Context, question: str, choices: str = "[y] yes   [N] no") -> None:
-    """Prompt on the terminal; anything but y/yes declines."""
-    answer = ctx.out.ask(question, choices)
-    if answer.lower() not in ("y", "yes"):
+def ask_yes(ctx: Context, question: str, choices: str = "[y] yes   [N] no", *, default_yes: bool = False) -> None:
+    """Prompt on the terminal; anything but y/yes (or, with ``default_yes``, an empty answer) declines."""
+    answer = ctx.out.ask(question, choices).strip().lower()
+    if answer not in ("y", "yes") and not (default_yes and answer == ""):
         raise Declined("declined; nothing was changed")
 
 
@@ -2856,7 +3070,12 @@ def run_mutation(ctx: Context, m: Mutation) -> Result:
             _log_operation(ctx, m, plan, steps, error)
         ctx.release_locks()
     changed = bool(plan.steps)
-    text = plan.text() if changed else [f"{m.title}: already up to date; nothing changed"]
+    # The progress lines have already shown each step: a person reads the outcome, not the plan again
+    # (the plan stays in --dry-run, and in --json's steps).
+    if not changed:
+        text = [f"{m.title}: already up to date; nothing changed"]
+    else:
+        text = m.outcome(extra) if m.outcome else [f"{plan.title}: done"]
     return Result({"op_id": ctx.op_id, "duration_ms": int((utc_now() - ctx.started) * 1000),
                    "steps": steps, **extra}, text, changed=changed)
 
@@ -2899,7 +3118,7 @@ def _log_operation(ctx: Context, m: Mutation, plan: Plan, steps: list[dict[str, 
 # Owners: "root" is root:root; "group" is root:<service group>.
 INIT_DIRS = (
     ("config_dir", "root", 0o755), ("templates_dir", "root", 0o755), ("tls_dir", "root", 0o700),
-    ("install_root", "root", 0o755), ("instance_root", "root", 0o755),
+    ("install_root", "root", 0o755), ("runtime_root", "root", 0o755), ("instance_root", "root", 0o755),
     ("state_dir", "root", 0o755), ("registry_dir", "group", 0o750), ("journal_dir", "root", 0o700),
     ("backup_root", "root", 0o700), ("log_dir", "root", 0o750), ("run_dir", "root", 0o755),
 )
@@ -3070,7 +3289,11 @@ def op_init(ctx: Context, *, allow_create_user: bool) -> Result:
     result = run_mutation(ctx, Mutation(title="init", build=planner.build, global_mode="exclusive",
                                         target={"kind": "host"},
                                         args={"allow_create_user": allow_create_user},
-                                        confirm=ask, finish=finish))
+                                        confirm=ask, finish=finish, outcome=lambda _x: [
+                                            f"the host is ready for abssctl: service user {planner.user}, "
+                                            f"config {ctx.paths.config_file}, state in {ctx.paths.state_dir}",
+                                            "next: abssctl version install latest --set-current, then "
+                                            "abssctl instance create NAME --domain FQDN"]))
     return result
 
 
@@ -3096,7 +3319,12 @@ def op_init_rebuild(ctx: Context) -> Result:
         rebuild_plan(ctx, plan, discover(ctx))
         return plan
     result = run_mutation(ctx, Mutation(title="init --rebuild-state", build=build, global_mode="exclusive",
-                                        target={"kind": "host"}, args={"rebuild_state": True}))
+                                        target={"kind": "host"}, args={"rebuild_state": True},
+                                        outcome=lambda _x: [
+                                            f"rebuilt the registries in {ctx.paths.registry_dir} from what is "
+                                            f"on the host; the old ones are in "
+                                            f"{os.path.join(ctx.paths.registry_dir, 'backup-' + ctx.op_id)}",
+                                            "next: abssctl instance list, and abssctl doctor"]))
     result.data["discovered"] = found
     return result
 
@@ -3264,6 +3492,8 @@ def op_complete(ctx: Context, what: str) -> Result:
 MIN_INSTALL_FREE = 512 << 20
 BUNDLE_KIND = "abssctl-version-bundle"
 BUNDLE_SCHEMA = 1
+BUNDLE_SCHEMA_RUNTIME = 2        # a bundle that carries its node runtime under runtime/ (§11.1)
+BUNDLE_HEADERS = ("abssctl-bundle.json", "SHA256SUMS")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -3325,10 +3555,162 @@ def _registry_args(reg: Registry) -> dict[str, Any]:
     return {"file": reg.path, "key": reg.key, "lock": reg.lock_path, "mode": reg.mode}
 
 
-def _build_tool_warnings(ctx: Context, node: NodeInfo) -> None:
+# -- managed runtimes (DESIGN §11.1) ----------------------------------------------------
+
+RUNTIME_MAX_BYTES = 2 << 30
+MIN_RUNTIME_FREE = 256 << 20
+
+
+def runtime_of(ctx: Context, entry: Mapping[str, Any] | None) -> str | None:
+    """The runtime dir a versions-registry entry runs on, or None (system node)."""
+    rid = (entry or {}).get("runtime")
+    return os.path.join(ctx.paths.runtime_root, str(rid)) if rid else None
+
+
+def node_argv_for(ctx: Context, entry: Mapping[str, Any] | None) -> list[str]:
+    """The node argv a version runs with: its managed runtime's, else ``[commands] node``."""
+    rt_dir = runtime_of(ctx, entry)
+    return runtime_commands(rt_dir)["node"] if rt_dir else ctx.config.command("node")
+
+
+def runner_for(ctx: Context, entry: Mapping[str, Any] | None) -> Runner:
+    """ctx.runner, with node and npm pointed at the version's runtime when it has one."""
+    rt_dir = runtime_of(ctx, entry)
+    return ctx.runner.with_commands(**runtime_commands(rt_dir)) if rt_dir else ctx.runner
+
+
+def installed_runtimes(ctx: Context) -> dict[str, dict[str, Any]]:
+    """runtimes.json entries whose tree is on disk."""
+    doc = ctx.registry("runtimes").load()["runtimes"]
+    return {rid: e for rid, e in doc.items()
+            if isinstance(e, dict) and os.path.isfile(os.path.join(ctx.paths.runtime_root, rid, "bin", "node"))}
+
+
+def plan_runtime(ctx: Context, npm: Npm, engines: str | None, *, refresh: bool) -> Runtime:
+    """Choose the runtime for a server version: an installed one, or a release to fetch (§11.1)."""
+    arch = runtime_arch()
+    package = runtime_package(ctx.config, arch)
+    have = {e.get("version"): rid for rid, e in installed_runtimes(ctx).items() if e.get("arch") == arch}
+    found = npm.view(package, ["versions"])
+    available = found if isinstance(found, list) else [found] if isinstance(found, str) else []
+    version, reuse = choose_node(available, engines, int(ctx.config.get("node", "default_major")),
+                                 [v for v in have if isinstance(v, str)], refresh)
+    rt = Runtime(ctx.paths.runtime_root, version, arch, package)
+    if reuse:
+        entry = ctx.registry("runtimes").load()["runtimes"][rt.id]
+        rt.installed = True
+        rt.npm_version = (entry.get("npm") or {}).get("version")
+        rt.node = Node(rt.runner(ctx.runner)).info()
+        ctx.out.progress(f"using the installed runtime {rt.id} (npm {rt.npm_version})")
+        return rt
+    if os.path.lexists(rt.dir):
+        raise HostError(f"{rt.dir} exists but is not recorded in runtimes.json",
+                        hint=f"move {rt.dir} aside, then run the install again")
+    rt.npm_version = choose_npm(npm.view(f"npm@{NPM_RANGE}", ["version", "engines"]), "v" + version)
+    ctx.out.progress(f"node for engines.node {engines or '(none)'}: {package}@{version} with npm {rt.npm_version}")
+    return rt
+
+
+def _runtime_staging(ctx: Context, rt: Runtime) -> str:
+    return os.path.join(rt.root, f".staging-{rt.id}-{ctx.op_id}")
+
+
+def _new_staging(path: str) -> None:
+    if os.path.lexists(path):
+        raise Conflict(f"{path} already exists", hint="another install may be running")
+    ensure_dir(os.path.dirname(path), 0o755)
+    ensure_dir(path, 0o755)
+
+
+def add_runtime_fetch_steps(ctx: Context, plan: Plan, rt: Runtime, npm: Npm) -> None:
+    """npm pack the node package and npm, unpack both into a staging dir, verify, move, record."""
+    pack = os.path.join(rt.root, f".staging-pack-{rt.id}-{ctx.op_id}")
+    staging = _runtime_staging(ctx, rt)
+    got: dict[str, dict[str, Any]] = {}
+
+    def fetch() -> None:
+        _new_staging(pack)
+        for key, package, version in (("node", rt.package, rt.version), ("npm", "npm", rt.npm_version)):
+            ctx.out.progress(f"fetching {key} {version} ({package})")
+            got[key] = npm.pack(f"{package}@{version}", pack)
+            ctx.out.progress(f"fetched {package}@{version} ({human_bytes(got[key]['size'])})")
+
+    def unpack() -> None:
+        _new_staging(staging)
+        for key, sub in (("node", ""), ("npm", os.path.join("lib", "npm"))):
+            dest = os.path.join(staging, sub) if sub else staging
+            ensure_dir(os.path.dirname(dest), 0o755)
+            ensure_dir(dest, 0o755)
+            ctx.out.progress(f"unpacking {os.path.basename(got[key]['path'])} "
+                             f"({human_bytes(got[key]['size'])})")
+            tar, close = open_tar_stream(ctx, got[key]["path"])
+            try:
+                safe_extract(tar, dest, prefix="package/", expected=None, max_bytes=RUNTIME_MAX_BYTES,
+                             allow_symlinks=True)
+            except archive_errors() as exc:
+                raise ProviderError(f"{os.path.basename(got[key]['path'])} is damaged ({exc})",
+                                    hint="clear npm's cache (npm cache clean --force) and try again") from None
+            finally:
+                close()
+        remove_tree(pack)
+        rt.record.update(node={"package": rt.package, "integrity": got["node"]["integrity"]},
+                         npm={"version": rt.npm_version, "integrity": got["npm"]["integrity"]})
+
+    plan.add("runtime.fetch", f"npm pack {rt.package}@{rt.version} and npm@{rt.npm_version} into {pack}",
+             pack, fetch, UndoAction("remove_tree", path=pack))
+    plan.add("runtime.unpack", f"unpack node {rt.version} and npm {rt.npm_version} into {staging}", staging,
+             unpack, UndoAction("remove_tree", path=staging))
+    add_runtime_place_steps(ctx, plan, rt, staging)
+
+
+def add_runtime_place_steps(ctx: Context, plan: Plan, rt: Runtime, staging: str) -> None:
+    """Check a staged runtime (node --version, headers, npm, ABI), rename it into place, record it."""
+    def verify() -> None:
+        runner = ctx.runner.with_commands(**runtime_commands(staging))
+        try:
+            said = runner.run("node", ["--version"], mutating=False, check=False).stdout.strip()
+            npm_said = runner.run("npm", ["--version"], mutating=False, check=False).stdout.strip()
+            info = Node(runner).info()
+        except HostError as exc:
+            raise ProviderError(f"the unpacked node {rt.version} does not run: {exc.message}",
+                                hint=f"[node] package ({rt.package}) must hold a node for this machine") from None
+        if said != f"v{rt.version}":
+            raise ProviderError(f"{rt.package}@{rt.version}: bin/node --version printed {said!r}, not v{rt.version}",
+                                hint="[node] package must name a package whose bin/node is the release "
+                                     "asked for; nothing was installed")
+        if not os.path.isfile(os.path.join(staging, "include", "node", "node_version.h")):
+            raise ProviderError(f"{rt.package}@{rt.version} has no include/node/node_version.h, so native "
+                                "modules cannot build against it", hint="[node] package must name a package "
+                                "with bin/node and include/node")
+        if npm_said != rt.npm_version:
+            raise ProviderError(f"the unpacked npm reports {npm_said!r}, not {rt.npm_version}",
+                                hint="the npm package is damaged; clear npm's cache and try again")
+        if rt.expect_abi and info.abi != rt.expect_abi:
+            raise ProviderError(f"node {rt.version} reports ABI {info.abi}, not {rt.expect_abi}")
+        rt.record.update(version=rt.version, arch=rt.arch, abi=info.abi, glibc=info.glibc,
+                         size_bytes=tree_size(staging), installed_at=rfc3339(utc_now()))
+
+    def place() -> None:
+        os.rename(staging, rt.dir)
+        rt.node = Node(rt.runner(ctx.runner)).info()
+        rt.installed = True
+
+    def record() -> None:
+        with reg.edit(ctx.op_id) as doc:
+            doc["runtimes"][rt.id] = dict(rt.record)
+
+    reg = ctx.registry("runtimes")
+    plan.add("runtime.verify", f"check node {rt.version}: --version, headers, npm {rt.npm_version}", staging, verify)
+    plan.add("runtime.rename", f"move the runtime to {rt.dir}", rt.dir, place,
+             UndoAction("rename", src=rt.dir, dst=staging))
+    plan.add("runtime.record", f"record {rt.id} in {reg.path}", reg.path, record,
+             UndoAction("registry_remove", name=rt.id, **_registry_args(reg)))
+
+
+def _build_tool_warnings(ctx: Context, node: NodeInfo | None) -> None:
     import shutil
     missing = [tool for tool in ("make", "g++", "python3") if shutil.which(tool) is None]
-    if node.headers is None:
+    if node is not None and node.headers is None:
         missing.append(f"node headers (<prefix>/include/node for {node.exe})")
     if missing:
         ctx.out.warn("native modules may have to build from source, which needs: " + ", ".join(missing)
@@ -3342,16 +3724,38 @@ def _engines_sentence(package: str, version: str, engines: str, node: NodeInfo) 
 class Installer:
     """The shared tail of install and import: verify a staged tree, smoke-start it, record it."""
 
-    def __init__(self, ctx: Context, versions: Versions, version: str, node: NodeInfo, source: str) -> None:
+    def __init__(self, ctx: Context, versions: Versions, version: str, node: NodeInfo | None, source: str,
+                 rt: Runtime | None = None) -> None:
         self.ctx = ctx
         self.versions = versions
         self.version = version
         self.node = node
         self.source = source
+        self.rt = rt
         root = ctx.paths.install_root
         self.staging = os.path.join(root, f".staging-{version}-{ctx.op_id}")
         self.smoke_dir = os.path.join(root, f".smoke-{version}-{ctx.op_id}")
         self.result: dict[str, Any] = {}
+
+    @property
+    def runner(self) -> Runner:
+        """The Runner whose node (and npm) this version builds and runs with."""
+        return self.rt.runner(self.ctx.runner) if self.rt is not None else self.ctx.runner
+
+    def node_now(self) -> NodeInfo:
+        """The node facts, once known (a fetched runtime's arrive when it is in place)."""
+        if self.node is None and self.rt is not None:
+            self.node = self.rt.node
+        assert self.node is not None
+        return self.node
+
+    def built_by(self) -> str:
+        if self.rt is not None:
+            return self.rt.built_by()
+        if self.source.startswith("bundle:"):
+            return "the npm of the host that exported the bundle"
+        done = self.ctx.runner.run("npm", ["--version"], mutating=False, check=False)
+        return f"{' '.join(self.ctx.config.command('npm'))} (npm {done.stdout.strip() or '?'})"
 
     @property
     def staged_package(self) -> str:
@@ -3379,11 +3783,12 @@ class Installer:
         bin_path = os.path.realpath(os.path.join(pkg, bin_rel))
         if not bin_path.startswith(os.path.realpath(pkg) + "/") or not os.path.isfile(bin_path):
             raise ProviderError(f"the package's bin {bin_rel!r} is missing or outside the package")
-        node = Node(self.ctx.runner)
+        self.node_now()
+        node = Node(self.runner)
         names = [n for n in self.ctx.config.get("npm", "allow_scripts")
                  if os.path.isdir(os.path.join(self.staging, "node_modules", n))
                  or os.path.isdir(os.path.join(pkg, "node_modules", n))]
-        natives = node.check_native(pkg, names)
+        natives = node.check_native(pkg, names, built_by=self.built_by)
         broken = {k: v for k, v in natives.items() if v != "ok"}
         if broken:
             raise ProviderError("native modules do not load with node " + self.node.version + ": "
@@ -3399,13 +3804,15 @@ class Installer:
             self.ctx.out.warn(_engines_sentence(self.versions.package, self.version, engines, self.node))
         started = time.monotonic()
         try:
-            migrations, info_version = smoke_start(self.ctx, pkg, bin_path, self.version, self.smoke_dir)
+            migrations, info_version = smoke_start(self.ctx, pkg, bin_path, self.version, self.smoke_dir,
+                                                   runner=self.runner)
         except ProviderError as exc:
             if engines_ok is False:
                 raise ProviderError(_engines_sentence(self.versions.package, self.version, engines, self.node)
                                     + "; the server did not start on it: " + exc.message,
-                                    hint="install a node that satisfies the engines range and point "
-                                         "[commands] node at it", details=exc.details) from None
+                                    hint='use [node] runtime = "managed", or install a node that '
+                                         "satisfies the engines range and point [commands] node at it",
+                                    details=exc.details) from None
             raise
         remove_tree(self.smoke_dir)
         lock = read_json_file(os.path.join(self.staging, "package-lock.json")) or {}
@@ -3415,7 +3822,8 @@ class Installer:
             "bin": bin_rel, "integrity": ((lock.get("packages") or {}).get(key) or {}).get("integrity"),
             "lockfile_sha256": sha256_file(os.path.join(self.staging, "package-lock.json"))
             if os.path.exists(os.path.join(self.staging, "package-lock.json")) else None,
-            "size_bytes": tree_size(self.staging), "node": self.node.as_dict(),
+            "size_bytes": tree_size(self.staging), "node": self.node_now().as_dict(),
+            "runtime": self.rt.id if self.rt is not None else None,
             "engines_node": engines or None, "engines_ok": engines_ok is not False,
             "native_modules": sorted(natives), "migrations": migrations,
             "installed_at": rfc3339(utc_now()),
@@ -3460,10 +3868,12 @@ def _service_user(ctx: Context) -> str | None:
     return None
 
 
-def smoke_start(ctx: Context, pkg: str, bin_path: str, version: str, work: str) -> tuple[list[str], str]:
+def smoke_start(ctx: Context, pkg: str, bin_path: str, version: str, work: str,
+                runner: Runner | None = None) -> tuple[list[str], str]:
     """Start the staged server on a free loopback port with throwaway data; wait for /health UP and
-    /info = version; return the migration titles it recorded in .migrate."""
+    /info = version; return the migration titles it recorded in .migrate. ``runner`` picks the node."""
     import pwd
+    runner = runner or ctx.runner
     user = _service_user(ctx)
     data = os.path.join(work, "data")
     for sub in ("", "server-files", "user-files"):
@@ -3480,7 +3890,7 @@ def smoke_start(ctx: Context, pkg: str, bin_path: str, version: str, work: str) 
                 os.chown(name, pw.pw_uid, pw.pw_gid)
     log_path = os.path.join(work, "server.log")
     with open(log_path, "wb") as log:
-        proc = ctx.runner.popen("node", [bin_path, "--config", cfg_path], cwd=pkg, user=user,
+        proc = runner.popen("node", [bin_path, "--config", cfg_path], cwd=pkg, user=user,
                                 env_extra={"NODE_ENV": "production", "ACTUAL_PORT": str(port),
                                            "ACTUAL_HOSTNAME": "127.0.0.1", "ACTUAL_DATA_DIR": data},
                                 stdout=log, stderr="stdout")
@@ -3536,21 +3946,28 @@ def _wait_healthy(ctx: Context, proc: Any, port: int, version: str, log_path: st
                         details={"log": _log_tail(log_path)})
 
 
-def _install_checks(ctx: Context, versions: Versions) -> NodeInfo:
-    if not ctx.runner.available("npm"):
+def _install_checks(ctx: Context, versions: Versions, rt: Runtime | None = None, *,
+                    need_npm: bool = True) -> NodeInfo | None:
+    """Tools and space; the node facts (None while a managed runtime is still to be fetched)."""
+    if need_npm and not ctx.runner.available("npm"):
         raise MissingTool("npm is not installed", hint=INSTALL_HINTS["npm"])
-    node = Node(ctx.runner).info()
+    node = Node(ctx.runner).info() if rt is None else rt.node
     _build_tool_warnings(ctx, node)
     root = ctx.paths.install_root
-    check_writable([root])
+    check_writable([root] + ([ctx.paths.runtime_root] if rt is not None and not rt.installed else []))
     free = disk_free(root)
     if free < MIN_INSTALL_FREE:
         raise DiskFull(f"only {human_bytes(free)} free under {root}; a server version needs about 512 MiB",
                        hint="free some space, or point [paths] install_root at a larger filesystem")
+    if rt is not None and not rt.installed:
+        probe = ctx.paths.runtime_root if os.path.isdir(ctx.paths.runtime_root) else root
+        if disk_free(probe) < MIN_RUNTIME_FREE:
+            raise DiskFull(f"a node runtime needs about 256 MiB under {ctx.paths.runtime_root}",
+                           hint="free some space, or point [paths] runtime_root at a larger filesystem")
     return node
 
 
-def _resolve_version(ctx: Context, npm: Npm, requested: str) -> str:
+def _resolve_version(ctx: Context, npm: Npm, requested: str) -> tuple[str, str | None]:
     """The exact version, confirmed by the registry; NotFound or ProviderError (exit 4)."""
     version = npm.latest() if requested == "latest" else requested
     found = npm.view(f"{npm.package}@{version}", ["version", "engines"])
@@ -3561,7 +3978,9 @@ def _resolve_version(ctx: Context, npm: Npm, requested: str) -> str:
     if not isinstance(found, dict) or found.get("version") != version:
         raise NotFound(f"{npm.package}@{version} is not in the npm registry",
                        hint="see abssctl version list --remote")
-    return version
+    engines = found.get("engines")
+    spec = engines.get("node") if isinstance(engines, dict) else None
+    return version, str(spec) if spec else None
 
 
 def _set_current_steps(ctx: Context, versions: Versions, plan: Plan, version: str) -> None:
@@ -3583,20 +4002,27 @@ def _installed_output(ctx: Context, installer: Installer | None, version: str) -
     return {"version": dict(now.doc["versions"].get(version) or {}, current=now.current == version)}
 
 
-def op_version_install(ctx: Context, requested: str, *, set_current: bool) -> Result:
-    """Install a server version from npm into its own tree, verified and smoke-started (§4.4.3)."""
+def op_version_install(ctx: Context, requested: str, *, set_current: bool,
+                       refresh_runtime: bool = False) -> Result:
+    """Install a server version from npm into its own tree, verified and smoke-started (§4.4.3);
+    in managed mode with the node runtime its engines ask for (§11.1)."""
     versions = Versions(ctx)
     npm = Npm(ctx.runner, ctx.config)
-    version = _resolve_version(ctx, npm, validate_version(requested))
+    version, engines = _resolve_version(ctx, npm, validate_version(requested))
     state = versions.require_not_broken(version)
-    node = _install_checks(ctx, versions) if state == "missing" else None
-    installer = Installer(ctx, versions, version, node, "registry") if node else None
+    installer = None
+    if state == "missing":
+        rt = plan_runtime(ctx, npm, engines, refresh=refresh_runtime) if managed_runtime(ctx.config) else None
+        node = _install_checks(ctx, versions, rt)
+        installer = Installer(ctx, versions, version, node, "registry", rt)
 
     def build() -> Plan:
         plan = Plan(f"install {npm.package} {version}")
         current = Versions(ctx)
         if current.state_of(version) == "missing":
             assert installer is not None
+            if installer.rt is not None and not installer.rt.installed:
+                add_runtime_fetch_steps(ctx, plan, installer.rt, npm)
             _staging_steps(ctx, plan, installer, npm, version)
             installer.add_verify_steps(plan)
         if set_current:
@@ -3606,7 +4032,8 @@ def op_version_install(ctx: Context, requested: str, *, set_current: bool) -> Re
     return run_mutation(ctx, Mutation(title=f"install {version}", build=build,
                                       finish=lambda _p: _installed_output(ctx, installer, version),
                                       target={"kind": "version", "name": version},
-                                      args={"version": requested, "set_current": set_current}))
+                                      args={"version": requested, "set_current": set_current,
+                                            "refresh_runtime": refresh_runtime}))
 
 
 def _staging_steps(ctx: Context, plan: Plan, installer: Installer, npm: Npm, version: str) -> None:
@@ -3637,8 +4064,16 @@ def _staging_steps(ctx: Context, plan: Plan, installer: Installer, npm: Npm, ver
             else "installing"
         ctx.out.progress(f"[{elapsed(now - started)}] npm install {version}: {doing}")
 
-    plan.add("npm.install", f"npm install {npm.package}@{version} (about 1.5 min, plus native builds)", staging,
-             lambda: npm.install(staging, installer.node, on_idle))
+    def install() -> None:
+        rt = installer.rt
+        if rt is None:
+            npm.install(staging, installer.node_now(), on_idle)
+        else:
+            Npm(rt.runner(ctx.runner), ctx.config).install(staging, installer.node_now(), on_idle,
+                                                           env_extra=runtime_env(rt.dir))
+    with_npm = f" with {installer.rt.id}'s npm" if installer.rt is not None else ""
+    plan.add("npm.install", f"npm install {npm.package}@{version}{with_npm} (about 1.5 min, plus native builds)",
+             staging, install)
 
 
 # -- list, check-updates, uninstall --------------------------------------------------
@@ -3650,7 +4085,7 @@ def op_version_list(ctx: Context, *, remote: bool, prerelease: bool) -> Result:
         node = e.get("node") or {}
         rows[ver] = {"version": ver, "installed": True, "current": ver == versions.current,
                      "instances": versions.users_of(ver), "installed_at": e.get("installed_at"),
-                     "size_bytes": e.get("size_bytes"), "node_abi": node.get("abi"),
+                     "size_bytes": e.get("size_bytes"), "node_abi": node.get("abi"), "runtime": e.get("runtime"),
                      "engines_node": e.get("engines_node"), "engines_ok": e.get("engines_ok"),
                      "source": e.get("source"), "state": versions.state_of(ver)}
     warnings = []
@@ -3662,10 +4097,11 @@ def op_version_list(ctx: Context, *, remote: bool, prerelease: bool) -> Result:
         except AbssctlError as exc:
             warnings.append(f"could not read remote versions: {exc.message}; showing installed versions only")
     ordered = [rows[v] for v in sorted(rows, key=semver_key)]
-    text = table(("VERSION", "CURRENT", "INSTALLED", "INSTANCES", "SIZE", "NODE ABI", "ENGINES"),
+    text = table(("VERSION", "CURRENT", "INSTALLED", "INSTANCES", "SIZE", "NODE", "NODE ABI", "ENGINES"),
                  [(r["version"], "*" if r["current"] else "", (r.get("installed_at") or "yes")
                    if r["installed"] else "no", ",".join(r["instances"]),
-                   human_bytes(r["size_bytes"]) if r.get("size_bytes") else "", r.get("node_abi"),
+                   human_bytes(r["size_bytes"]) if r.get("size_bytes") else "",
+                   (r.get("runtime") or "system") if r["installed"] else "", r.get("node_abi"),
                    ("ok" if r.get("engines_ok") else f"needs {r.get('engines_node')}") if r["installed"] else "")
                   for r in ordered]) if ordered else ["no versions installed; try: abssctl version install latest"]
     return Result({"package": versions.package, "current": versions.current, "versions": ordered}, text,
@@ -3723,8 +4159,12 @@ def op_version_uninstall(ctx: Context, version: str) -> Result:
                     doc["versions"].pop(version, None)
             plan.add("registry.remove", f"remove {version} from {reg.path}", reg.path, drop,
                      UndoAction("registry_put", name=version, entry=entry, **_registry_args(reg)))
+        rt_trash = _runtime_unused_steps(ctx, now, plan, version, entry)
         plan.add("tree.delete", f"delete {trash} (no undo past this point)", trash,
                  lambda: remove_tree(trash) if os.path.lexists(trash) else None)
+        if rt_trash:
+            plan.add("runtime.delete", f"delete {rt_trash} (no undo past this point)", rt_trash,
+                     lambda: remove_tree(rt_trash) if os.path.lexists(rt_trash) else None)
         return plan
 
     return run_mutation(ctx, Mutation(
@@ -3732,6 +4172,28 @@ def op_version_uninstall(ctx: Context, version: str) -> Result:
         target={"kind": "version", "name": version}, args={"version": version},
         confirm=lambda _p: confirm(ctx, f"Uninstall server version {version} "
                                         f"({versions.tree(version)})?\nIt can be installed again later.")))
+
+
+def _runtime_unused_steps(ctx: Context, versions: Versions, plan: Plan, version: str,
+                          entry: Mapping[str, Any] | None) -> str | None:
+    """Uninstall's steps for a runtime no other version uses: move it aside, forget it; its trash path."""
+    rid = (entry or {}).get("runtime")
+    if not rid or any(e.get("runtime") == rid for v, e in versions.doc["versions"].items() if v != version):
+        return None
+    reg = ctx.registry("runtimes")
+    rt_dir = os.path.join(ctx.paths.runtime_root, str(rid))
+    trash = os.path.join(ctx.paths.runtime_root, f".trash-{rid}-{ctx.op_id}")
+    if os.path.isdir(rt_dir):
+        plan.add("runtime.trash", f"move the runtime {rt_dir} aside (no version uses it any more)", rt_dir,
+                 lambda: os.rename(rt_dir, trash), UndoAction("rename", src=trash, dst=rt_dir))
+    recorded = reg.load()["runtimes"].get(str(rid))
+    if recorded is not None:
+        def drop() -> None:
+            with reg.edit(ctx.op_id) as doc:
+                doc["runtimes"].pop(str(rid), None)
+        plan.add("runtime.unrecord", f"remove {rid} from {reg.path}", reg.path, drop,
+                 UndoAction("registry_put", name=str(rid), entry=recorded, **_registry_args(reg)))
+    return trash
 
 
 # -- export / import -------------------------------------------------------------------
@@ -3766,28 +4228,31 @@ def _tar_bytes(tar: Any, name: str, data: bytes, mtime: int) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_bundle_tar(tar: Any, tree: str, manifest: bytes, sums: bytes,
-                      listing: tuple[list[tuple[str, str, int]], list[str], list[tuple[str, str]]],
+Listing = tuple[list[tuple[str, str, int]], list[str], list[tuple[str, str]]]
+
+
+def _write_bundle_tar(tar: Any, parts: Sequence[tuple[str, str, Listing]], manifest: bytes, sums: bytes,
                       mtime: int) -> None:
+    """The header members, then each (member prefix, directory, listing) part: runtime/, tree/."""
     import tarfile
-    files, dirs, links = listing
     _tar_bytes(tar, "abssctl-bundle.json", manifest, mtime)
     _tar_bytes(tar, "SHA256SUMS", sums, mtime)
-    for rel in dirs:
-        info = tarfile.TarInfo(f"tree/{rel}")
-        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, mtime
-        tar.addfile(info)
-    for rel, _sha, size in files:
-        path = os.path.join(tree, rel)
-        info = tarfile.TarInfo(f"tree/{rel}")
-        info.size, info.mtime = size, mtime
-        info.mode = 0o755 if os.stat(path).st_mode & 0o100 else 0o644
-        with open(path, "rb") as f:
-            tar.addfile(info, f)
-    for rel, target in links:
-        info = tarfile.TarInfo(f"tree/{rel}")
-        info.type, info.linkname, info.mtime, info.mode = tarfile.SYMTYPE, target, mtime, 0o777
-        tar.addfile(info)
+    for prefix, tree, (files, dirs, links) in parts:
+        for rel in dirs:
+            info = tarfile.TarInfo(f"{prefix}{rel}")
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, mtime
+            tar.addfile(info)
+        for rel, _sha, size in files:
+            path = os.path.join(tree, rel)
+            info = tarfile.TarInfo(f"{prefix}{rel}")
+            info.size, info.mtime = size, mtime
+            info.mode = 0o755 if os.stat(path).st_mode & 0o100 else 0o644
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+        for rel, target in links:
+            info = tarfile.TarInfo(f"{prefix}{rel}")
+            info.type, info.linkname, info.mtime, info.mode = tarfile.SYMTYPE, target, mtime, 0o777
+            tar.addfile(info)
 
 
 def write_tar_stream(ctx: Context, fd: int, compression: str, writer: Callable[[Any], None]) -> tuple[str, int]:
@@ -3905,6 +4370,32 @@ def open_tar_stream(ctx: Context, path: str) -> tuple[Any, Callable[[], None]]:
     return tar, close
 
 
+def _export_runtime_entry(ctx: Context, version: str, entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The runtimes.json entry of the runtime a version runs on (None: system node); HostError when
+    that runtime is gone, since a bundle without it would not run on an air-gapped host."""
+    rt_dir = runtime_of(ctx, entry)
+    if rt_dir is None:
+        return None
+    rid = str(entry["runtime"])
+    recorded = ctx.registry("runtimes").load()["runtimes"].get(rid)
+    if not isinstance(recorded, dict) or not os.path.isfile(os.path.join(rt_dir, "bin", "node")):
+        raise HostError(f"{version} runs on {rid}, but {rt_dir} is missing or not recorded in runtimes.json",
+                        hint=f"abssctl version uninstall {version}, then abssctl version install {version} "
+                             "(it fetches the runtime again), then export")
+    return recorded
+
+
+def _bundle_runtime_field(rid: str, rec: Mapping[str, Any] | None, listing: Listing) -> dict[str, Any]:
+    """The manifest's ``runtime``: which node and npm the bundle carries under runtime/ (§11.1)."""
+    rec = rec or {}
+    return {"id": rid, "version": rec.get("version"), "abi": rec.get("abi"), "arch": rec.get("arch"),
+            "glibc": rec.get("glibc"), "package": (rec.get("node") or {}).get("package"),
+            "npm_version": (rec.get("npm") or {}).get("version"),
+            "node_integrity": (rec.get("node") or {}).get("integrity"),
+            "npm_integrity": (rec.get("npm") or {}).get("integrity"),
+            "files": {"count": len(listing[0]), "bytes": sum(n for _r, _s, n in listing[0])}}
+
+
 def op_version_export(ctx: Context, version: str, output: str) -> Result:
     """Write an air-gap bundle of an installed version: manifest, SHA256SUMS, then the tree."""
     versions = Versions(ctx)
@@ -3916,17 +4407,30 @@ def op_version_export(ctx: Context, version: str, output: str) -> Result:
         raise UsageError(f"cannot write the bundle to {output}: give a file path in an existing directory")
     compression = "zstd" if ctx.runner.available("zstd") else "gzip"
     tree = versions.tree(version)
+    rt_dir = runtime_of(ctx, entry)
+    rt_entry = _export_runtime_entry(ctx, version, entry)
     result: dict[str, Any] = {}
 
     def write() -> None:
         ctx.out.progress(f"hashing {tree}")
         listing = _bundle_files(tree)
-        sums = "".join(f"{sha}  {rel}\n" for rel, sha, _n in listing[0]).encode()
+        parts: list[tuple[str, str, Listing]] = []
+        lines = [(rel, sha) for rel, sha, _n in listing[0]]
+        runtime = None
+        if rt_dir is not None:
+            ctx.out.progress(f"hashing {rt_dir}")
+            rt_listing = _bundle_files(rt_dir)
+            parts.append(("runtime/", rt_dir, rt_listing))
+            lines += [(f"runtime/{rel}", sha) for rel, sha, _n in rt_listing[0]]
+            runtime = _bundle_runtime_field(str(entry["runtime"]), rt_entry, rt_listing)
+        parts.append(("tree/", tree, listing))
+        sums = "".join(f"{sha}  {rel}\n" for rel, sha in sorted(lines)).encode()
         node = entry.get("node") or {}
         libc = str(node.get("libc") or "")
         import hashlib
         now = utc_now()
-        manifest = {"schema_version": BUNDLE_SCHEMA, "kind": BUNDLE_KIND, "package": versions.package,
+        manifest = {"schema_version": BUNDLE_SCHEMA if runtime is None else BUNDLE_SCHEMA_RUNTIME,
+                    "kind": BUNDLE_KIND, "package": versions.package, "runtime": runtime,
                     "version": version, "created_at": rfc3339(now), "abssctl_version": __version__,
                     "node": {"version": node.get("version"), "abi": node.get("abi"), "arch": node.get("arch"),
                              "platform": "linux"},
@@ -3943,7 +4447,7 @@ def op_version_export(ctx: Context, version: str, output: str) -> Result:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             digest, _size = write_tar_stream(ctx, fd, compression,
-                                             lambda tar: _write_bundle_tar(tar, tree, data, sums, listing, int(now)))
+                                             lambda tar: _write_bundle_tar(tar, parts, data, sums, int(now)))
             os.fchmod(fd, 0o644)
             os.fsync(fd)
         finally:
@@ -3994,8 +4498,13 @@ def read_bundle_header(ctx: Context, path: str) -> tuple[dict[str, Any], dict[st
     except ValueError:
         raise CorruptState(f"{path}: abssctl-bundle.json is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != BUNDLE_KIND or \
-            manifest.get("schema_version") != BUNDLE_SCHEMA:
-        raise CorruptState(f"{path} is not an abssctl version bundle of schema {BUNDLE_SCHEMA}")
+            manifest.get("schema_version") not in (BUNDLE_SCHEMA, BUNDLE_SCHEMA_RUNTIME):
+        raise CorruptState(f"{path} is not an abssctl version bundle of schema {BUNDLE_SCHEMA} or "
+                           f"{BUNDLE_SCHEMA_RUNTIME}", hint="create bundles with abssctl version export "
+                           "(a newer abssctl may have written this one)")
+    if manifest.get("runtime") is not None and (manifest.get("schema_version") != BUNDLE_SCHEMA_RUNTIME
+                                                or not isinstance(manifest["runtime"], dict)):
+        raise CorruptState(f"{path}: abssctl-bundle.json has a malformed runtime field")
     sums_raw = members[1][1]
     if hashlib.sha256(sums_raw).hexdigest() != manifest.get("sums_sha256"):
         raise ChecksumMismatch(f"{path}: SHA256SUMS does not match the manifest's sums_sha256",
@@ -4033,6 +4542,77 @@ def check_bundle_fits(manifest: Mapping[str, Any], node: NodeInfo, package: str)
                            f"glibc {host}", hint="export the bundle on a host with the same or an older glibc")
 
 
+def _installed_runtime(ctx: Context, version: str, arch: str, package: str) -> Runtime:
+    """An installed runtime, ready to run (its npm version from runtimes.json)."""
+    rt = Runtime(ctx.paths.runtime_root, version, arch, package, installed=True)
+    rt.npm_version = (ctx.registry("runtimes").load()["runtimes"][rt.id].get("npm") or {}).get("version")
+    rt.node = Node(rt.runner(ctx.runner)).info()
+    return rt
+
+
+def _bundle_runtime(ctx: Context, manifest: Mapping[str, Any], digest: str) -> Runtime:
+    """Managed mode: the runtime a bundle's version will run on (§11.1). The one the bundle carries,
+    reused when it is installed already with the same ABI, else to be unpacked from the bundle; a
+    bundle without one runs on an installed runtime of its node ABI."""
+    want = manifest.get("node") or {}
+    carried = manifest.get("runtime")
+    arch = runtime_arch()
+    package = runtime_package(ctx.config, arch)
+    installed = installed_runtimes(ctx)
+    if isinstance(carried, dict):
+        rid, version, abi = str(carried.get("id")), str(carried.get("version")), str(carried.get("abi"))
+        if not SEMVER_RE.match(version) or rid != f"node-{version}" or abi != str(want.get("abi")):
+            raise CorruptState(f"the bundle's runtime field ({rid}, {version}, ABI {abi}) does not agree "
+                               f"with its node (ABI {want.get('abi')})", hint="export the bundle again")
+        if carried.get("arch") != arch:
+            raise Incompatible(f"bundle {manifest.get('version')} carries node {version} for "
+                               f"{carried.get('arch')}; this host is {arch}", hint=f"export the bundle on a {arch} host")
+        have = installed.get(rid)
+        if have is not None:
+            if str(have.get("abi")) != abi:
+                raise Incompatible(f"the installed {rid} reports ABI {have.get('abi')}; the bundle's {rid} has "
+                                   f"ABI {abi}", hint=f"uninstall the versions that use {rid}, then import again")
+            ctx.out.progress(f"using the installed runtime {rid}")
+            return _installed_runtime(ctx, version, arch, package)
+        rt = Runtime(ctx.paths.runtime_root, version, arch, str(carried.get("package") or package),
+                     npm_version=str(carried.get("npm_version") or "") or None)
+        if os.path.lexists(rt.dir):
+            raise HostError(f"{rt.dir} exists but is not recorded in runtimes.json",
+                            hint=f"move {rt.dir} aside, then run the import again")
+        rt.expect_abi = abi
+        rt.record.update(node={"package": rt.package, "integrity": carried.get("node_integrity")},
+                         npm={"version": rt.npm_version, "integrity": carried.get("npm_integrity")},
+                         source=f"bundle:{digest}")
+        ctx.out.progress(f"the bundle carries {rid} (npm {rt.npm_version}); it is installed from the bundle")
+        return rt
+    fits = sorted((e.get("version") for e in installed.values()
+                   if str(e.get("abi")) == str(want.get("abi")) and e.get("arch") == arch
+                   and isinstance(e.get("version"), str)), key=semver_key)
+    if not fits:
+        raise Incompatible(f"bundle {manifest.get('version')} was built for node ABI {want.get('abi')} (node "
+                           f"{want.get('version')}); no installed runtime has that ABI",
+                           hint="install a version that uses such a node first (abssctl version install), "
+                                "export the bundle again with a managed runtime (it then carries it), "
+                                'or set [node] runtime = "system" with a matching [commands] node')
+    return _installed_runtime(ctx, str(fits[-1]), arch, package)
+
+
+def _planned_node(rt: Runtime) -> NodeInfo:
+    """The node facts a runtime still to be unpacked will have (checked again once it runs)."""
+    return NodeInfo({"version": f"v{rt.version}", "modules": rt.expect_abi, "arch": rt.arch,
+                     "platform": "linux"}, os.path.join(rt.dir, "bin", "node"))
+
+
+def _runtime_members(tar: Any) -> Iterator[Any]:
+    """A bundle's runtime/ members: after the two header members, up to the first tree/ member."""
+    for i, member in enumerate(tar):
+        if i < len(BUNDLE_HEADERS):
+            continue
+        if member.name.startswith("tree/"):
+            return
+        yield member
+
+
 def op_version_import(ctx: Context, path: str, *, expect_version: str | None = None,
                       set_current: bool = False) -> Result:
     """Install a version from an export bundle, checked against this host; no registry is contacted."""
@@ -4050,12 +4630,42 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
     version = validate_version(str(manifest.get("version")), allow_latest=False)
     if expect_version and version != expect_version:
         raise UsageError(f"bundle {path} holds {version}, not {expect_version}")
+    carried = manifest.get("runtime")
+    rt_sums = {k[len("runtime/"):]: v for k, v in sums.items() if carried and k.startswith("runtime/")}
+    tree_sums = {k: v for k, v in sums.items() if not (carried and k.startswith("runtime/"))}
     versions = Versions(ctx)
     state = versions.require_not_broken(version)
-    node = _install_checks(ctx, versions) if state == "missing" else Node(ctx.runner).info()
-    check_bundle_fits(manifest, node, versions.package)
-    installer = Installer(ctx, versions, version, node, f"bundle:{digest}")
+    rt = None
+    if state == "missing":
+        rt = _bundle_runtime(ctx, manifest, digest) if managed_runtime(ctx.config) else None
+        node = _install_checks(ctx, versions, rt, need_npm=rt is None)
+        fits = node if node is not None else _planned_node(rt) if rt is not None else None
+        assert fits is not None
+        check_bundle_fits(manifest, fits, versions.package)
+    else:
+        node = Node(runner_for(ctx, versions.doc["versions"].get(version))).info()
+        check_bundle_fits(manifest, node, versions.package)
+    installer = Installer(ctx, versions, version, node, f"bundle:{digest}", rt)
     total = int((manifest.get("files") or {}).get("bytes") or 0)
+    rt_total = int(((carried or {}).get("files") or {}).get("bytes") or 0) if isinstance(carried, dict) else 0
+    rt_staging = _runtime_staging(ctx, rt) if rt is not None else ""
+
+    def extract_runtime() -> None:
+        assert rt is not None
+        _new_staging(rt_staging)
+        if rt_total * 1.1 > disk_free(rt_staging):
+            raise DiskFull(f"{rt.id} needs {human_bytes(rt_total)}; {rt.root} has less free",
+                           hint="free some space, or point [paths] runtime_root at a larger filesystem")
+        ctx.out.progress(f"extracting {rt.id} ({human_bytes(rt_total)})")
+        tar, close = open_tar_stream(ctx, path)
+        try:
+            safe_extract(_runtime_members(tar), rt_staging, prefix="runtime/", expected=rt_sums,
+                         max_bytes=min(rt_total, RUNTIME_MAX_BYTES), allow_symlinks=True, source=tar)
+        except archive_errors() as exc:
+            raise CorruptState(f"{path} is damaged or truncated ({exc})",
+                               hint="copy the bundle again, or export it again") from None
+        finally:
+            close()
 
     def extract() -> None:
         if os.path.lexists(installer.staging):
@@ -4066,8 +4676,9 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
         ctx.out.progress(f"extracting {version} ({human_bytes(total)})")
         tar, close = open_tar_stream(ctx, path)
         try:
-            safe_extract(tar, installer.staging, prefix="tree/", expected=sums, max_bytes=total,
-                         allow_symlinks=True, skip=("abssctl-bundle.json", "SHA256SUMS"))
+            members = (m for m in tar if not (carried and m.name.startswith("runtime/")))
+            safe_extract(members, installer.staging, prefix="tree/", expected=tree_sums, max_bytes=total,
+                         allow_symlinks=True, skip=BUNDLE_HEADERS, source=tar)
         except archive_errors() as exc:
             raise CorruptState(f"{path} is damaged or truncated ({exc})",
                                hint="copy the bundle again, or export it again") from None
@@ -4077,6 +4688,10 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
     def build() -> Plan:
         plan = Plan(f"import {version}")
         if Versions(ctx).state_of(version) == "missing":
+            if rt is not None and not rt.installed:
+                plan.add("runtime.extract", f"extract and check {rt.id} from {path}", rt_staging,
+                         extract_runtime, UndoAction("remove_tree", path=rt_staging))
+                add_runtime_place_steps(ctx, plan, rt, rt_staging)
             plan.add("bundle.extract", f"extract and check {path}", installer.staging, extract,
                      UndoAction("remove_tree", path=installer.staging))
             installer.add_verify_steps(plan)
@@ -4273,7 +4888,7 @@ def render_unit(ctx: Context, name: str, port: int, version: str, versions: Vers
     import shutil
     entry = _version_entry(ctx, versions, version)
     pkg = os.path.realpath(versions.package_dir(version))
-    node = ctx.config.command("node")
+    node = node_argv_for(ctx, entry)
     exe = node[0] if "/" in node[0] else (shutil.which(node[0]) or node[0])
     paths = instance_paths(ctx, name)
     values = {"NAME": name, "USER": ctx.config.get("service", "user"), "GROUP": ctx.config.get("service", "group"),
@@ -4316,14 +4931,58 @@ def _tls_paths(ctx: Context, name: str) -> dict[str, str]:
     return {"dir": base, "cert": os.path.join(base, "fullchain.pem"), "key": os.path.join(base, "privkey.pem")}
 
 
-def check_system_tls(ctx: Context) -> dict[str, Any]:
+def check_system_tls(ctx: Context, domain: str | None = None) -> dict[str, Any]:
+    """The system pair, verified; with ``domain``, it must also cover it (exit 2 if not)."""
     cert, key = ctx.config.get("tls", "system_cert"), ctx.config.get("tls", "system_key")
     for path in (cert, key):
         if not os.path.isfile(path):
             raise UsageError(f"the system certificate file {path} does not exist",
-                             hint="pass --tls self-signed, or --tls custom --cert F --key F")
+                             hint="pass --tls auto or --tls self-signed, or --tls custom --cert F --key F")
     Tls.check_pair(cert, key)
+    if domain is not None and ctx.runner.available("openssl"):
+        info = Tls(ctx.runner).inspect(cert)
+        if not info.covers(domain):
+            raise UsageError(f"the system certificate {cert} does not cover {domain} "
+                             f"(it names {', '.join(info.san) or 'no DNS names'})",
+                             hint="pass --tls auto (self-signed when nothing else covers it), or --tls custom "
+                                  "--cert F --key F")
     return {"source": "system", "cert": cert, "key": key, "chain": None}
+
+
+def letsencrypt_lineage(ctx: Context, domain: str) -> dict[str, str]:
+    """certbot's files for ``domain``: <letsencrypt_dir>/live/<domain>/{fullchain,privkey}.pem."""
+    live = os.path.join(ctx.paths.letsencrypt_dir, "live", domain)
+    return {"dir": live, "cert": os.path.join(live, "fullchain.pem"), "key": os.path.join(live, "privkey.pem")}
+
+
+def _pair_covers(ctx: Context, cert: str, key: str, domain: str) -> bool:
+    """Both files exist, the key matches, and the certificate covers ``domain`` (quietly False if not)."""
+    if not (os.path.isfile(cert) and os.path.isfile(key)):
+        return False
+    try:
+        Tls.check_pair(cert, key)
+        return Tls(ctx.runner).inspect(cert).covers(domain)
+    except UsageError as exc:
+        ctx.out.debug_line(f"tls auto: {cert} is not usable for {domain}: {exc.message}")
+        return False
+
+
+def choose_auto_tls(ctx: Context, domain: str) -> str:
+    """§11.2 ``auto``: a certbot lineage that covers the domain, else the system pair that covers it,
+    else self-signed (with a warning). Returns the source to record."""
+    if not ctx.runner.available("openssl"):
+        raise MissingTool("openssl is not installed (needed to check and make certificates)",
+                          hint=INSTALL_HINTS["openssl"])
+    lineage = letsencrypt_lineage(ctx, domain)
+    if _pair_covers(ctx, lineage["cert"], lineage["key"], domain):
+        return "letsencrypt"
+    if _pair_covers(ctx, ctx.config.get("tls", "system_cert"), ctx.config.get("tls", "system_key"), domain):
+        return "system"
+    ctx.out.warn(f"no certificate on this host covers {domain} (none in {lineage['dir']}, and the system "
+                 f"certificate {ctx.config.get('tls', 'system_cert')} does not): using a self-signed one, so "
+                 "browsers will warn until their devices trust it. For a real one, get a certificate for the "
+                 f"domain (e.g. certbot certonly --webroot) and run: abssctl tls install NAME --cert F --key F")
+    return "self-signed"
 
 
 def _write_key_and_cert(ctx: Context, tdir: str, key_data: bytes, cert_data: bytes) -> None:
@@ -4387,6 +5046,9 @@ class CreateRequest:
 def _tls_entry(ctx: Context, req: CreateRequest) -> dict[str, Any]:
     if req.tls == "system":
         return check_system_tls(ctx)
+    if req.tls == "letsencrypt":
+        lineage = letsencrypt_lineage(ctx, req.domain)
+        return {"source": "letsencrypt", "cert": lineage["cert"], "key": lineage["key"], "chain": None}
     tp = _tls_paths(ctx, req.name)
     return {"source": req.tls, "cert": tp["cert"], "key": tp["key"], "chain": None}
 
@@ -4427,6 +5089,8 @@ def _validate_create(ctx: Context, name: str, domain: str | None, port: int | No
     version = resolve_binding(ctx, versions, binding)
     _version_entry(ctx, versions, version)
     tls = tls or ctx.config.get("tls", "default_source")
+    if tls == "auto" and not (cert or key):
+        tls = choose_auto_tls(ctx, domain)
     if tls == "custom":
         if not (cert and key):
             raise UsageError("--tls custom needs --cert FILE and --key FILE",
@@ -4437,7 +5101,7 @@ def _validate_create(ctx: Context, name: str, domain: str | None, port: int | No
     elif tls == "self-signed" and not ctx.runner.available("openssl"):
         raise MissingTool("openssl is not installed (needed for --tls self-signed)", hint=INSTALL_HINTS["openssl"])
     elif tls == "system":
-        check_system_tls(ctx)
+        check_system_tls(ctx, domain)
     _host_checks(ctx)
     return CreateRequest(name, domain, port, binding, version, tls, cert, key, chain, start), None
 
@@ -4583,7 +5247,18 @@ def op_instance_create(ctx: Context, name: str, *, domain: str | None, port: int
     return run_mutation(ctx, Mutation(title=f"create {name}", build=build, finish=finish, global_mode="exclusive",
                                       instances=[name], target={"kind": "instance", "name": name},
                                       args={"name": name, "domain": req.domain, "port": req.port,
-                                            "version": version, "tls": req.tls, "start": start}))
+                                            "version": version, "tls": req.tls, "start": start},
+                                      outcome=lambda x: _created_outcome(x["instance"])))
+
+
+def _created_outcome(inst: Mapping[str, Any]) -> list[str]:
+    name, url = inst.get("name"), inst.get("url")
+    running = inst.get("health") == "UP"
+    lines = [f"created {name}: {url} (port {inst.get('port')}, version {inst.get('resolved_version')}, "
+             f"TLS {(inst.get('tls') or {}).get('source')}, {'running' if running else 'not started'})"]
+    lines.append(f"next: open {url} and set the server password" if running
+                 else f"next: abssctl instance start {name}")
+    return lines
 
 
 def _instance_summary(ctx: Context, entry: Mapping[str, Any], gate: Mapping[str, Any]) -> dict[str, Any]:
@@ -4623,7 +5298,7 @@ def _create_steps(ctx: Context, plan: Plan, req: CreateRequest, gate: dict[str, 
     plan.add("config.write", f"write {paths['config']}", paths["config"],
              lambda: atomic_write(paths["config"], server_config(paths["root"], req.port), mode=0o640, gid=gid,
                                   tag=ctx.op_id), UndoAction("remove_path", path=paths["config"]))
-    if req.tls != "system":
+    if req.tls not in ("system", "letsencrypt"):          # those files are served where they are
         tdir = _tls_paths(ctx, name)["dir"]
         if req.tls == "self-signed":
             do_tls = lambda: make_self_signed(ctx, name, req.domain, 825)  # noqa: E731
@@ -4745,10 +5420,15 @@ def op_instance_lifecycle(ctx: Context, name: str, verb: str) -> Result:
             _registry_step(ctx, plan, Instances(ctx).registry, name, updated, f"record {name} {verb}ed")
         return plan
 
+    done = {"start": "started", "stop": "stopped", "restart": "restarted", "enable": "enabled",
+            "disable": "disabled"}.get(verb, verb)
     return run_mutation(ctx, Mutation(title=f"{verb} {name}", build=build, instances=[name],
                                       target={"kind": "instance", "name": name}, args={"name": name},
                                       finish=lambda _p: {"instance": _instance_summary(
-                                          ctx, Instances(ctx).get(name), gate)}))
+                                          ctx, Instances(ctx).get(name), gate)},
+                                      outcome=lambda x: [f"{name} {done}" + (
+                                          f"; /health is {x['instance']['health']}" if x["instance"].get("health")
+                                          else "") + f" (abssctl instance status {name} shows it)"]))
 
 
 def op_instance_status(ctx: Context, name: str | None) -> Result:
@@ -4831,7 +5511,7 @@ def op_instance_reset_password(ctx: Context, name: str) -> Result:
     vers = _version_entry(ctx, versions, version)
     paths = instance_paths(ctx, name)
     user = ctx.config.get("service", "user")
-    proc = ctx.runner.popen("node", [os.path.join(pkg, vers["bin"]), "--reset-password", "--config",
+    proc = runner_for(ctx, vers).popen("node", [os.path.join(pkg, vers["bin"]), "--reset-password", "--config",
                                      paths["config"]], cwd=pkg, user=None if user == "root" else user,
                             env_extra={"ACTUAL_DATA_DIR": paths["data"], "NODE_ENV": "production"},
                             stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, new_session=False)
@@ -4885,7 +5565,9 @@ def op_instance_set_port(ctx: Context, name: str, port: int) -> Result:
     return run_mutation(ctx, Mutation(title=f"set-port {name}", build=build, instances=[name],
                                       target={"kind": "instance", "name": name}, args={"name": name, "port": port},
                                       finish=lambda _p: {"instance": _instance_summary(
-                                          ctx, Instances(ctx).get(name), gate)}))
+                                          ctx, Instances(ctx).get(name), gate)},
+                                      outcome=lambda x: [f"{name} now listens on 127.0.0.1:{x['instance']['port']}, "
+                                                         f"and nginx proxies {x['instance']['domain']} to it"]))
 
 
 def _tls_files_step(ctx: Context, plan: Plan, name: str, summary: str, do: Callable[[], None]) -> None:
@@ -4935,8 +5617,8 @@ def op_instance_set_domain(ctx: Context, name: str, domain: str) -> Result:
         if tls.get("source") == "self-signed":
             _tls_files_step(ctx, plan, name, f"regenerate the self-signed certificate for {domain}",
                             lambda: make_self_signed(ctx, name, domain, 825))
-        elif tls.get("source") == "custom" and not Tls(ctx.runner).inspect(tls["cert"]).covers(domain):
-            ctx.out.warn(f"the custom certificate of {name} does not cover {domain}; install one that does "
+        elif tls.get("source") in ("custom", "letsencrypt") and not Tls(ctx.runner).inspect(tls["cert"]).covers(domain):
+            ctx.out.warn(f"the {tls['source']} certificate of {name} does not cover {domain}; install one that does "
                          f"with abssctl tls install {name} --cert F --key F")
         vhost = ctx.paths.vhost_file(name)
         _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, domain, int(entry["port"]), tls)}, {}, (),
@@ -4950,7 +5632,10 @@ def op_instance_set_domain(ctx: Context, name: str, domain: str) -> Result:
                                       target={"kind": "instance", "name": name},
                                       args={"name": name, "domain": domain},
                                       finish=lambda _p: {"instance": _instance_summary(
-                                          ctx, Instances(ctx).get(name), {})}))
+                                          ctx, Instances(ctx).get(name), {})},
+                                      outcome=lambda x: [f"{name} is now served as {x['instance']['url']}",
+                                                         f"next: point {domain}'s DNS at this host, and tell its "
+                                                         "users the new address"]))
 
 
 def _rename_path_step(plan: Plan, step_id: str, src: str, dst: str, summary: str) -> None:
@@ -5032,7 +5717,9 @@ def op_instance_rename(ctx: Context, old: str, new: str) -> Result:
     return run_mutation(ctx, Mutation(title=f"rename {old}", build=build, instances=[old, new],
                                       target={"kind": "instance", "name": old}, args={"old": old, "new": new},
                                       finish=lambda _p: {"instance": _instance_summary(
-                                          ctx, Instances(ctx).get(new), gate)}))
+                                          ctx, Instances(ctx).get(new), gate)},
+                                      outcome=lambda x: [f"renamed {old} to {new} (unit {x['instance']['unit']}, "
+                                                         f"still {x['instance']['url']})"]))
 
 
 def _backup_index_rename_step(ctx: Context, plan: Plan, old: str, new: str) -> None:
@@ -5112,7 +5799,9 @@ def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: 
 
     result = run_mutation(ctx, Mutation(title=f"delete {name}", build=build, instances=[name], confirm=ask,
                                         target={"kind": "instance", "name": name},
-                                        args={"name": name, "purge_data": purge_data, "no_backup": no_backup}))
+                                        args={"name": name, "purge_data": purge_data, "no_backup": no_backup},
+                                        outcome=lambda _x: [f"deleted instance {name}: its unit, vhost and port "
+                                                            "are gone" + (", and its data" if purge_data else "")]))
     if final:
         result.data["backup"] = _backup_output(ctx, final)
         result.text.append(f"final backup: {final['id']}")
@@ -5159,7 +5848,10 @@ def _retls(ctx: Context, name: str, source: str, prepare: Callable[[Plan, dict[s
     Instances(ctx).get(name)
     return run_mutation(ctx, Mutation(title=f"tls {source} {name}", build=build, instances=[name],
                                       target={"kind": "instance", "name": name}, args={"name": name,
-                                                                                      "source": source}))
+                                                                                      "source": source},
+                                      outcome=lambda _x: [f"{name} is now served with the {source} certificate "
+                                                          f"({(Instances(ctx).get(name).get('tls') or {}).get('cert')})",
+                                                          f"check it with: abssctl tls verify {name}"]))
 
 
 def op_tls_install(ctx: Context, name: str, cert: str, key: str, chain: str | None) -> Result:
@@ -5194,35 +5886,130 @@ def op_tls_self_signed(ctx: Context, name: str, days: int) -> Result:
     return result
 
 
+# -- host packages (§11.3) ---------------------------------------------------------------
+
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+# (what abssctl needs, the Debian package that brings it, how to look for it: "command" is a
+# [commands] key resolved by the Runner, "path" a program on PATH, "ca" the CA bundle).
+HOST_PACKAGES: tuple[tuple[str, str, str], ...] = (
+    ("nginx", "nginx-light", "command"), ("npm", "npm", "command"), ("make", "make", "path"),
+    ("g++", "g++", "path"), ("python3", "python3", "path"), ("openssl", "openssl", "command"),
+    ("ca-certificates", "ca-certificates", "ca"), ("zstd", "zstd", "command"),
+    ("node", "nodejs", "command"), ("certbot", "certbot", "path"),
+)
+# Tools needed only in some setups: (ctx, TLS source asked for) -> needed?
+HOST_PACKAGE_WHEN: dict[str, Callable[[Context, str | None], bool]] = {
+    "node": lambda ctx, tls: ctx.config.get("node", "runtime") == "system",
+    "certbot": lambda ctx, tls: tls == "acme",
+}
+APT_TIMEOUTS = {"update": 600.0, "install": 1800.0}
+
+
+def _host_tool_present(ctx: Context, tool: str, how: str) -> bool:
+    import shutil
+    if how == "command":
+        return ctx.runner.available(tool)
+    if how == "ca":
+        return os.path.isfile(CA_BUNDLE) or shutil.which("update-ca-certificates") is not None
+    return shutil.which(tool) is not None
+
+
+def missing_host_packages(ctx: Context, tls: str | None = None) -> list[tuple[str, str]]:
+    """(tool, Debian package) for every tool abssctl needs here and does not find."""
+    return [(tool, pkg) for tool, pkg, how in HOST_PACKAGES
+            if HOST_PACKAGE_WHEN.get(tool, lambda _c, _t: True)(ctx, tls) and not _host_tool_present(ctx, tool, how)]
+
+
+def _apt_get(ctx: Context, verb: str, args: Sequence[str]) -> None:
+    """apt-get VERB ARGS, non-interactive, its lines forwarded as progress (one every 5 s)."""
+    import time
+    started = time.monotonic()
+    last = [started]
+
+    def on_idle(line: str) -> None:
+        now = time.monotonic()
+        if now - last[0] < 5:
+            return
+        last[0] = now
+        ctx.out.progress(f"[{elapsed(now - started)}] apt-get {verb}: {line.strip()[:80] or 'working'}")
+    try:
+        ctx.runner.stream("apt_get", [verb, *args], timeout=APT_TIMEOUTS[verb], on_idle=on_idle, umask=0o022,
+                          env_extra={"DEBIAN_FRONTEND": "noninteractive"})
+    except ProviderError as exc:
+        tail = list(exc.details.get("stderr") or [])
+        raise ProviderError(f"apt-get {verb} failed: {exc.message}",
+                            hint="run apt-get update by hand and check the sources in /etc/apt/sources.list "
+                                 "and /etc/apt/sources.list.d/, then re-run",
+                            details={**exc.details, "why": " | ".join(tail[-3:]) or None}) from None
+
+
+def op_host_packages(ctx: Context, tls: str | None = None) -> Result:
+    """Install the Debian packages abssctl needs and the host lacks, after a prompt (default yes).
+
+    Not a journaled mutation: it runs before init has made the state dirs, and there is nothing to
+    undo (the packages stay installed; a later failure never removes them)."""
+    missing = missing_host_packages(ctx, tls)
+    pkgs = sorted({pkg for _tool, pkg in missing})
+    data: dict[str, Any] = {"packages": {"missing": pkgs, "tools": [tool for tool, _pkg in missing]}}
+    if not missing:
+        return Result(data, [], changed=False)
+    if not ctx.runner.available("apt_get"):
+        raise MissingTool(f"this host lacks {', '.join(t for t, _p in missing)} and has no apt-get to install them",
+                          hint="install these (Debian names) with the host's package manager, then re-run: "
+                               + " ".join(pkgs), details={"packages": pkgs})
+    install = ["-y", "--no-install-recommends", *pkgs]
+    plan = Plan("host packages")
+
+    def run_apt() -> None:
+        _apt_get(ctx, "update", [])
+        _apt_get(ctx, "install", install)
+    plan.add("apt.install", f"install Debian packages: {' '.join(pkgs)} (apt-get update, then apt-get install "
+             f"{' '.join(install)}; not undone: the packages stay installed)", "apt", run_apt)
+    if ctx.dry_run:
+        return Result({**data, "dry_run": True, "plan": plan.as_list()}, plan.text(), changed=False)
+    confirm(ctx, f"Install these Debian packages: {' '.join(pkgs)}?", "[Y] yes   [n] no", default_yes=True)
+    import time
+    step = plan.steps[0]
+    ctx.out.progress(step.summary)
+    t0 = time.monotonic()
+    step.do()
+    record = [{"step": step.id, "status": "done", "ms": int((time.monotonic() - t0) * 1000)}]
+    still = missing_host_packages(ctx, tls)
+    if still:
+        raise MissingTool(f"after apt-get install, still missing: {', '.join(t for t, _p in still)}",
+                          hint="check the [commands] entries for them in the config file, or install "
+                               + " ".join(sorted({p for _t, p in still})) + " by hand",
+                          details={"missing": [t for t, _p in still]})
+    data["packages"]["installed"] = pkgs
+    return Result({**data, "steps": record}, [f"installed Debian packages: {' '.join(pkgs)}"], changed=True)
+
+
 # -- quickstart ------------------------------------------------------------------------
 
-QUICKSTART_TOOLS = (("node", "nodejs"), ("npm", "npm"), ("nginx", "nginx-light"), ("systemctl", "systemd"),
-                    ("openssl", "openssl"))
-
-
-def op_quickstart(ctx: Context, name: str, domain: str, version: str) -> Result:
-    """init, version install --set-current, instance create: each part idempotent, so a re-run resumes."""
-    import shutil
-    missing = [pkg for tool, pkg in QUICKSTART_TOOLS if not ctx.runner.available(tool)]
-    missing += [tool for tool in ("make", "g++", "python3") if shutil.which(tool) is None]
-    if missing:
-        raise MissingTool("quickstart needs tools this host does not have",
-                          hint="apt-get install " + " ".join(sorted(set(missing))))
+def op_quickstart(ctx: Context, name: str, domain: str, version: str, tls: str | None = None) -> Result:
+    """Host packages, init, version install --set-current, instance create: each part idempotent,
+    so a re-run resumes."""
+    if not ctx.runner.available("systemctl"):
+        raise MissingTool("systemctl is not installed", hint=INSTALL_HINTS["systemctl"])
     systemd_hint(ctx)
+    source = tls or ctx.config.get("tls", "default_source")
+    packages = op_host_packages(ctx, source)
     if ctx.dry_run:
-        raise UsageError("quickstart runs several commands, each with its own plan",
-                         hint="dry-run them one by one: init, version install, instance create")
+        follow = [f"abssctl init{' --allow-create-user' if ctx.assume_yes else ''}",
+                  f"abssctl version install {version} --set-current",
+                  f"abssctl instance create {name} --domain {domain} --version current --tls {source}",
+                  f"abssctl instance start {name}"]
+        text = (packages.text if packages.data.get("plan") else ["host packages: nothing to install"]) + \
+            ["then, each with its own plan (dry-run them one by one to see it):"] + [f"  {c}" for c in follow]
+        return Result({"dry_run": True, "plan": packages.data.get("plan", []), "packages": packages.data["packages"],
+                       "then": follow}, text, changed=False)
     parts: dict[str, Any] = {}
     parts["init"] = op_init(ctx, allow_create_user=ctx.assume_yes).changed
     _next_op(ctx)
     installed = op_version_install(ctx, version, set_current=True)
     parts["version"] = installed.data.get("version", {}).get("version")
     _next_op(ctx)
-    tls = None
-    cert = ctx.config.get("tls", "system_cert")
-    if not (os.path.isfile(cert) and os.path.isfile(ctx.config.get("tls", "system_key"))):
-        tls = "self-signed"
-        ctx.out.warn(f"no system certificate at {cert}: using a self-signed one (browsers will warn)")
     created = op_instance_create(ctx, name, domain=domain, port=None, version="current", tls=tls, cert=None,
                                  key=None, chain=None, start=True)
     _next_op(ctx)
@@ -5230,10 +6017,14 @@ def op_quickstart(ctx: Context, name: str, domain: str, version: str) -> Result:
     inst = dict(created.data.get("instance", {}), health=(started.data.get("instance") or {}).get("health")
                 or created.data.get("instance", {}).get("health"))
     url = inst.get("url")
-    text = [f"{name} is up: {url}", f"next: open {url} and set the server password",
-            f"      abssctl instance status {name} shows its health"]
-    return Result({"instance": inst, "version": parts["version"], "init_changed": parts["init"], "url": url},
-                  text, changed=bool(parts["init"] or installed.changed or created.changed or started.changed))
+    text = packages.text + [f"{name} is up: {url} (TLS: {(inst.get('tls') or {}).get('source')})",
+                            f"next: open {url} and set the server password",
+                            f"      abssctl instance status {name} shows its health; abssctl backup create {name} "
+                            "takes a backup"]
+    return Result({"instance": inst, "version": parts["version"], "init_changed": parts["init"], "url": url,
+                   "packages": packages.data["packages"]}, text,
+                  changed=bool(packages.changed or parts["init"] or installed.changed or created.changed
+                               or started.changed))
 
 
 def _next_op(ctx: Context) -> None:
@@ -5963,7 +6754,9 @@ def op_backup_prune(ctx: Context, instance: str | None, *, keep: int | None, old
 
     return run_mutation(ctx, Mutation(title="prune", build=build, global_mode="exclusive", confirm=ask,
                                       target={"kind": "backups", "name": instance},
-                                      args={"instance": instance, "keep": keep, "older_than": older_than}))
+                                      args={"instance": instance, "keep": keep, "older_than": older_than},
+                                      outcome=lambda _x: [f"pruned old backups in {ctx.paths.backup_root}; "
+                                                          "abssctl backup list shows what is kept"]))
 
 
 def _parse_ts(text: str) -> float:
@@ -6021,7 +6814,9 @@ def op_backup_reconcile(ctx: Context, *, apply_changes: bool) -> Result:
         return plan
 
     result = run_mutation(ctx, Mutation(title="reconcile", build=build, global_mode="exclusive",
-                                        target={"kind": "backups"}, args={"apply": True}))
+                                        target={"kind": "backups"}, args={"apply": True},
+                                        outcome=lambda _x: [f"the backup index {ctx.paths.backup_index} now matches "
+                                                            "the files; abssctl backup list shows it"]))
     result.data.update(report)
     return result
 
@@ -6185,7 +6980,11 @@ def op_backup_restore(ctx: Context, backup_id: str, *, instance: str | None, pre
     result = run_mutation(ctx, Mutation(title=f"restore {target}", build=build, instances=[target], confirm=ask,
                                         target={"kind": "instance", "name": target},
                                         args={"backup_id": backup_id, "instance": target,
-                                              "pre_backup": pre_backup}))
+                                              "pre_backup": pre_backup},
+                                        outcome=lambda _x: [f"restored {backup_id} into {target}" + (
+                                            f"; /health is {gate['health']}" if gate.get("health") else "")
+                                            + (f" (the data before it is backup {made['id']})" if made.get("id")
+                                               else "")]))
     aside = os.path.join(root, f"data.pre-restore-{ctx.op_id}")
     result.data["restore"] = {"backup_id": backup_id, "instance": target, "health": gate.get("health"),
                               "pre_restore_backup": made.get("id"),
@@ -6349,7 +7148,7 @@ def op_version_switch(ctx: Context, version: str, *, restart: str, backup: bool,
     entry = versions.doc["versions"][version]
     if entry.get("engines_ok") is False:
         ctx.out.warn(_engines_sentence(versions.package, version, str(entry.get("engines_node")),
-                                       Node(ctx.runner).info()))
+                                       Node(runner_for(ctx, entry)).info()))
     tracker = UpgradeTracker(followers)
     old = versions.current
     m = Mutation(title=f"switch to {version}", build=lambda: Plan(""), global_mode="exclusive",
@@ -6608,10 +7407,13 @@ def _ok(pid: str, target: str | None, message: str, **kw: Any) -> Finding:
 @probe("env")
 def probe_env_tools(ctx: Context, facts: Facts) -> list[Finding]:
     out = [_ok("env.python", None, f"python {sys.version.split()[0]}")]
+    managed = managed_runtime(ctx.config)
     for tool, status in (("node", "fail"), ("nginx", "fail"), ("systemctl", "fail"), ("npm", "warn"),
                          ("openssl", "warn"), ("journalctl", "warn"), ("zstd", "warn")):
         if ctx.runner.available(tool):
             out.append(_ok("env.tool", tool, f"{tool} is installed"))
+        elif tool == "node" and managed:
+            out.append(_ok("env.tool", tool, 'no system node (not needed: [node] runtime = "managed")'))
         else:
             note = " (backups fall back to gzip)" if tool == "zstd" else ""
             out.append(Finding("env.tool", tool, status, f"{tool} is not installed{note}",
@@ -6619,9 +7421,51 @@ def probe_env_tools(ctx: Context, facts: Facts) -> list[Finding]:
     return out
 
 
+@probe("env", timeout=30)
+def probe_env_runtimes(ctx: Context, facts: Facts) -> list[Finding]:
+    """Each version's managed runtime exists, runs and has the ABI its native modules were built for;
+    runtimes no version uses are reported (DESIGN §11.1)."""
+    versions = facts.versions_doc.get("versions", {})
+    try:
+        runtimes = ctx.registry("runtimes").load()["runtimes"]
+    except AbssctlError as exc:
+        return [Finding("env.runtime", None, "fail", exc.message, hint=exc.hint)]
+    out: list[Finding] = []
+    for ver, entry in sorted(versions.items()):
+        rt_dir = runtime_of(ctx, entry)
+        if rt_dir is None:
+            continue
+        rid = str(entry["runtime"])
+        recorded = (entry.get("node") or {}).get("abi")
+        again = f"abssctl version uninstall {ver}, then abssctl version install {ver} (it fetches {rid} again)"
+        if not os.path.isfile(os.path.join(rt_dir, "bin", "node")):
+            out.append(Finding("env.runtime", ver, "fail", f"{ver} runs on {rid}, but {rt_dir} is missing",
+                               hint=again))
+            continue
+        try:
+            node = Node(runner_for(ctx, entry)).info()
+        except AbssctlError as exc:
+            out.append(Finding("env.runtime", ver, "fail", f"{rid}/bin/node does not run: {exc.message}",
+                               hint=again))
+            continue
+        if recorded and recorded != node.abi:
+            out.append(Finding("env.runtime", ver, "fail", f"{ver} was built for node ABI {recorded}; {rid} "
+                               f"reports ABI {node.abi}", hint=again))
+        else:
+            out.append(_ok("env.runtime", ver, f"{ver} runs on {rid} ({node.version}, ABI {node.abi})"))
+    used = {str(e.get("runtime")) for e in versions.values() if isinstance(e, dict) and e.get("runtime")}
+    for rid in sorted(set(runtimes) - used):
+        out.append(Finding("env.runtime-unused", rid, "warn", f"runtime {rid} is used by no installed version",
+                           hint="it is removed with the last version that used it; delete "
+                                f"{os.path.join(ctx.paths.runtime_root, rid)} and its runtimes.json entry "
+                                "by hand if it is left over"))
+    return out
+
+
 @probe("env", timeout=15)
 def probe_env_node_abi(ctx: Context, facts: Facts) -> list[Finding]:
-    versions = facts.versions_doc.get("versions", {})
+    versions = {v: e for v, e in facts.versions_doc.get("versions", {}).items()
+                if not (isinstance(e, dict) and e.get("runtime"))}     # managed ones: probe_env_runtimes
     if not versions or not ctx.runner.available("node"):
         return []
     try:
@@ -7105,9 +7949,10 @@ def probe_nginx_live(ctx: Context, facts: Facts) -> list[Finding]:
         domain = str(facts.instances[name].get("domain"))
         if facts.units.get(unit_name(name), {}).get("ActiveState") != "active":
             return []
-        served, heads = _through_nginx(facts.tls_client, https, domain, "/health")
+        # "/" (the web app) is where the server sends COOP and COEP; /health and /info carry neither.
+        served, heads = _through_nginx(facts.tls_client, https, domain, "/")
         counts = {h: heads.count(h) for h in wanted}
-        where = f"https://{domain}/health through nginx on 127.0.0.1:{https}"
+        where = f"https://{domain}/ through nginx on 127.0.0.1:{https}"
         if served is None or not heads:
             return [Finding("nginx.live", name, "warn", f"{where} did not answer within 4 s")]
         if max(counts.values()) > 1:
@@ -7439,13 +8284,24 @@ def _tool_versions(ctx: Context) -> str:
         lines.append("BUILD-INFO " + _read_resource("BUILD-INFO.json").decode())
     except OSError:
         lines.append("BUILD-INFO: (running from source)")
-    for tool, args in (("node", ["--version"]), ("npm", ["--version"]), ("nginx", ["-v"]), ("openssl", ["version"]),
-                       ("zstd", ["--version"])):
-        if ctx.runner.available(tool):
-            done = ctx.runner.run(tool, args, mutating=False, check=False)
-            lines.append(f"{tool}: {(done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr).strip() else '?'}")
-        else:
-            lines.append(f"{tool}: not installed")
+    runners = [("", ctx.runner)]
+    try:
+        for rid in sorted(installed_runtimes(ctx)):
+            runners.append((f"{rid} ", ctx.runner.with_commands(
+                **runtime_commands(os.path.join(ctx.paths.runtime_root, rid)))))
+    except AbssctlError:
+        pass
+    for label, runner in runners:
+        for tool, args in (("node", ["--version"]), ("npm", ["--version"]), ("nginx", ["-v"]),
+                           ("openssl", ["version"]), ("zstd", ["--version"])):
+            if label and tool not in ("node", "npm"):
+                continue
+            if runner.available(tool):
+                done = runner.run(tool, args, mutating=False, check=False)
+                text = (done.stdout or done.stderr).strip()
+                lines.append(f"{label}{tool}: {text.splitlines()[0] if text else '?'}")
+            else:
+                lines.append(f"{label}{tool}: not installed")
     try:
         lines.append(open("/etc/os-release", encoding="utf-8").read())
     except OSError:
@@ -7695,7 +8551,18 @@ def cmd_init(ctx: Context, args: argparse.Namespace) -> Result:
         return op_init_rebuild(ctx)
     if args.discover:
         return op_init_discover(ctx)
-    return op_init(ctx, allow_create_user=args.allow_create_user)
+    if not args.install_packages:
+        return op_init(ctx, allow_create_user=args.allow_create_user)
+    packages = op_host_packages(ctx)
+    result = op_init(ctx, allow_create_user=args.allow_create_user)
+    result.data["packages"] = packages.data["packages"]
+    if ctx.dry_run:
+        result.data["plan"] = packages.data.get("plan", []) + result.data.get("plan", [])
+    else:
+        result.data["steps"] = packages.data.get("steps", []) + result.data.get("steps", [])
+    result.text = packages.text + result.text
+    result.changed = bool(packages.changed or result.changed)
+    return result
 
 
 def cmd_doctor(ctx: Context, args: argparse.Namespace) -> Result:
@@ -7828,7 +8695,7 @@ def cmd_tls_self_signed(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def cmd_quickstart(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_quickstart(ctx, args.name, args.domain, args.version)
+    return op_quickstart(ctx, args.name, args.domain, args.version, args.tls)
 
 
 def cmd_instance_list(ctx: Context, args: argparse.Namespace) -> Result:
@@ -7847,25 +8714,55 @@ def cmd_version_check_updates(ctx: Context, args: argparse.Namespace) -> Result:
     return op_version_check_updates(ctx)
 
 
+def _with_outcome(ctx: Context, result: Result, lines: Callable[[dict[str, Any]], list[str]]) -> Result:
+    """After a change (not a dry run), end with what changed, where, and what to do next."""
+    if result.changed and not ctx.dry_run:
+        result.text = lines(result.data)
+    return result
+
+
+def _installed_outcome(data: dict[str, Any]) -> list[str]:
+    v = data.get("version") or {}
+    lines = [f"installed server version {v.get('version')} in {v.get('path')}"
+             + (", now current" if v.get("current") else "")]
+    lines.append("next: abssctl instance create NAME --domain FQDN" if v.get("current")
+                 else f"next: abssctl version switch {v.get('version')} (or instance set-version NAME "
+                      f"{v.get('version')})")
+    return lines
+
+
+def _moved_outcome(data: dict[str, Any]) -> list[str]:
+    rows = data.get("instances") or []
+    moved = ", ".join(f"{r['name']} ({r['outcome']})" for r in rows if r.get("outcome") != "untouched")
+    inst = data.get("instance") or {}
+    head = f"current is now {data['current']} (was {data.get('previous')})" if "current" in data \
+        else f"{inst.get('name')} now runs {inst.get('resolved_version')} (bound to {inst.get('version')})"
+    return [head + (f"; instances: {moved}" if moved else ""),
+            "abssctl instance status shows their health; the pre-switch backups are in abssctl backup list"]
+
+
 def cmd_version_install(ctx: Context, args: argparse.Namespace) -> Result:
     if args.from_bundle:
-        return op_version_import(ctx, args.from_bundle, expect_version=None if args.version == "latest"
-                                 else args.version, set_current=args.set_current)
-    return op_version_install(ctx, args.version, set_current=args.set_current)
+        return _with_outcome(ctx, op_version_import(ctx, args.from_bundle, expect_version=None
+                                                    if args.version == "latest" else args.version,
+                                                    set_current=args.set_current), _installed_outcome)
+    return _with_outcome(ctx, op_version_install(ctx, args.version, set_current=args.set_current,
+                                                 refresh_runtime=args.refresh_runtime), _installed_outcome)
 
 
 def cmd_version_switch(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_version_switch(ctx, args.version, restart=args.restart, backup=not args.no_backup,
-                             message=args.backup_message)
+    return _with_outcome(ctx, op_version_switch(ctx, args.version, restart=args.restart, backup=not args.no_backup,
+                                                message=args.backup_message), _moved_outcome)
 
 
 def cmd_instance_set_version(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_instance_set_version(ctx, args.name, args.binding, backup=not args.no_backup,
-                                   message=args.backup_message)
+    return _with_outcome(ctx, op_instance_set_version(ctx, args.name, args.binding, backup=not args.no_backup,
+                                                      message=args.backup_message), _moved_outcome)
 
 
 def cmd_version_uninstall(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_version_uninstall(ctx, args.version)
+    return _with_outcome(ctx, op_version_uninstall(ctx, args.version), lambda _d: [
+        f"uninstalled server version {args.version}; abssctl version install {args.version} brings it back"])
 
 
 def cmd_version_export(ctx: Context, args: argparse.Namespace) -> Result:
@@ -7873,7 +8770,7 @@ def cmd_version_export(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def cmd_version_import(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_version_import(ctx, args.file, set_current=args.set_current)
+    return _with_outcome(ctx, op_version_import(ctx, args.file, set_current=args.set_current), _installed_outcome)
 
 
 def cmd_completion(ctx: Context, args: argparse.Namespace) -> Result:
@@ -7997,6 +8894,8 @@ def _add_init_parser(groups: argparse._SubParsersAction) -> None:
                    help="report abssctl units, vhosts, instance dirs and versions the registries do not know")
     p.add_argument("--rebuild-state", action="store_true",
                    help="rewrite the registries from what --discover finds (the old ones are copied aside)")
+    p.add_argument("--install-packages", action="store_true",
+                   help="first install the Debian packages abssctl needs and the host lacks (apt-get; prompts)")
     p.set_defaults(writes_config=True)     # init writes a missing config file, even one named by --config
 
 
@@ -8048,8 +8947,9 @@ def _add_instance_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--version", dest="binding", default="current",
                    type=_argtype(lambda v: v if v == "current" else validate_version(v, allow_latest=False)),
                    help="current (default) or an installed exact version")
-    p.add_argument("--tls", choices=("system", "self-signed", "custom"), help="certificate source "
-                   "(default [tls] default_source)")
+    p.add_argument("--tls", choices=("auto", "system", "self-signed", "custom"), help="certificate source "
+                   "(default [tls] default_source; auto: a certbot lineage, else the system pair when it "
+                   "covers the domain, else self-signed)")
     p.add_argument("--cert", metavar="FILE", help="with --tls custom: the certificate")
     p.add_argument("--key", metavar="FILE", help="with --tls custom: its key")
     p.add_argument("--chain", metavar="FILE", help="with --tls custom: intermediate certificates")
@@ -8183,12 +9083,15 @@ def _add_tls_parser(groups: argparse._SubParsersAction) -> None:
 
 
 def _add_quickstart_parser(groups: argparse._SubParsersAction) -> None:
-    p = _single(groups, "quickstart", "init, install a version and bring up a first instance",
+    p = _single(groups, "quickstart", "install missing Debian packages, init, install a version and bring up a "
+                "first instance",
                 cmd_quickstart, "abssctl quickstart alice --domain alice.budget.example.org --yes",
                 mutating=True)
     p.add_argument("name", type=_argtype(validate_name), help="instance name")
     p.add_argument("--domain", type=_argtype(validate_fqdn), required=True, help="its FQDN")
     p.add_argument("--version", default="latest", type=_argtype(validate_version), help="default: latest")
+    p.add_argument("--tls", choices=("auto", "system", "self-signed"),
+                   help="certificate source (default [tls] default_source)")
 
 
 def _exact_version(value: str) -> str:
@@ -8210,6 +9113,8 @@ def _add_version_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--set-current", action="store_true",
                    help="point current at it (only while no instance follows current)")
     p.add_argument("--from-bundle", metavar="FILE", help="install from an export bundle (no registry)")
+    p.add_argument("--refresh-runtime", action="store_true",
+                   help="fetch the newest node of the chosen major even if an older one is installed")
     p = _verb(verbs, "switch", "point current at VER and move its instances: cold backup, restart, health "
               "gate, rollback with data", cmd_version_switch, "abssctl version switch 26.9.0",
               "abssctl version switch 26.9.0 --restart none", mutating=True)

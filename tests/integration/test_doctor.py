@@ -368,10 +368,11 @@ def break_coop_in_include(h) -> Case:
         "add_header Cross-Origin-Opener-Policy same-origin;\n")      # http level: inherited by our servers
     reload_nginx(h)
     deadline = time.monotonic() + 10
-    while len(https_request(h, "bob")[1].get("cross-origin-opener-policy", [])) != 2 \
+    while len(https_request(h, "bob", path="/")[1].get("cross-origin-opener-policy", [])) != 2 \
             and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert len(https_request(h, "bob")[1].get("cross-origin-opener-policy", [])) == 2   # doubled for real
+    # doubled for real on "/", where the server sends its own (it sends none on /health)
+    assert len(https_request(h, "bob", path="/")[1].get("cross-origin-opener-policy", [])) == 2
     return "nginx.coop", "bob", "fail", 4, False, None
 
 
@@ -878,3 +879,24 @@ def test_a_config_that_does_not_parse_is_bad_input(two) -> None:
     got = h.run("--json", "doctor")
     assert got.rc == 2 and got.doc["error"]["kind"] in ("UsageError", "ConfigError"), got
     assert str(h.config) in got.doc["error"]["message"] + json.dumps(got.doc["error"].get("details")), got
+
+
+# -- a healthy host, as quickstart leaves it ---------------------------------------------------
+
+def test_one_healthy_instance_warns_only_about_backups_and_self_signed(abssctl_host) -> None:
+    """instance create with the default TLS (auto: no lineage, no system pair here, so self-signed)
+    and no backup yet: the only warnings doctor may give are the backup age and the self-signed
+    certificate; nginx.live sees one COOP and one COEP on / through the real nginx."""
+    h = abssctl_host
+    h.ok("instance", "create", "alice", "--domain", domain("alice"))
+    assert instance(h, "alice")["tls"]["source"] == "self-signed"
+    got = doctor(h)
+    assert got.rc == 0 and got.doc["summary"]["fail"] == 0, not_ok(got.doc)
+    others = [p for p in not_ok(got.doc) if p[0] == "warn" and not p[1].startswith("backups.")
+              and "self-signed" not in p[3]]
+    assert others == [], others
+    assert [(p["status"], p["data"]) for p in findings(got.doc, "nginx.live", "alice")] == \
+        [("ok", {"cross-origin-opener-policy": 1, "cross-origin-embedder-policy": 1})]
+    root = https_request(h, "alice", path="/")[1]
+    assert root.get("cross-origin-opener-policy") == ["same-origin"], root
+    assert "cross-origin-opener-policy" not in https_request(h, "alice", path="/health")[1]

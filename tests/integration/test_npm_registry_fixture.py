@@ -309,8 +309,13 @@ def test_smoke_start_health_info_headers_and_migrate(installs: Installs, launch:
     assert status == 200
     assert body["build"] == {"name": PACKAGE, "version": "1.0.0",
                              "description": "actual syncing server (abssctl test fixture)"}
-    assert headers.get_all("Cross-Origin-Opener-Policy") == ["same-origin"]
-    assert headers.get_all("Cross-Origin-Embedder-Policy") == ["require-corp"]
+    # like the real server: the isolation headers come with the web app on "/", not with /info or /health
+    assert headers.get_all("Cross-Origin-Opener-Policy") is None
+    assert get(port, "/health")[1].get_all("Cross-Origin-Embedder-Policy") is None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
+        assert resp.status == 200 and b"<html" in resp.read()
+        assert resp.headers.get_all("Cross-Origin-Opener-Policy") == ["same-origin"]
+        assert resp.headers.get_all("Cross-Origin-Embedder-Policy") == ["require-corp"]
     status, _, _ = get(port, "/sync/upload-user-file", body=b"\0" * (1 << 20))  # accepted, discarded
     assert status == 404
     assert "Migrations: DONE" in run.output()

