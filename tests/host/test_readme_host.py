@@ -68,6 +68,8 @@ def test_readme_run_command_brings_up_https(readme_host) -> None:
         res = h.guest.run(h.cmd.line, timeout=README_TIMEOUT, cwd="/root/abssctl")
     h.note("README command", f"rc={res.rc} in {res.seconds:.0f} s: {h.cmd.line}")
     assert res.rc == 0, f"the README's run command failed on a fresh Debian 12 host:\n{res.describe()}"
+    apt = [line.strip() for line in res.stderr.splitlines() if "apt-get install" in line]
+    h.note("apt by quickstart", apt[0] if apt else "(no apt-get install line on stderr)")
     listed = h.json("version", "list")
     rows = [r for r in listed["versions"] if r.get("current")]
     h.note("version chosen", str(listed.get("current")))
@@ -106,6 +108,8 @@ def test_doctor_is_clean_but_for_backup_age_and_self_signed(readme_host) -> None
     def allowed(p: dict) -> bool:
         text = f"{p.get('message')} {p.get('hint')}".lower()
         return p["id"] == "backups.age" or (p["category"] == "tls" and "self-signed" in text)
+    h.note("doctor warnings", ", ".join(f"{p['id']} {p['target'] or ''}".strip() for p in probes
+                                        if p["status"] == "warn") or "none")
     unexpected = [p for p in probes if p["status"] not in ("ok", "skip") and not allowed(p)]
     assert not unexpected, "doctor on a fresh quickstart host warns or fails about:\n" + "\n".join(
         f"{p['status']} {p['id']} {p['target']}: {p['message']} (hint: {p['hint']})" for p in unexpected)

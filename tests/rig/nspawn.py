@@ -190,6 +190,20 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_ns(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return ""
+
+
 def _tracked_files(repo: Path) -> list[str]:
     """The checkout's tracked files that exist in the work tree (git ls-files)."""
     proc = subprocess.run(["git", "-C", str(repo), "ls-files", "-z"], capture_output=True, timeout=60)
@@ -332,18 +346,27 @@ class Guest:
             return None
         proc, self.proc = self.proc, None
         if proc.poll() is None:
-            self.run(["systemctl", "poweroff"], timeout=30, check_alive=False)
-            try:
-                return proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-            for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.pid1:                # no PID 1 found yet: nothing to ask, go straight to signals
+                self.run(["systemctl", "poweroff"], timeout=30, check_alive=False)
+                try:
+                    rc = proc.wait(timeout=timeout)
+                    self.pid1 = 0
+                    return rc
+                except subprocess.TimeoutExpired:
+                    pass
+            for sig in (signal.SIGTERM, signal.SIGKILL):   # SIGTERM: nspawn powers the container off
                 if proc.poll() is None:
                     proc.send_signal(sig)
                     try:
                         proc.wait(timeout=30)
                     except subprocess.TimeoutExpired:
                         continue
+            ns = _pid_ns(self.pid1) if self.pid1 else ""
+            if ns and ns != _pid_ns(os.getpid()) and _comm(self.pid1) == "systemd":
+                # nspawn killed: the container's PID 1 (nspawn's child) may live on; killing a PID
+                # namespace's init ends everything in it.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid1, signal.SIGKILL)
             self.pid1 = 0
             return None
         self.pid1 = 0
