@@ -32,7 +32,8 @@ from typing import Any, Iterator
 import pytest
 
 from rig.https_client import HttpsClient
-from rig.nspawn import Guest, GuestResult, ReadmeCommand, ensure_rootfs, ports_held, readme_run_command
+from rig.nspawn import (Guest, GuestResult, ReadmeCommand, ensure_rootfs, ports_held, readme_run_command,
+                        remove_stale_guests)
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("ABSSCTL_TEST_CACHE") or REPO / ".cache" / "abssctl-test")
@@ -149,6 +150,7 @@ def readme_host() -> Iterator[HostTier]:
     # Not under pytest's basetemp: a concurrent pytest run prunes old basetemps, and the copy is big.
     guests = CACHE / "host" / "guests"
     guests.mkdir(parents=True, exist_ok=True)
+    remove_stale_guests(guests)
     guest = Guest(base, Path(tempfile.mkdtemp(prefix="guest-", dir=guests)), REPO)
     tier = HostTier(guest, cmd)
     try:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["DEBOOTSTRAP_ARGS", "Guest", "GuestResult", "ReadmeCommand", "ensure_rootfs", "ports_held",
-           "readme_run_command"]
+           "readme_run_command", "remove_stale_guests"]
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -64,6 +64,8 @@ def ensure_rootfs(cache: Path) -> tuple[Path, float]:
         stamp = rootfs / STAMP
         if stamp.is_file() and stamp.read_text() == _stamp_text():
             return rootfs, 0.0
+        for left in [*base.glob("rootfs.build-*"), *base.glob("rootfs.old-*")]:
+            shutil.rmtree(left, ignore_errors=True)      # an interrupted build's (we hold the lock)
         started = time.monotonic()
         tmp = Path(tempfile.mkdtemp(prefix="rootfs.build-", dir=base))
         os.chmod(tmp, 0o755)             # it becomes the guest's /: mkdtemp's 0700 hangs dbus at boot
@@ -225,6 +227,8 @@ class Guest:
         self.pid1 = 0
         self.boots = 0
         self.log_path = workdir / "nspawn.log"
+        self._lock = open(workdir / ".lock", "w")       # held while this guest lives: see remove_stale_guests
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
 
     # -- preparing the copy -------------------------------------------------------------------
 
@@ -385,11 +389,41 @@ class Guest:
         try:
             self.poweroff()
         finally:
-            mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                      if line.split()[4].startswith(str(self.dir) + "/") or line.split()[4] == str(self.dir)]
+            mounts = _mounts_under(self.dir)
             if mounts:
                 raise RuntimeError(f"not removing {self.dir}: still mounted there: {mounts}")
             shutil.rmtree(self.dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 shutil.copyfile(self.log_path, self.workdir.parent / "last-nspawn.log")
             shutil.rmtree(self.workdir, ignore_errors=True)
+            self._lock.close()
+
+
+def _mounts_under(path: Path) -> list[str]:
+    rows = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return [m for m in rows if m == str(path) or m.startswith(str(path) + "/")]
+
+
+def remove_stale_guests(guests: Path, min_age: float = 600.0) -> list[Path]:
+    """Remove the workdirs under GUESTS that no living Guest holds (a run killed before its teardown
+    leaves a rootfs copy of a gigabyte or more): their lock is free, nothing is mounted there, and a
+    dir without a lock file is older than MIN_AGE (it may be one being set up right now)."""
+    removed = []
+    for work in sorted(guests.glob("guest-*")):
+        lock_path = work / ".lock"
+        if not lock_path.exists():
+            if time.time() - work.stat().st_mtime < min_age:
+                continue
+            if not _mounts_under(work):
+                shutil.rmtree(work, ignore_errors=True)
+                removed.append(work)
+            continue
+        with open(lock_path) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue                                  # a living guest's
+            if not _mounts_under(work):
+                shutil.rmtree(work, ignore_errors=True)
+                removed.append(work)
+    return removed

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rig.nspawn import ports_held, readme_run_command
+from rig.nspawn import Guest, ports_held, readme_run_command, remove_stale_guests
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,3 +62,19 @@ def test_ports_held_names_the_holder() -> None:
         held = ports_held((port,))
         assert held.get(port, "").startswith(f"pid {os.getpid()} "), held
     assert port not in ports_held((port,))
+
+
+def test_remove_stale_guests_keeps_living_and_fresh_ones(tmp_path: Path) -> None:
+    guests = tmp_path / "guests"
+    (guests / "guest-live").mkdir(parents=True)
+    live = Guest(tmp_path / "no-rootfs", guests / "guest-live", REPO)     # holds guest-live/.lock
+    (guests / "guest-dead" / "abssctl-host" / "etc").mkdir(parents=True)
+    (guests / "guest-dead" / ".lock").write_text("")
+    (guests / "guest-new").mkdir()
+    (guests / "guest-old").mkdir()
+    os.utime(guests / "guest-old", (1, 1))
+    removed = remove_stale_guests(guests)
+    assert sorted(p.name for p in removed) == ["guest-dead", "guest-old"]
+    assert sorted(p.name for p in guests.iterdir()) == ["guest-live", "guest-new"]
+    live.destroy()                                                       # never booted: just removes
+    assert sorted(p.name for p in guests.iterdir()) == ["guest-new"]
