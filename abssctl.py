@@ -5888,8 +5888,6 @@ def op_tls_self_signed(ctx: Context, name: str, days: int) -> Result:
 
 # -- host packages (§11.3) ---------------------------------------------------------------
 
-CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-
 # (what abssctl needs, the Debian package that brings it, how to look for it: "command" is a
 # [commands] key resolved by the Runner, "path" a program on PATH, "ca" the CA bundle).
 HOST_PACKAGES: tuple[tuple[str, str, str], ...] = (

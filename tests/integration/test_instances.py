@@ -55,7 +55,10 @@ def test_create_serves_https_through_nginx(abssctl_host) -> None:
     assert eventually_status(h, "alice.example.test", "/health") == 200
     status, headers, body = https_get(h, "alice.example.test", "/health")
     assert status == 200 and json.loads(body) == {"status": "UP"}
+    status, headers, _body = https_get(h, "alice.example.test", "/")   # the server sends them on /
+    assert status == 200
     assert len(headers.get("cross-origin-opener-policy", [])) == 1
+    assert len(headers.get("cross-origin-embedder-policy", [])) == 1
     root = h.paths["instance_root"] / "alice"
     assert (root.stat().st_mode & 0o777, (root / "data").stat().st_mode & 0o777) == (0o750, 0o750)
     assert (root / "config.json").stat().st_mode & 0o777 == 0o640
