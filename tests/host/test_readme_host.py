@@ -23,7 +23,8 @@ import os
 import time
 import uuid
 
-from rig.e2e_host import HttpReply, bootstrap_and_login, download_user_file, login, upload_user_file, user_files
+from rig.e2e_host import bootstrap_and_login, download_user_file, login, upload_user_file, user_files
+from rig.https_client import HttpReply
 
 OTHER_VERSION = "26.8.1"
 SECOND = ("two", "two.example.org")

@@ -28,19 +28,17 @@ through that nginx, shared by the E2E modules: ``healthy``, ``bootstrap_and_logi
 """
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
-import socket
 import ssl
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from rig.e2e import V25, V26, BuiltVersions, CliResult, E2ESandbox, NodeRuntime, PhaseTimings
+from rig.https_client import HttpReply, HttpsClient
 from rig.nginx_sandbox import NginxSandbox, free_port
 from rig.nginx_sandbox import NGINX
 from rig.systemd_sandbox import SystemdSandbox, systemctl_script
@@ -48,24 +46,6 @@ from rig.systemd_sandbox import SystemdSandbox, systemctl_script
 __all__ = ["E2EHost", "HttpReply", "bootstrap_and_login", "download_user_file", "e2e_host", "healthy",
            "login", "login_refused", "upload_headers", "upload_user_file", "user_files"]
 
-HTTP_TIMEOUT = 30.0
-
-
-@dataclass
-class HttpReply:
-    status: int
-    headers: dict[str, list[str]]      # lower-cased names, every value kept (repeats count)
-    body: bytes
-    error: str = ""                     # an OSError while sending, when the reply came anyway
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.body)
-        except ValueError:
-            return None
-
-    def describe(self) -> str:
-        return f"HTTP {self.status} {self.headers} {self.body[:600]!r} {self.error}"
 
 
 class E2EHost(E2ESandbox):
@@ -75,6 +55,7 @@ class E2EHost(E2ESandbox):
                  systemd: SystemdSandbox) -> None:
         super().__init__(root, node, None, cache)
         self.nginx = nginx
+        self.client = HttpsClient("127.0.0.1", nginx.https_port)
         self.systemd = systemd
         self.paths.update(systemd_unit_dir=systemd.unit_dir,
                           nginx_sites_available=nginx.sites_available,
@@ -111,64 +92,25 @@ class E2EHost(E2ESandbox):
         proc = self.nginx.test()
         return "" if proc.returncode == 0 else f"nginx -t rc={proc.returncode}: {proc.stderr}"
 
-    # -- HTTP through the sandbox nginx --------------------------------------------------------
+    # -- HTTP through the sandbox nginx (an HttpsClient for 127.0.0.1:https_port) ----------------
 
     def https(self, domain: str, path: str, method: str = "GET", body: bytes | None = None,
-              headers: dict[str, str] | None = None, timeout: float = HTTP_TIMEOUT) -> HttpReply:
+              headers: dict[str, str] | None = None) -> HttpReply:
         """One request to 127.0.0.1:https_port with SNI and Host = DOMAIN (the cert is not checked)."""
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        raw = socket.create_connection(("127.0.0.1", self.nginx.https_port), timeout=timeout)
-        with ctx.wrap_socket(raw, server_hostname=domain) as tls:
-            conn = http.client.HTTPConnection(domain, timeout=timeout)
-            conn.sock = tls
-            sent_error = ""
-            try:
-                conn.request(method, path, body=body, headers={"Host": domain, **(headers or {})})
-            except OSError as exc:      # an early reply (a 413, say) can cut the upload short
-                sent_error = f"while sending: {exc!r}"
-            resp = conn.getresponse()
-            got: dict[str, list[str]] = {}
-            for key, value in resp.getheaders():
-                got.setdefault(key.lower(), []).append(value)
-            return HttpReply(resp.status, got, resp.read(), sent_error)
+        return self.client.https(domain, path, method, body, headers)
 
     def https_json(self, domain: str, path: str, payload: Any = None, token: str | None = None,
                    headers: dict[str, str] | None = None) -> HttpReply:
         """GET (payload None) or POST a JSON payload, with x-actual-token when given."""
-        extra = dict(headers or {})
-        if token:
-            extra["x-actual-token"] = token
-        if payload is None:
-            return self.https(domain, path, headers=extra)
-        extra["Content-Type"] = "application/json"
-        return self.https(domain, path, "POST", json.dumps(payload).encode(), extra)
+        return self.client.https_json(domain, path, payload, token, headers)
 
     def eventually(self, probe: Callable[[], HttpReply], want: Callable[[HttpReply], bool],
                    seconds: float = 20.0) -> HttpReply | str:
-        """Poll PROBE until WANT holds (nginx -s reload returns before new workers serve)."""
-        deadline = time.monotonic() + seconds
-        last: HttpReply | str = "never answered"
-        while True:
-            try:
-                last = probe()
-                if want(last):
-                    return last
-            except OSError as exc:
-                last = f"{exc!r}"
-            if time.monotonic() > deadline:
-                return last
-            time.sleep(0.2)
+        return self.client.eventually(probe, want, seconds)
 
-    def served_cert(self, domain: str, timeout: float = HTTP_TIMEOUT) -> bytes:
+    def served_cert(self, domain: str) -> bytes:
         """DER of the certificate nginx presents for SNI DOMAIN: it tells which vhost answers."""
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        raw = socket.create_connection(("127.0.0.1", self.nginx.https_port), timeout=timeout)
-        with ctx.wrap_socket(raw, server_hostname=domain) as tls:
-            return tls.getpeercert(binary_form=True) or b""
+        return self.client.served_cert(domain)
 
     def wait_vhost(self, name: str, domain: str, seconds: float = 20.0, times: int = 3) -> None:
         """Wait (bounded) until nginx answers DOMAIN with NAME's certificate, TIMES connections in a
@@ -194,8 +136,7 @@ class E2EHost(E2ESandbox):
 
     def health(self, domain: str) -> HttpReply | str:
         """GET /health through nginx until it says UP (bounded); returns the last reply."""
-        return self.eventually(lambda: self.https(domain, "/health"),
-                               lambda r: r.status == 200 and r.json() == {"status": "UP"})
+        return self.client.health(domain)
 
 
 # -- the server's API through nginx (assertions shared by the E2E modules) --------------------------

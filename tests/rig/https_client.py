@@ -4,9 +4,9 @@ like ``curl -k --resolve DOMAIN:PORT:HOST``. The certificate is not verified (it
 
 It has the ``https``/``https_json`` methods the server-API helpers of tests/rig/e2e_host.py call
 (``bootstrap_and_login``, ``user_files``, ``upload_user_file``, ``download_user_file``), so they work
-against any nginx, not only the E2E sandbox's: the host tier passes an ``HttpsClient`` for
-127.0.0.1:443 where the E2E tier passes its ``E2EHost``. Only the given host is spoken to (the tiers
-give loopback); every wait is bounded.
+against any nginx: the host tier passes an ``HttpsClient`` for 127.0.0.1:443, the E2E tier its
+``E2EHost``, which speaks through one for its sandbox nginx. Only the given host is spoken to (the
+tiers give loopback); every wait is bounded.
 """
 from __future__ import annotations
 
@@ -16,13 +16,29 @@ import socket
 import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from rig.e2e_host import HttpReply
-
-__all__ = ["HttpsClient"]
+__all__ = ["HttpReply", "HttpsClient"]
 
 HTTP_TIMEOUT = 30.0
+
+
+@dataclass
+class HttpReply:
+    status: int
+    headers: dict[str, list[str]]      # lower-cased names, every value kept (repeats count)
+    body: bytes
+    error: str = ""                     # an OSError while sending, when the reply came anyway
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+    def describe(self) -> str:
+        return f"HTTP {self.status} {self.headers} {self.body[:600]!r} {self.error}"
 
 
 class HttpsClient:
@@ -45,7 +61,7 @@ class HttpsClient:
             sent_error = ""
             try:
                 conn.request(method, path, body=body, headers={"Host": domain, **(headers or {})})
-            except OSError as exc:
+            except OSError as exc:      # an early reply (a 413, say) can cut the upload short
                 sent_error = f"while sending: {exc!r}"
             resp = conn.getresponse()
             got: dict[str, list[str]] = {}
@@ -65,6 +81,7 @@ class HttpsClient:
 
     def eventually(self, probe: Callable[[], HttpReply], want: Callable[[HttpReply], bool],
                    seconds: float = 20.0) -> HttpReply | str:
+        """Poll PROBE until WANT holds (nginx -s reload returns before new workers serve)."""
         deadline = time.monotonic() + seconds
         last: HttpReply | str = "never answered"
         while True:
@@ -76,7 +93,7 @@ class HttpsClient:
                 last = f"{exc!r}"
             if time.monotonic() > deadline:
                 return last
-            time.sleep(0.5)
+            time.sleep(0.2)
 
     def health(self, domain: str, seconds: float = 20.0) -> HttpReply | str:
         """GET /health until it says UP (bounded); the last reply, or why nothing answered."""
