@@ -4002,6 +4002,16 @@ def _installed_output(ctx: Context, installer: Installer | None, version: str) -
     return {"version": dict(now.doc["versions"].get(version) or {}, current=now.current == version)}
 
 
+def _installed_outcome(data: dict[str, Any]) -> list[str]:
+    v = data.get("version") or {}
+    lines = [f"installed server version {v.get('version')} in {v.get('path')}"
+             + (", now current" if v.get("current") else "")]
+    lines.append("next: abssctl instance create NAME --domain FQDN" if v.get("current")
+                 else f"next: abssctl version switch {v.get('version')} (or instance set-version NAME "
+                      f"{v.get('version')})")
+    return lines
+
+
 def op_version_install(ctx: Context, requested: str, *, set_current: bool,
                        refresh_runtime: bool = False) -> Result:
     """Install a server version from npm into its own tree, verified and smoke-started (§4.4.3);
@@ -4031,6 +4041,7 @@ def op_version_install(ctx: Context, requested: str, *, set_current: bool,
 
     return run_mutation(ctx, Mutation(title=f"install {version}", build=build,
                                       finish=lambda _p: _installed_output(ctx, installer, version),
+                                      outcome=_installed_outcome,
                                       target={"kind": "version", "name": version},
                                       args={"version": requested, "set_current": set_current,
                                             "refresh_runtime": refresh_runtime}))
@@ -4171,7 +4182,9 @@ def op_version_uninstall(ctx: Context, version: str) -> Result:
         title=f"uninstall {version}", build=build, global_mode="exclusive",
         target={"kind": "version", "name": version}, args={"version": version},
         confirm=lambda _p: confirm(ctx, f"Uninstall server version {version} "
-                                        f"({versions.tree(version)})?\nIt can be installed again later.")))
+                                        f"({versions.tree(version)})?\nIt can be installed again later."),
+        outcome=lambda _x: [f"uninstalled server version {version}; abssctl version install {version} "
+                            "brings it back"]))
 
 
 def _runtime_unused_steps(ctx: Context, versions: Versions, plan: Plan, version: str,
@@ -4701,6 +4714,7 @@ def op_version_import(ctx: Context, path: str, *, expect_version: str | None = N
 
     return run_mutation(ctx, Mutation(title=f"import {version}", build=build,
                                       finish=lambda _p: _installed_output(ctx, installer, version),
+                                      outcome=_installed_outcome,
                                       target={"kind": "version", "name": version},
                                       args={"bundle": path, "set_current": set_current}))
 
@@ -7136,6 +7150,16 @@ def _record_versions_step(ctx: Context, plan: Plan, names: Sequence[str], target
                        if not pending else f"mark {name} to change at its next restart")
 
 
+def _moved_outcome(data: dict[str, Any]) -> list[str]:
+    rows = data.get("instances") or []
+    moved = ", ".join(f"{r['name']} ({r['outcome']})" for r in rows if r.get("outcome") != "untouched")
+    inst = data.get("instance") or {}
+    head = f"current is now {data['current']} (was {data.get('previous')})" if "current" in data \
+        else f"{inst.get('name')} now runs {inst.get('resolved_version')} (bound to {inst.get('version')})"
+    return [head + (f"; instances: {moved}" if moved else ""),
+            "abssctl instance status shows their health; the pre-switch backups are in abssctl backup list"]
+
+
 def op_version_switch(ctx: Context, version: str, *, restart: str, backup: bool, message: str | None) -> Result:
     """Point current at VER and move every instance that follows it, one gated instance at a time."""
     versions = Versions(ctx)
@@ -7182,7 +7206,7 @@ def op_version_switch(ctx: Context, version: str, *, restart: str, backup: bool,
         if not backup:
             confirm(ctx, f"Switch to {version} without pre-switch backups?\nIf the upgrade fails, the package "
                          "is rolled back but the data cannot be.")
-    m.build, m.confirm = build, ask
+    m.build, m.confirm, m.outcome = build, ask, _moved_outcome
     m.finish = lambda _p: {"instances": tracker.report(), "current": Versions(ctx).current, "previous": old}
     return _run_upgrade(ctx, m, tracker)
 
@@ -7251,7 +7275,7 @@ def op_instance_set_version(ctx: Context, name: str, binding: str, *, backup: bo
         if not backup:
             confirm(ctx, f"Move {name} to {target} without a pre-set-version backup?\nIf the upgrade fails, "
                          "the data cannot be rolled back.")
-    m.build, m.confirm = build, ask
+    m.build, m.confirm, m.outcome = build, ask, _moved_outcome
     m.finish = lambda _p: {"instances": tracker.report(), "instance": _instance_summary(
         ctx, Instances(ctx).get(name), tracker.rows[name])}
     return _run_upgrade(ctx, m, tracker)
@@ -8712,55 +8736,26 @@ def cmd_version_check_updates(ctx: Context, args: argparse.Namespace) -> Result:
     return op_version_check_updates(ctx)
 
 
-def _with_outcome(ctx: Context, result: Result, lines: Callable[[dict[str, Any]], list[str]]) -> Result:
-    """After a change (not a dry run), end with what changed, where, and what to do next."""
-    if result.changed and not ctx.dry_run:
-        result.text = lines(result.data)
-    return result
-
-
-def _installed_outcome(data: dict[str, Any]) -> list[str]:
-    v = data.get("version") or {}
-    lines = [f"installed server version {v.get('version')} in {v.get('path')}"
-             + (", now current" if v.get("current") else "")]
-    lines.append("next: abssctl instance create NAME --domain FQDN" if v.get("current")
-                 else f"next: abssctl version switch {v.get('version')} (or instance set-version NAME "
-                      f"{v.get('version')})")
-    return lines
-
-
-def _moved_outcome(data: dict[str, Any]) -> list[str]:
-    rows = data.get("instances") or []
-    moved = ", ".join(f"{r['name']} ({r['outcome']})" for r in rows if r.get("outcome") != "untouched")
-    inst = data.get("instance") or {}
-    head = f"current is now {data['current']} (was {data.get('previous')})" if "current" in data \
-        else f"{inst.get('name')} now runs {inst.get('resolved_version')} (bound to {inst.get('version')})"
-    return [head + (f"; instances: {moved}" if moved else ""),
-            "abssctl instance status shows their health; the pre-switch backups are in abssctl backup list"]
-
-
 def cmd_version_install(ctx: Context, args: argparse.Namespace) -> Result:
     if args.from_bundle:
-        return _with_outcome(ctx, op_version_import(ctx, args.from_bundle, expect_version=None
-                                                    if args.version == "latest" else args.version,
-                                                    set_current=args.set_current), _installed_outcome)
-    return _with_outcome(ctx, op_version_install(ctx, args.version, set_current=args.set_current,
-                                                 refresh_runtime=args.refresh_runtime), _installed_outcome)
+        return op_version_import(ctx, args.from_bundle, expect_version=None if args.version == "latest"
+                                 else args.version, set_current=args.set_current)
+    return op_version_install(ctx, args.version, set_current=args.set_current,
+                              refresh_runtime=args.refresh_runtime)
 
 
 def cmd_version_switch(ctx: Context, args: argparse.Namespace) -> Result:
-    return _with_outcome(ctx, op_version_switch(ctx, args.version, restart=args.restart, backup=not args.no_backup,
-                                                message=args.backup_message), _moved_outcome)
+    return op_version_switch(ctx, args.version, restart=args.restart, backup=not args.no_backup,
+                             message=args.backup_message)
 
 
 def cmd_instance_set_version(ctx: Context, args: argparse.Namespace) -> Result:
-    return _with_outcome(ctx, op_instance_set_version(ctx, args.name, args.binding, backup=not args.no_backup,
-                                                      message=args.backup_message), _moved_outcome)
+    return op_instance_set_version(ctx, args.name, args.binding, backup=not args.no_backup,
+                                   message=args.backup_message)
 
 
 def cmd_version_uninstall(ctx: Context, args: argparse.Namespace) -> Result:
-    return _with_outcome(ctx, op_version_uninstall(ctx, args.version), lambda _d: [
-        f"uninstalled server version {args.version}; abssctl version install {args.version} brings it back"])
+    return op_version_uninstall(ctx, args.version)
 
 
 def cmd_version_export(ctx: Context, args: argparse.Namespace) -> Result:
@@ -8768,7 +8763,7 @@ def cmd_version_export(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def cmd_version_import(ctx: Context, args: argparse.Namespace) -> Result:
-    return _with_outcome(ctx, op_version_import(ctx, args.file, set_current=args.set_current), _installed_outcome)
+    return op_version_import(ctx, args.file, set_current=args.set_current)
 
 
 def cmd_completion(ctx: Context, args: argparse.Namespace) -> Result:
