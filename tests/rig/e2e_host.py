@@ -28,6 +28,7 @@ through that nginx, shared by the E2E modules: ``healthy``, ``bootstrap_and_logi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import ssl
@@ -44,7 +45,7 @@ from rig.nginx_sandbox import NGINX
 from rig.systemd_sandbox import SystemdSandbox, systemctl_script
 
 __all__ = ["E2EHost", "HttpReply", "bootstrap_and_login", "download_user_file", "e2e_host", "healthy",
-           "login", "login_refused", "upload_headers", "upload_user_file", "user_files"]
+           "login", "login_refused", "running_e2e_host", "upload_headers", "upload_user_file", "user_files"]
 
 
 
@@ -232,6 +233,16 @@ def e2e_host(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
              e2e_cache: Path, built_versions: BuiltVersions, e2e_timings: PhaseTimings) -> Iterator[E2EHost]:
     """One host per test module with 25.6.0 (Node 22: the registry for the run's first host, a bundle
     of that install for the others) and 26.8.1 (the ``built_versions`` bundle) installed."""
+    who = request.module.__name__.rsplit(".", 1)[-1]
+    with running_e2e_host(tmp_path_factory.mktemp("e2e-host"), node22, e2e_cache, built_versions,
+                          e2e_timings, who) as host:
+        yield host
+
+
+@contextlib.contextmanager
+def running_e2e_host(base: Path, node22: NodeRuntime, e2e_cache: Path, built_versions: BuiltVersions,
+                     e2e_timings: PhaseTimings, who: str) -> Iterator[E2EHost]:
+    """What ``e2e_host`` yields, for a module that needs a second host (another machine, say)."""
     script = systemctl_script()
     if script is None:
         pytest.skip(f"systemctl replacement not unpacked under {e2e_cache}/systemctl "
@@ -239,8 +250,6 @@ def e2e_host(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     if not shutil.which(NGINX):
         pytest.skip(f"{NGINX} not found (apt-get install nginx-light)")
     bundle26 = built_versions[V26].require_bundle()
-    who = request.module.__name__.rsplit(".", 1)[-1]
-    base = tmp_path_factory.mktemp("e2e-host")
     nginx = NginxSandbox(base / "nginx")
     systemd = SystemdSandbox(base / "sd", script)
     systemd.create()
