@@ -9,8 +9,6 @@ with ``--from-backup``. Only the rig's session builds are used.
 """
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import uuid
 from pathlib import Path
@@ -19,43 +17,13 @@ from typing import Any, Iterator
 import pytest
 
 from rig.e2e import V25, V26, BuiltVersions, NodeRuntime, PhaseTimings, start_server
-from rig.e2e_host import (E2EHost, HttpReply, bootstrap_and_login, download_user_file, e2e_host,  # noqa: F401
+from rig.e2e_host import (E2EHost, bootstrap_and_login, download_user_file, e2e_host,  # noqa: F401
                           healthy, login, running_e2e_host, upload_user_file, user_files)
+from rig.https_client import HttpsClient
 
 pytestmark = pytest.mark.e2e
 
 PASSWORD = "e2e-import-password-1"
-
-
-class Loopback:
-    """The request helpers of E2EHost (``https``/``https_json``) against a server's own port, so the
-    shared API helpers (bootstrap_and_login, upload_user_file, ...) talk to the hand-started server."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def https(self, domain: str, path: str, method: str = "GET", body: bytes | None = None,
-              headers: dict[str, str] | None = None, timeout: float = 30.0) -> HttpReply:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            got: dict[str, list[str]] = {}
-            for key, value in resp.getheaders():
-                got.setdefault(key.lower(), []).append(value)
-            return HttpReply(resp.status, got, resp.read())
-        finally:
-            conn.close()
-
-    def https_json(self, domain: str, path: str, payload: Any = None, token: str | None = None,
-                   headers: dict[str, str] | None = None) -> HttpReply:
-        extra = dict(headers or {})
-        if token:
-            extra["x-actual-token"] = token
-        if payload is None:
-            return self.https(domain, path, headers=extra)
-        extra["Content-Type"] = "application/json"
-        return self.https(domain, path, "POST", json.dumps(payload).encode(), extra)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +33,7 @@ def hand_started(e2e_host: E2EHost, node22: NodeRuntime, tmp_path_factory: pytes
     data = tmp_path_factory.mktemp("docker-volume") / "_data"
     data.mkdir()
     with start_server(e2e_host.install_root / V25, node22, data) as server:
-        direct = Loopback(server.port)
+        direct = HttpsClient("127.0.0.1", server.port, tls=False)   # the server's own port, as its users had it
         token = bootstrap_and_login(direct, "", PASSWORD)        # type: ignore[arg-type]
         file_id = str(uuid.uuid4())
         body = b"PK\x03\x04 imported budget " + os.urandom(8192)

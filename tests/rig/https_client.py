@@ -10,6 +10,7 @@ tiers give loopback); every wait is bounded.
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -42,9 +43,13 @@ class HttpReply:
 
 
 class HttpsClient:
-    def __init__(self, host: str, port: int) -> None:
+    """Requests to one (host, port). ``tls=False`` speaks plain HTTP, for a server's own loopback
+    port (the E2E tier's hand-started server), with the same methods."""
+
+    def __init__(self, host: str, port: int, *, tls: bool = True) -> None:
         self.host = host
         self.port = port
+        self.tls = tls
 
     def _tls(self, domain: str, timeout: float) -> ssl.SSLSocket:
         ctx = ssl.create_default_context()
@@ -55,12 +60,17 @@ class HttpsClient:
 
     def https(self, domain: str, path: str, method: str = "GET", body: bytes | None = None,
               headers: dict[str, str] | None = None, timeout: float = HTTP_TIMEOUT) -> HttpReply:
-        with self._tls(domain, timeout) as tls:
-            conn = http.client.HTTPConnection(domain, timeout=timeout)
-            conn.sock = tls
+        with contextlib.ExitStack() as stack:
+            if self.tls:
+                conn = http.client.HTTPConnection(domain, timeout=timeout)
+                conn.sock = stack.enter_context(self._tls(domain, timeout))
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+                stack.callback(conn.close)
             sent_error = ""
             try:
-                conn.request(method, path, body=body, headers={"Host": domain, **(headers or {})})
+                conn.request(method, path, body=body,
+                             headers={**({"Host": domain} if domain else {}), **(headers or {})})
             except OSError as exc:      # an early reply (a 413, say) can cut the upload short
                 sent_error = f"while sending: {exc!r}"
             resp = conn.getresponse()
