@@ -6049,566 +6049,6 @@ def _next_op(ctx: Context) -> None:
     ctx.started = utc_now()
 
 
-# --- 8d.1 Import of existing servers ---
-# DESIGN §11.6: `instance import` adopts an Actual server's data from a data dir (a Docker volume, a
-# plain npm install's data dir, a copied dir) or from another host's abssctl backup, then it is an
-# `instance create` with that data. The source is only ever read: SQLite files through the online-
-# backup API on a read-only connection (source_db_uri), every other file copied and checked again
-# against the source after the copy. Nothing outside DIR is read: a link that leads out is refused.
-
-SQLITE_MAGIC = b"SQLite format 3\x00"
-ACCOUNT_DB = "server-files/account.sqlite"
-ACCOUNT_DB_MAX = 256 << 20          # an archive's account.sqlite is read into memory to list budgets
-COPY_ATTEMPTS = 3
-
-
-class ImportSource:
-    """What instance import found: the data's files, its budgets and its migrations."""
-
-    __slots__ = ("kind", "path", "root", "layout", "files", "budgets", "missing", "migrations", "skipped",
-                 "manifest", "sha256", "origin_version")
-
-    def __init__(self, kind: str, path: str) -> None:
-        self.kind = kind                           # "dir" or "backup"
-        self.path = path                           # as the user named it
-        self.root = path                           # a dir's real path: nothing outside it is read
-        self.layout: dict[str, str] = {}           # data, server_files, user_files (real paths)
-        self.files: list[dict[str, Any]] = []      # {"rel" (under data/), "src", "size", "kind"}
-        self.budgets: list[dict[str, Any]] = []
-        self.missing: list[dict[str, Any]] = []    # budgets (not deleted) whose blob is not there
-        self.migrations: list[str] = []
-        self.skipped: list[str] = []               # what is in DIR but not server data
-        self.manifest: dict[str, Any] = {}
-        self.sha256 = ""                           # an archive's, from the checking pass
-        self.origin_version: str | None = None     # a backup's server_version
-
-    @property
-    def size(self) -> int:
-        return sum(int(f["size"]) for f in self.files)
-
-    def report(self) -> dict[str, Any]:
-        return {"source": self.path, "kind": self.kind, "files": len(self.files), "bytes": self.size,
-                "budgets": self.budgets, "missing": [b["id"] for b in self.missing],
-                "migrations": len(self.migrations), "newest_migration": max(self.migrations, default=None),
-                "skipped": self.skipped, "server_version": self.origin_version,
-                "sqlite_method": "online-backup" if self.kind == "dir" else "from the archive"}
-
-
-def _inside(root: str, path: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def _layout_from_config(root: str) -> dict[str, str]:
-    """config.json's dataDir (and serverFiles/userFiles when set), relative paths against its dir."""
-    cfg = os.path.join(root, "config.json")
-    try:
-        doc = read_json_file(cfg)
-    except CorruptState as exc:
-        raise UsageError(exc.message, hint="pass the data dir itself (the one holding server-files/)") from None
-    data = doc.get("dataDir") if isinstance(doc, dict) else None
-    if not isinstance(data, str) or not data:
-        raise UsageError(f"{cfg} names no dataDir and {root} holds no {ACCOUNT_DB}",
-                         hint="pass the server's data dir: the one holding server-files/account.sqlite")
-    out = {"data": os.path.normpath(os.path.join(root, data))}
-    for key, field, sub in (("server_files", "serverFiles", "server-files"), ("user_files", "userFiles", "user-files")):
-        value = doc.get(field)
-        out[key] = os.path.normpath(os.path.join(root, value)) if isinstance(value, str) and value \
-            else os.path.join(out["data"], sub)
-    return out
-
-
-def locate_server_data(path: str) -> dict[str, str]:
-    """DIR's data dir, server-files and user-files as real paths inside DIR (DIR itself, or what its
-    config.json names); exit 2 when it is not a server's data dir or a path leads out of it."""
-    if not os.path.isdir(path):
-        raise UsageError(f"{path} is not a directory", hint="pass the server's data dir, e.g. "
-                         "/var/lib/docker/volumes/<volume>/_data for the official Docker image")
-    root = os.path.realpath(path)
-    layout = {"data": root, "server_files": os.path.join(root, "server-files"),
-              "user_files": os.path.join(root, "user-files")}
-    if not os.path.lexists(os.path.join(root, ACCOUNT_DB)) and os.path.isfile(os.path.join(root, "config.json")):
-        layout = _layout_from_config(root)
-    for key in ("data", "server_files", "user_files"):
-        real = os.path.realpath(layout[key])
-        if not _inside(root, real):
-            raise UsageError(f"{layout[key]} leads to {real}, outside {path}",
-                             hint=f"import the data where it is: abssctl instance import NAME --from "
-                                  f"{real if key == 'data' else os.path.dirname(real)}")
-        layout[key] = real
-    account = os.path.join(layout["server_files"], "account.sqlite")
-    if not os.path.lexists(account):
-        raise UsageError(f"{path} is not an Actual server data dir: {account} does not exist",
-                         hint="pass the dir holding server-files/account.sqlite and user-files/ (for the "
-                              "official Docker image its volume, e.g. /var/lib/docker/volumes/<volume>/_data), "
-                              "or the dir whose config.json names that dataDir")
-    if not os.path.isdir(layout["user_files"]):
-        raise UsageError(f"{path} is not an Actual server data dir: {layout['user_files']} is not a directory",
-                         hint="a server's data dir holds server-files/ and user-files/")
-    return layout
-
-
-def _source_entry(src: ImportSource, full: str, rel: str) -> dict[str, Any] | None:
-    """One file of DIR as {"rel", "src", "size", "kind"}, following a link only inside DIR."""
-    import stat
-    st = os.lstat(full)
-    real = full
-    if stat.S_ISLNK(st.st_mode):
-        real = os.path.realpath(full)
-        if not _inside(src.root, real):
-            raise UsageError(f"{full} is a symlink to {real}, outside {src.path}",
-                             hint="abssctl reads nothing outside the dir it imports: copy what the link points "
-                                  "to into place (or remove the link), then import again")
-        try:
-            st = os.stat(real)
-        except OSError:
-            raise UsageError(f"{full} is a symlink to {real}, which does not exist",
-                             hint="remove the dangling link, then import again") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise UsageError(f"{full} is a symlink to a directory ({real})",
-                             hint="replace the link by the directory itself, then import again")
-    if stat.S_ISDIR(st.st_mode):
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        src.skipped.append(rel)
-        return None
-    kind = "file"
-    if rel.endswith(".sqlite"):
-        with open(real, "rb") as f:
-            kind = "sqlite" if f.read(16) == SQLITE_MAGIC else "file"
-    return {"rel": rel, "src": real, "size": st.st_size, "kind": kind}
-
-
-def _scan_tree(src: ImportSource, top: str, rel_top: str) -> None:
-    for dirpath, dirnames, filenames in os.walk(top):     # a linked dir is listed, not entered
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            full = os.path.join(dirpath, name)
-            rel = os.path.join(rel_top, os.path.relpath(full, top))
-            if name.endswith(SQLITE_SIDE):                 # part of its database: read through it
-                continue
-            entry = _source_entry(src, full, rel)
-            if entry is not None:
-                src.files.append(entry)
-
-
-def source_db_uri(path: str) -> str:
-    """A read-only URI for a database abssctl must not change. A rollback-journal database (the
-    server's own mode) opens ``mode=ro``, which takes shared locks and writes nothing. A WAL database
-    with a -wal file is live or not checkpointed: ``mode=ro`` reads through the -wal and its -shm,
-    which SQLite needs even to read (a reader may mark the -shm; a missing -shm is created, and its
-    owner is then given back, see _give_back_side_files). A WAL database without a -wal holds
-    everything in the main file: ``immutable=1`` reads it and creates no side file at all."""
-    from urllib.parse import quote
-    with open(path, "rb") as f:
-        head = f.read(20)
-    wal = len(head) == 20 and head[18] == 2 and head[19] == 2
-    mode = "immutable=1" if wal and not os.path.exists(path + "-wal") else "mode=ro"
-    return f"file:{quote(path)}?{mode}"
-
-
-def _give_back_side_files(path: str, before: Sequence[str]) -> None:
-    """-wal/-shm files SQLite made beside a source while reading it belong to the database's owner."""
-    st = os.stat(path)
-    for side in ("-wal", "-shm"):
-        if side not in before and os.path.exists(path + side) and os.stat(path + side).st_uid != st.st_uid:
-            os.chown(path + side, st.st_uid, st.st_gid)
-
-
-def _side_files(path: str) -> list[str]:
-    return [s for s in ("-wal", "-shm") if os.path.exists(path + s)]
-
-
-def account_budgets(db: Any) -> list[dict[str, Any]]:
-    """The ``files`` table of an account database: id, group_id, name, deleted (what the server has)."""
-    cols = {row[1] for row in db.execute("PRAGMA table_info(files)")}
-    pick = [c for c in ("id", "group_id", "name", "deleted") if c in cols]
-    if "id" not in pick:
-        return []
-    rows = db.execute(f"SELECT {', '.join(pick)} FROM files ORDER BY rowid").fetchall()
-    return [dict(zip(pick, row)) for row in rows]
-
-
-def _integrity(db: Any) -> str:
-    return str(db.execute("PRAGMA integrity_check").fetchone()[0])
-
-
-def _match_budgets(src: ImportSource, rows: Sequence[Mapping[str, Any]]) -> None:
-    present = {f["rel"]: f for f in src.files}
-    for row in rows:
-        fid, group = str(row.get("id")), row.get("group_id")
-        blob, gdb = f"user-files/file-{fid}.blob", f"user-files/group-{group}.sqlite"
-        budget = {"id": fid, "name": row.get("name"), "group_id": group, "deleted": bool(row.get("deleted")),
-                  "blob": blob, "size": present[blob]["size"] if blob in present else None,
-                  "group_db_size": present[gdb]["size"] if group and gdb in present else None}
-        src.budgets.append(budget)
-        if blob not in present and not budget["deleted"]:
-            src.missing.append(budget)
-
-
-def inspect_server_dir(path: str) -> ImportSource:
-    """Read DIR without changing it: layout, files, .migrate, integrity of every database, budgets."""
-    import sqlite3
-    src = ImportSource("dir", os.path.abspath(path))
-    src.layout = locate_server_data(path)
-    src.root = os.path.realpath(path)
-    migrate = os.path.join(src.layout["data"], ".migrate")
-    if os.path.lexists(migrate):
-        entry = _source_entry(src, migrate, ".migrate")
-        if entry is not None:
-            src.files.append(entry)
-            try:
-                src.migrations = read_migrations(entry["src"])
-            except CorruptState as exc:
-                raise UsageError(exc.message, hint="the server writes .migrate as JSON: is this a server's "
-                                 "data dir?") from None
-    _scan_tree(src, src.layout["server_files"], "server-files")
-    _scan_tree(src, src.layout["user_files"], "user-files")
-    known = {".migrate", os.path.basename(src.layout["server_files"]), os.path.basename(src.layout["user_files"])}
-    src.skipped += sorted(n for n in os.listdir(src.layout["data"]) if n not in known)
-    rows: list[dict[str, Any]] = []
-    for f in src.files:
-        if f["kind"] != "sqlite" and f["rel"] != ACCOUNT_DB:
-            continue
-        before = _side_files(f["src"])
-        try:
-            db = sqlite3.connect(source_db_uri(f["src"]), uri=True, timeout=30)
-            try:
-                result = _integrity(db)
-                if result == "ok" and f["rel"] == ACCOUNT_DB:
-                    rows = account_budgets(db)
-            finally:
-                db.close()
-        except sqlite3.Error as exc:
-            result = str(exc)
-        finally:
-            _give_back_side_files(f["src"], before)
-        if result != "ok":
-            raise UsageError(f"{f['src']} fails SQLite's integrity_check ({result[:200]})",
-                             hint="nothing was imported; repair the database first (sqlite3 FILE '.recover'), "
-                                  "or import a backup of it")
-    _match_budgets(src, rows)
-    return src
-
-
-def inspect_backup_archive(ctx: Context, path: str) -> ImportSource:
-    """One checking pass over another host's archive: its sha256 (and sidecar), every member against
-    the manifest, and its account database's integrity and budgets (read into memory)."""
-    import hashlib
-    import sqlite3
-    if not os.path.isfile(path):
-        raise UsageError(f"{path} is not a file", hint="pass an abssctl backup archive (<id>.tar.zst, .tar.gz, .tar)")
-    src = ImportSource("backup", os.path.abspath(path))
-    scan = ArchiveScan(ctx, path)
-    sums: dict[str, str] = {}
-    seen: dict[str, Any] = {"prefix": None, "account": b""}
-
-    def consume(tar: Any, members: Iterator[Any]) -> None:
-        for member in members:
-            top = member.name.split("/", 1)[0]
-            seen["prefix"] = seen["prefix"] or top
-            if top != seen["prefix"] or not member.isreg():
-                raise CorruptState(f"{path}: {member.name} is not a file of backup {seen['prefix']}",
-                                   hint="pass an abssctl backup archive")
-            rel = member.name[len(top) + 1:]
-            keep = rel == "data/" + ACCOUNT_DB and member.size <= ACCOUNT_DB_MAX
-            sha, parts, f = hashlib.sha256(), [], tar.extractfile(member)
-            while chunk := f.read(CHUNK):
-                sha.update(chunk)
-                if keep:
-                    parts.append(chunk)
-            sums[rel] = sha.hexdigest()
-            if keep:
-                seen["account"] = b"".join(parts)
-    ctx.out.progress(f"checking {path}")
-    scan.run(consume)
-    if seen["prefix"] is None:
-        raise CorruptState(f"{path} holds no backup", hint="pass an abssctl backup archive")
-    scan.check_manifest(sums, str(seen["prefix"]))
-    recorded = read_sidecar(backup_sidecar(path))
-    if recorded not in (None, scan.sha256):
-        raise ChecksumMismatch(f"{path} does not match its sidecar {backup_sidecar(path)}",
-                               hint="the archive is damaged or was changed; copy it again")
-    m = scan.manifest or {}
-    if m.get("schema_version") != MANIFEST_SCHEMA:
-        raise UsageError(f"{path} has manifest schema {m.get('schema_version')}; this abssctl reads "
-                         f"{MANIFEST_SCHEMA}", hint="import it with the abssctl that made it, or a newer one")
-    src.manifest, src.sha256 = m, scan.sha256
-    src.origin_version = m.get("server_version")
-    src.migrations = [t for t in m.get("migrations") or [] if isinstance(t, str)]
-    src.files = [{"rel": f["path"][len("data/"):], "src": None, "size": int(f.get("size") or 0),
-                  "kind": f.get("kind") or "file"} for f in m.get("files", [])
-                 if isinstance(f, dict) and str(f.get("path", "")).startswith("data/")]
-    if "data/" + ACCOUNT_DB not in sums:
-        raise UsageError(f"backup {m.get('id')} holds no {ACCOUNT_DB}", hint="it is not a server's backup")
-    if not seen["account"]:
-        raise UsageError(f"the {ACCOUNT_DB} of backup {m.get('id')} is larger than "
-                         f"{human_bytes(ACCOUNT_DB_MAX)}", hint="restore it with backup restore instead")
-    db = sqlite3.connect(":memory:")
-    try:
-        db.deserialize(seen["account"])
-        result = _integrity(db)
-        rows = account_budgets(db) if result == "ok" else []
-    except sqlite3.Error as exc:
-        result = str(exc)
-    finally:
-        db.close()
-    if result != "ok":
-        raise ChecksumMismatch(f"{path}: its {ACCOUNT_DB} fails integrity_check ({result[:200]})",
-                               hint="use another backup")
-    _match_budgets(src, rows)
-    return src
-
-
-def import_version(ctx: Context, src: ImportSource, wanted: str | None) -> dict[str, Any]:
-    """The data's minimum version (the lowest installed one whose migrations include every title the
-    data has seen) and the one to run: --version, else the newest installed (as ``current`` if so)."""
-    versions = Versions(ctx)
-    installed = sorted((v for v in versions.doc["versions"] if versions.state_of(v) == "installed"),
-                       key=semver_key)
-    need = set(src.migrations)
-    fits = [v for v in installed if need <= set(versions.doc["versions"][v].get("migrations") or [])]
-    newest = max(need, default=None)
-    if not fits:
-        origin = f" (it was taken on {src.origin_version})" if src.origin_version else ""
-        raise UsageError(f"the data has seen migration {newest}, which no installed version knows{origin}; "
-                         f"installed: {', '.join(installed) or 'none'}",
-                         hint=f"install the version it comes from, or a newer one: abssctl version install "
-                              f"{src.origin_version or 'latest'}", details={"newest_migration": newest})
-    minimum = fits[0]
-    if wanted is None:
-        version = fits[-1]
-        binding = "current" if version == versions.current else version
-    else:
-        version = resolve_binding(ctx, versions, wanted)
-        _version_entry(ctx, versions, version)
-        binding = wanted
-        if version not in fits:
-            raise UsageError(f"--version {version} cannot load this data: it needs {minimum} or newer (it has "
-                             f"seen migration {newest})", hint=f"pass --version {minimum} or newer, or leave "
-                             "--version out", details={"minimum": minimum, "newest_migration": newest})
-    return {"minimum": minimum, "version": version, "binding": binding, "newest_migration": newest}
-
-
-def _mkdir_owned(path: str, uid: int, gid: int) -> None:
-    if not os.path.isdir(path):
-        os.mkdir(path, 0o750)
-    os.chown(path, uid, gid)
-    os.chmod(path, 0o750)
-
-
-def _copy_once(src: str, dst: str) -> tuple[int, str]:
-    import hashlib
-    sha, size = hashlib.sha256(), 0
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out, open(src, "rb", buffering=0) as f:
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
-            out.write(chunk)
-            size += len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    return size, sha.hexdigest()
-
-
-def _copy_checked(ctx: Context, f: dict[str, Any], dst: str) -> None:
-    """Copy a file; then its size and sha256 must match the source read again (a server rewriting
-    it meanwhile makes the copy start over, at most COPY_ATTEMPTS times)."""
-    for _attempt in range(COPY_ATTEMPTS):
-        got = _copy_once(f["src"], dst)
-        if got == (os.path.getsize(f["src"]), sha256_file(f["src"])):
-            f["size"], f["sha256"] = got
-            return
-        os.unlink(dst)
-        ctx.out.progress(f"import: {f['src']} changed while it was copied; copying it again")
-    raise ProviderError(f"{f['src']} kept changing while it was copied; retry later",
-                        hint="or stop the source server during the import")
-
-
-def _snapshot_checked(f: dict[str, Any], dst: str) -> None:
-    """The online-backup snapshot of a source database, which must pass integrity_check."""
-    import sqlite3
-    before = _side_files(f["src"])
-    try:
-        sqlite_snapshot(f["src"], dst, uri=source_db_uri(f["src"]))
-    finally:
-        _give_back_side_files(f["src"], before)
-    db = sqlite3.connect(f"file:{dst}?mode=ro", uri=True)
-    try:
-        result = _integrity(db)
-    finally:
-        db.close()
-    if result != "ok":
-        raise UsageError(f"the snapshot of {f['src']} fails integrity_check ({result[:200]})",
-                         hint="repair the source database first (sqlite3 FILE '.recover')")
-    f["size"], f["sha256"] = os.path.getsize(dst), sha256_file(dst)
-
-
-def stage_dir_import(ctx: Context, src: ImportSource, staging: str, uid: int, gid: int) -> None:
-    """Snapshot and copy DIR's data into ``staging``/data: account.sqlite first, so a budget that
-    appears later is only an extra blob; one uploaded meanwhile has its blob fetched too."""
-    import sqlite3
-    data = os.path.join(staging, "data")
-    for path in (staging, data, os.path.join(data, "server-files"), os.path.join(data, "user-files")):
-        _mkdir_owned(path, uid, gid)
-    todo = sorted(src.files, key=lambda f: (f["rel"] != ACCOUNT_DB, f["kind"] != "sqlite", f["rel"]))
-    done = 0
-    for f in todo:
-        dst = os.path.join(data, f["rel"])
-        parent = os.path.dirname(dst)
-        if not os.path.isdir(parent):
-            rel_parts = os.path.relpath(parent, data).split("/")
-            for n in range(1, len(rel_parts) + 1):
-                _mkdir_owned(os.path.join(data, *rel_parts[:n]), uid, gid)
-        if f["kind"] == "sqlite":
-            _snapshot_checked(f, dst)
-        else:
-            _copy_checked(ctx, f, dst)
-        os.chown(dst, uid, gid)
-        os.chmod(dst, 0o640)
-        done += int(f["size"])
-        ctx.out.progress(f"import: {human_bytes(done)} / {human_bytes(src.size)}", tick=True)
-        if f["rel"] == ACCOUNT_DB:
-            db = sqlite3.connect(f"file:{dst}?mode=ro", uri=True)
-            try:
-                rows = account_budgets(db)
-            finally:
-                db.close()
-            listed = {x["rel"] for x in src.files}
-            for row in rows:
-                rel = f"user-files/file-{row.get('id')}.blob"
-                live = os.path.join(src.layout["user_files"], rel.split("/", 1)[1])
-                if rel not in listed and "/" not in str(row.get("id")) and os.path.isfile(live) \
-                        and _inside(src.root, os.path.realpath(live)):
-                    extra = {"rel": rel, "src": os.path.realpath(live), "size": os.path.getsize(live),
-                             "kind": "file"}
-                    src.files.append(extra)
-                    todo.append(extra)
-
-
-def stage_backup_import(ctx: Context, src: ImportSource, staging: str, uid: int, gid: int) -> None:
-    """Extract the archive's data into ``staging`` with safe_extract's rules, checked again."""
-    import sqlite3
-    _mkdir_owned(staging, uid, gid)
-    scan = ArchiveScan(ctx, src.path)
-    entry = {"id": src.manifest["id"], "data_bytes": (src.manifest.get("totals") or {}).get("bytes") or src.size}
-    ctx.out.progress(f"import: extracting {src.path}")
-    sums = extract_backup(scan, entry, staging, uid=uid, gid=gid)
-    if scan.sha256 != src.sha256:
-        raise ChecksumMismatch(f"{src.path} changed since it was checked", hint="copy it again, then import")
-    data = os.path.join(staging, "data")
-    for path in (data, os.path.join(data, "server-files"), os.path.join(data, "user-files")):
-        _mkdir_owned(path, uid, gid)
-    for rel in sorted(sums):
-        if rel.endswith(".sqlite"):
-            db = sqlite3.connect(f"file:{os.path.join(staging, rel)}?mode=ro", uri=True)
-            try:
-                result = _integrity(db)
-            finally:
-                db.close()
-            if result != "ok":
-                raise ChecksumMismatch(f"{src.path}: {rel} fails integrity_check ({result[:200]})",
-                                       hint="use another backup")
-
-
-def _import_data_steps(ctx: Context, plan: Plan, name: str, src: ImportSource) -> None:
-    """Stage the data beside the fresh data/ dir, then put it in place of that empty dir."""
-    import pwd
-    pw = pwd.getpwnam(ctx.config.get("service", "user"))
-    uid, gid = pw.pw_uid, ctx.service_gid()
-    paths = instance_paths(ctx, name)
-    staging = os.path.join(paths["root"], f".abssctl-tmp-{ctx.op_id}")
-    stage = stage_dir_import if src.kind == "dir" else stage_backup_import
-    plan.add("import.stage", f"copy the data of {src.path} into {staging} (SQLite through the online-backup "
-             "API, every file checked)" if src.kind == "dir" else f"verify {src.path} and stage its data in "
-             f"{staging}", staging, lambda: stage(ctx, src, staging, uid, gid),
-             UndoAction("remove_tree", path=staging))
-
-    def place() -> None:
-        for sub in ("server-files", "user-files", ""):
-            os.rmdir(os.path.join(paths["data"], sub))     # the empty dirs fs.dirs made
-        os.rename(os.path.join(staging, "data"), paths["data"])
-    plan.add("import.place", f"put the imported data in {paths['data']}", paths["data"], place,
-             UndoAction("rename", src=paths["data"], dst=os.path.join(staging, "data")))
-    plan.cleanup("import.cleanup", f"remove the staging dir {staging}", staging,
-                 UndoAction("remove_tree", path=staging))
-
-
-def _import_text(report: Mapping[str, Any]) -> list[str]:
-    budgets = report["budgets"]
-    lines = [f"{report['source']}: {len(budgets)} budget file(s), {report['files']} files, "
-             f"{human_bytes(report['bytes'])}; newest migration {report['newest_migration'] or 'none'}, so "
-             f"{report['minimum_version']} or newer; runs on {report['version']}"]
-    for b in budgets:
-        size = human_bytes(b["size"]) if b["size"] is not None else "MISSING"
-        lines.append(f"  {b['name'] or '(no name)'}: file {b['id']}, group {b['group_id'] or '-'}, {size}"
-                     + (" (deleted)" if b["deleted"] else ""))
-    if report["skipped"]:
-        lines.append(f"  not server data, left out: {', '.join(report['skipped'])}")
-    return lines
-
-
-def op_instance_import(ctx: Context, name: str, *, source_dir: str | None, backup_file: str | None,
-                       domain: str | None, port: int | None, version: str | None, tls: str | None,
-                       cert: str | None, key: str | None, chain: str | None, allow_missing: bool) -> Result:
-    """An existing server's data (a dir or another host's backup) as a new instance (DESIGN §11.6)."""
-    if name in Instances(ctx).doc["instances"]:
-        raise AlreadyExists(f"instance {name!r} exists already",
-                            hint=f"import under another name (abssctl instance show {name} shows the one there)")
-    src = inspect_server_dir(source_dir) if source_dir else inspect_backup_archive(ctx, str(backup_file))
-    if src.missing and not allow_missing:
-        named = ", ".join(f"{b['name'] or '(no name)'} ({b['blob']})" for b in src.missing[:10])
-        raise UsageError(f"the account database lists {len(src.missing)} budget file(s) whose blob is missing: "
-                         f"{named}", hint="find those files and put them back, or pass --allow-missing to import "
-                         "the rest (those budgets will not download)",
-                         details={"missing": [b["id"] for b in src.missing]})
-    chosen = import_version(ctx, src, version)
-    if domain is None and src.kind == "backup" and src.manifest.get("domain"):
-        domain = validate_fqdn(str(src.manifest["domain"]))
-    req, _same = _validate_create(ctx, name, domain, port, chosen["binding"], tls, cert, key, chain, True)
-    need = int(src.size * 1.1)
-    if disk_free(ctx.paths.instance_root) < need:
-        raise DiskFull(f"importing needs {human_bytes(need)} free under {ctx.paths.instance_root}",
-                       hint="free some space, then import again")
-    report = dict(src.report(), minimum_version=chosen["minimum"], version=chosen["version"],
-                  binding=chosen["binding"])
-    for warning in [f"{b['blob']} is missing; budget {b['name'] or b['id']} will not download"
-                    for b in src.missing]:
-        ctx.out.warn(warning)
-    gate: dict[str, Any] = {}
-
-    def build() -> Plan:
-        plan = Plan(f"import {src.path} as instance {name}")
-        insts = Instances(ctx)
-        if name in insts.doc["instances"]:
-            raise AlreadyExists(f"instance {name!r} was just created", hint=f"see abssctl instance show {name}")
-        if str(req.port) in insts.ports:
-            if port is not None:
-                raise Conflict(f"port {req.port} was just reserved by {insts.ports[str(req.port)].get('instance')}",
-                               hint="pass another --port, or see abssctl ports list")
-            req.port = insts.free_port()
-        _create_steps(ctx, plan, req, gate, data_steps=lambda p: _import_data_steps(ctx, p, name, src))
-        return plan
-
-    def finish(_plan: Plan) -> dict[str, Any]:
-        entry = Instances(ctx).doc["instances"].get(name) or {}
-        return {"instance": _instance_summary(ctx, entry, gate), "import": report}
-
-    def outcome(x: Mapping[str, Any]) -> list[str]:
-        lines = [f"imported {src.path} into {name}"] + _import_text(report)[1:]
-        lines += _created_outcome(x["instance"])[:1]
-        return lines + [f"next: open {x['instance']['url']} and log in with the old server's password"]
-
-    result = run_mutation(ctx, Mutation(title=f"import {name}", build=build, finish=finish, global_mode="exclusive",
-                                        instances=[name], target={"kind": "instance", "name": name},
-                                        args={"name": name, "from": source_dir, "from_backup": backup_file,
-                                              "domain": req.domain, "port": req.port, "version": chosen["binding"],
-                                              "tls": req.tls, "allow_missing": allow_missing}, outcome=outcome))
-    if ctx.dry_run:
-        result.data["import"] = report
-        result.text = _import_text(report) + result.text
-    return result
-
-
 # ============================================================================
 # 8e. Operations: backups and restore
 # ============================================================================
@@ -6720,6 +6160,16 @@ def sqlite_snapshot(src: str, dst: str, uri: str | None = None) -> None:
             target.close()
     finally:
         source.close()
+
+
+def sqlite_integrity(path: str) -> str:
+    """PRAGMA integrity_check of a database file opened read-only: "ok", or its first finding."""
+    import sqlite3
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        db.close()
 
 
 def read_migrations(path: str) -> list[str]:
@@ -7169,7 +6619,6 @@ def archive_errors() -> tuple[type, ...]:
 
 def verify_backup(ctx: Context, entry: dict[str, Any], deep: bool) -> dict[str, Any]:
     """Checks of one backup; raises ChecksumMismatch/CorruptState (exit 3) after noting the status."""
-    import sqlite3
     path = archive_path(ctx, entry)
     checks: dict[str, Any] = {"archive_sha256": None, "manifest": None, "files": None, "sqlite": {}}
     if not os.path.isfile(path):
@@ -7198,11 +6647,7 @@ def verify_backup(ctx: Context, entry: dict[str, Any], deep: bool) -> dict[str, 
             checks["manifest"] = checks["files"] = "ok"
             for rel in sorted(got):
                 if rel.endswith(".sqlite"):
-                    db = sqlite3.connect(f"file:{os.path.join(tmp, rel)}?mode=ro", uri=True)
-                    try:
-                        result = db.execute("PRAGMA integrity_check").fetchone()[0]
-                    finally:
-                        db.close()
+                    result = sqlite_integrity(os.path.join(tmp, rel))
                     checks["sqlite"][rel] = result
                     if result != "ok":
                         raise ChecksumMismatch(f"{entry['id']}: {rel} fails integrity_check ({result})")
@@ -7589,6 +7034,556 @@ def _recreate_for_restore(ctx: Context, entry: Mapping[str, Any]) -> None:
     ctx.out.progress(f"recreating instance {name} for the restore")
     op_instance_create(ctx, name, domain=domain, port=port, version=str(binding), tls=None, cert=None, key=None,
                        chain=None, start=True)
+
+
+# --- 8e.1 Import of existing servers (instance import: a data dir or another host's backup) ---
+# DESIGN §11.6: `instance import` adopts an Actual server's data from a data dir (a Docker volume, a
+# plain npm install's data dir, a copied dir) or from another host's abssctl backup, then it is an
+# `instance create` with that data. The source is only ever read: SQLite files through the online-
+# backup API on a read-only connection (source_db_uri), every other file copied and checked again
+# against the source after the copy. Nothing outside DIR is read: a link that leads out is refused.
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+ACCOUNT_DB = "server-files/account.sqlite"
+ACCOUNT_DB_MAX = 256 << 20          # an archive's account.sqlite is read into memory to list budgets
+COPY_ATTEMPTS = 3
+
+
+class ImportSource:
+    """What instance import found: the data's files, its budgets and its migrations."""
+
+    __slots__ = ("kind", "path", "root", "layout", "files", "budgets", "missing", "migrations", "skipped",
+                 "manifest", "sha256", "origin_version")
+
+    def __init__(self, kind: str, path: str) -> None:
+        self.kind = kind                           # "dir" or "backup"
+        self.path = path                           # as the user named it
+        self.root = path                           # a dir's real path: nothing outside it is read
+        self.layout: dict[str, str] = {}           # data, server_files, user_files (real paths)
+        self.files: list[dict[str, Any]] = []      # {"rel" (under data/), "src", "size", "kind"}
+        self.budgets: list[dict[str, Any]] = []
+        self.missing: list[dict[str, Any]] = []    # budgets (not deleted) whose blob is not there
+        self.migrations: list[str] = []
+        self.skipped: list[str] = []               # what is in DIR but not server data
+        self.manifest: dict[str, Any] = {}
+        self.sha256 = ""                           # an archive's, from the checking pass
+        self.origin_version: str | None = None     # a backup's server_version
+
+    @property
+    def size(self) -> int:
+        return sum(int(f["size"]) for f in self.files)
+
+    def report(self) -> dict[str, Any]:
+        return {"source": self.path, "kind": self.kind, "files": len(self.files), "bytes": self.size,
+                "budgets": self.budgets, "missing": [b["id"] for b in self.missing],
+                "migrations": len(self.migrations), "newest_migration": max(self.migrations, default=None),
+                "skipped": self.skipped, "server_version": self.origin_version,
+                "sqlite_method": "online-backup" if self.kind == "dir" else "from the archive"}
+
+
+def _inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _layout_from_config(root: str) -> dict[str, str]:
+    """config.json's dataDir (and serverFiles/userFiles when set), relative paths against its dir."""
+    cfg = os.path.join(root, "config.json")
+    try:
+        doc = read_json_file(cfg)
+    except CorruptState as exc:
+        raise UsageError(exc.message, hint="pass the data dir itself (the one holding server-files/)") from None
+    data = doc.get("dataDir") if isinstance(doc, dict) else None
+    if not isinstance(data, str) or not data:
+        raise UsageError(f"{cfg} names no dataDir and {root} holds no {ACCOUNT_DB}",
+                         hint="pass the server's data dir: the one holding server-files/account.sqlite")
+    out = {"data": os.path.normpath(os.path.join(root, data))}
+    for key, field, sub in (("server_files", "serverFiles", "server-files"), ("user_files", "userFiles", "user-files")):
+        value = doc.get(field)
+        out[key] = os.path.normpath(os.path.join(root, value)) if isinstance(value, str) and value \
+            else os.path.join(out["data"], sub)
+    return out
+
+
+def locate_server_data(path: str) -> dict[str, str]:
+    """DIR's data dir, server-files and user-files as real paths inside DIR (DIR itself, or what its
+    config.json names); exit 2 when it is not a server's data dir or a path leads out of it."""
+    if not os.path.isdir(path):
+        raise UsageError(f"{path} is not a directory", hint="pass the server's data dir, e.g. "
+                         "/var/lib/docker/volumes/<volume>/_data for the official Docker image")
+    root = os.path.realpath(path)
+    layout = {"data": root, "server_files": os.path.join(root, "server-files"),
+              "user_files": os.path.join(root, "user-files")}
+    if not os.path.lexists(os.path.join(root, ACCOUNT_DB)) and os.path.isfile(os.path.join(root, "config.json")):
+        layout = _layout_from_config(root)
+    for key in ("data", "server_files", "user_files"):
+        real = os.path.realpath(layout[key])
+        if not _inside(root, real):
+            raise UsageError(f"{layout[key]} leads to {real}, outside {path}",
+                             hint=f"import the data where it is: abssctl instance import NAME --from "
+                                  f"{real if key == 'data' else os.path.dirname(real)}")
+        layout[key] = real
+    account = os.path.join(layout["server_files"], "account.sqlite")
+    if not os.path.lexists(account):
+        raise UsageError(f"{path} is not an Actual server data dir: {account} does not exist",
+                         hint="pass the dir holding server-files/account.sqlite and user-files/ (for the "
+                              "official Docker image its volume, e.g. /var/lib/docker/volumes/<volume>/_data), "
+                              "or the dir whose config.json names that dataDir")
+    if not os.path.isdir(layout["user_files"]):
+        raise UsageError(f"{path} is not an Actual server data dir: {layout['user_files']} is not a directory",
+                         hint="a server's data dir holds server-files/ and user-files/")
+    return layout
+
+
+def _source_entry(src: ImportSource, full: str, rel: str) -> dict[str, Any] | None:
+    """One file of DIR as {"rel", "src", "size", "kind"}, following a link only inside DIR."""
+    import stat
+    st = os.lstat(full)
+    real = full
+    if stat.S_ISLNK(st.st_mode):
+        real = os.path.realpath(full)
+        if not _inside(src.root, real):
+            raise UsageError(f"{full} is a symlink to {real}, outside {src.path}",
+                             hint="abssctl reads nothing outside the dir it imports: copy what the link points "
+                                  "to into place (or remove the link), then import again")
+        try:
+            st = os.stat(real)
+        except OSError:
+            raise UsageError(f"{full} is a symlink to {real}, which does not exist",
+                             hint="remove the dangling link, then import again") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{full} is a symlink to a directory ({real})",
+                             hint="replace the link by the directory itself, then import again")
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        src.skipped.append(rel)
+        return None
+    kind = "file"
+    if rel.endswith(".sqlite"):
+        with open(real, "rb") as f:
+            kind = "sqlite" if f.read(16) == SQLITE_MAGIC else "file"
+    return {"rel": rel, "src": real, "size": st.st_size, "kind": kind}
+
+
+def _scan_tree(src: ImportSource, top: str, rel_top: str) -> None:
+    for dirpath, dirnames, filenames in os.walk(top):     # a linked dir is listed, not entered
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.join(rel_top, os.path.relpath(full, top))
+            if name.endswith(SQLITE_SIDE):                 # part of its database: read through it
+                continue
+            entry = _source_entry(src, full, rel)
+            if entry is not None:
+                src.files.append(entry)
+
+
+def source_db_uri(path: str) -> str:
+    """A read-only URI for a database abssctl must not change. A rollback-journal database (the
+    server's own mode) opens ``mode=ro``, which takes shared locks and writes nothing. A WAL database
+    with a -wal file is live or not checkpointed: ``mode=ro`` reads through the -wal and its -shm,
+    which SQLite needs even to read (a reader may mark the -shm; a missing -shm is created, and its
+    owner is then given back, see _give_back_side_files). A WAL database without a -wal holds
+    everything in the main file: ``immutable=1`` reads it and creates no side file at all."""
+    from urllib.parse import quote
+    with open(path, "rb") as f:
+        head = f.read(20)
+    wal = len(head) == 20 and head[18] == 2 and head[19] == 2
+    mode = "immutable=1" if wal and not os.path.exists(path + "-wal") else "mode=ro"
+    return f"file:{quote(path)}?{mode}"
+
+
+def _give_back_side_files(path: str, before: Sequence[str]) -> None:
+    """-wal/-shm files SQLite made beside a source while reading it belong to the database's owner."""
+    st = os.stat(path)
+    for side in ("-wal", "-shm"):
+        if side not in before and os.path.exists(path + side) and os.stat(path + side).st_uid != st.st_uid:
+            os.chown(path + side, st.st_uid, st.st_gid)
+
+
+def _side_files(path: str) -> list[str]:
+    return [s for s in ("-wal", "-shm") if os.path.exists(path + s)]
+
+
+def account_budgets(db: Any) -> list[dict[str, Any]]:
+    """The ``files`` table of an account database: id, group_id, name, deleted (what the server has)."""
+    cols = {row[1] for row in db.execute("PRAGMA table_info(files)")}
+    pick = [c for c in ("id", "group_id", "name", "deleted") if c in cols]
+    if "id" not in pick:
+        return []
+    rows = db.execute(f"SELECT {', '.join(pick)} FROM files ORDER BY rowid").fetchall()
+    return [dict(zip(pick, row)) for row in rows]
+
+
+def _integrity(db: Any) -> str:
+    return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def _match_budgets(src: ImportSource, rows: Sequence[Mapping[str, Any]]) -> None:
+    present = {f["rel"]: f for f in src.files}
+    for row in rows:
+        fid, group = str(row.get("id")), row.get("group_id")
+        blob, gdb = f"user-files/file-{fid}.blob", f"user-files/group-{group}.sqlite"
+        budget = {"id": fid, "name": row.get("name"), "group_id": group, "deleted": bool(row.get("deleted")),
+                  "blob": blob, "size": present[blob]["size"] if blob in present else None,
+                  "group_db_size": present[gdb]["size"] if group and gdb in present else None}
+        src.budgets.append(budget)
+        if blob not in present and not budget["deleted"]:
+            src.missing.append(budget)
+
+
+def inspect_server_dir(path: str) -> ImportSource:
+    """Read DIR without changing it: layout, files, .migrate, integrity of every database, budgets."""
+    import sqlite3
+    src = ImportSource("dir", os.path.abspath(path))
+    src.layout = locate_server_data(path)
+    src.root = os.path.realpath(path)
+    migrate = os.path.join(src.layout["data"], ".migrate")
+    if os.path.lexists(migrate):
+        entry = _source_entry(src, migrate, ".migrate")
+        if entry is not None:
+            src.files.append(entry)
+            try:
+                src.migrations = read_migrations(entry["src"])
+            except CorruptState as exc:
+                raise UsageError(exc.message, hint="the server writes .migrate as JSON: is this a server's "
+                                 "data dir?") from None
+    _scan_tree(src, src.layout["server_files"], "server-files")
+    _scan_tree(src, src.layout["user_files"], "user-files")
+    known = {".migrate", os.path.basename(src.layout["server_files"]), os.path.basename(src.layout["user_files"])}
+    src.skipped += sorted(n for n in os.listdir(src.layout["data"]) if n not in known)
+    rows: list[dict[str, Any]] = []
+    for f in src.files:
+        if f["kind"] != "sqlite" and f["rel"] != ACCOUNT_DB:
+            continue
+        before = _side_files(f["src"])
+        try:
+            db = sqlite3.connect(source_db_uri(f["src"]), uri=True, timeout=30)
+            try:
+                result = _integrity(db)
+                if result == "ok" and f["rel"] == ACCOUNT_DB:
+                    rows = account_budgets(db)
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            result = str(exc)
+        finally:
+            _give_back_side_files(f["src"], before)
+        if result != "ok":
+            raise UsageError(f"{f['src']} fails SQLite's integrity_check ({result[:200]})",
+                             hint="nothing was imported; repair the database first (sqlite3 FILE '.recover'), "
+                                  "or import a backup of it")
+    _match_budgets(src, rows)
+    return src
+
+
+def inspect_backup_archive(ctx: Context, path: str) -> ImportSource:
+    """One checking pass over another host's archive: its sha256 (and sidecar), every member against
+    the manifest, and its account database's integrity and budgets (read into memory)."""
+    import hashlib
+    import sqlite3
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} is not a file", hint="pass an abssctl backup archive (<id>.tar.zst, .tar.gz, .tar)")
+    src = ImportSource("backup", os.path.abspath(path))
+    scan = ArchiveScan(ctx, path)
+    sums: dict[str, str] = {}
+    seen: dict[str, Any] = {"prefix": None, "account": b""}
+
+    def consume(tar: Any, members: Iterator[Any]) -> None:
+        for member in members:
+            top = member.name.split("/", 1)[0]
+            seen["prefix"] = seen["prefix"] or top
+            if top != seen["prefix"] or not member.isreg():
+                raise CorruptState(f"{path}: {member.name} is not a file of backup {seen['prefix']}",
+                                   hint="pass an abssctl backup archive")
+            rel = member.name[len(top) + 1:]
+            keep = rel == "data/" + ACCOUNT_DB and member.size <= ACCOUNT_DB_MAX
+            sha, parts, f = hashlib.sha256(), [], tar.extractfile(member)
+            while chunk := f.read(CHUNK):
+                sha.update(chunk)
+                if keep:
+                    parts.append(chunk)
+            sums[rel] = sha.hexdigest()
+            if keep:
+                seen["account"] = b"".join(parts)
+    ctx.out.progress(f"checking {path}")
+    scan.run(consume)
+    if seen["prefix"] is None:
+        raise CorruptState(f"{path} holds no backup", hint="pass an abssctl backup archive")
+    scan.check_manifest(sums, str(seen["prefix"]))
+    recorded = read_sidecar(backup_sidecar(path))
+    if recorded not in (None, scan.sha256):
+        raise ChecksumMismatch(f"{path} does not match its sidecar {backup_sidecar(path)}",
+                               hint="the archive is damaged or was changed; copy it again")
+    m = scan.manifest or {}
+    if m.get("schema_version") != MANIFEST_SCHEMA:
+        raise UsageError(f"{path} has manifest schema {m.get('schema_version')}; this abssctl reads "
+                         f"{MANIFEST_SCHEMA}", hint="import it with the abssctl that made it, or a newer one")
+    src.manifest, src.sha256 = m, scan.sha256
+    src.origin_version = m.get("server_version")
+    src.migrations = [t for t in m.get("migrations") or [] if isinstance(t, str)]
+    src.files = [{"rel": f["path"][len("data/"):], "src": None, "size": int(f.get("size") or 0),
+                  "kind": f.get("kind") or "file"} for f in m.get("files", [])
+                 if isinstance(f, dict) and str(f.get("path", "")).startswith("data/")]
+    if "data/" + ACCOUNT_DB not in sums:
+        raise UsageError(f"backup {m.get('id')} holds no {ACCOUNT_DB}", hint="it is not a server's backup")
+    if not seen["account"]:
+        raise UsageError(f"the {ACCOUNT_DB} of backup {m.get('id')} is larger than "
+                         f"{human_bytes(ACCOUNT_DB_MAX)}", hint="restore it with backup restore instead")
+    db = sqlite3.connect(":memory:")
+    try:
+        db.deserialize(seen["account"])
+        result = _integrity(db)
+        rows = account_budgets(db) if result == "ok" else []
+    except sqlite3.Error as exc:
+        result = str(exc)
+    finally:
+        db.close()
+    if result != "ok":
+        raise ChecksumMismatch(f"{path}: its {ACCOUNT_DB} fails integrity_check ({result[:200]})",
+                               hint="use another backup")
+    _match_budgets(src, rows)
+    return src
+
+
+def import_version(ctx: Context, src: ImportSource, wanted: str | None) -> dict[str, Any]:
+    """The data's minimum version (the lowest installed one whose migrations include every title the
+    data has seen) and the one to run: --version, else the newest installed (as ``current`` if so)."""
+    versions = Versions(ctx)
+    installed = sorted((v for v in versions.doc["versions"] if versions.state_of(v) == "installed"),
+                       key=semver_key)
+    need = set(src.migrations)
+    fits = [v for v in installed if need <= set(versions.doc["versions"][v].get("migrations") or [])]
+    newest = max(need, default=None)
+    if not fits:
+        origin = f" (it was taken on {src.origin_version})" if src.origin_version else ""
+        raise UsageError(f"the data has seen migration {newest}, which no installed version knows{origin}; "
+                         f"installed: {', '.join(installed) or 'none'}",
+                         hint=f"install the version it comes from, or a newer one: abssctl version install "
+                              f"{src.origin_version or 'latest'}", details={"newest_migration": newest})
+    minimum = fits[0]
+    if wanted is None:
+        version = fits[-1]
+        binding = "current" if version == versions.current else version
+    else:
+        version = resolve_binding(ctx, versions, wanted)
+        _version_entry(ctx, versions, version)
+        binding = wanted
+        if version not in fits:
+            raise UsageError(f"--version {version} cannot load this data: it needs {minimum} or newer (it has "
+                             f"seen migration {newest})", hint=f"pass --version {minimum} or newer, or leave "
+                             "--version out", details={"minimum": minimum, "newest_migration": newest})
+    return {"minimum": minimum, "version": version, "binding": binding, "newest_migration": newest}
+
+
+def _mkdir_owned(path: str, uid: int, gid: int) -> None:
+    if not os.path.isdir(path):
+        os.mkdir(path, 0o750)
+    os.chown(path, uid, gid)
+    os.chmod(path, 0o750)
+
+
+def _copy_once(src: str, dst: str) -> tuple[int, str]:
+    import hashlib
+    sha, size = hashlib.sha256(), 0
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out, open(src, "rb", buffering=0) as f:
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return size, sha.hexdigest()
+
+
+def _copy_checked(ctx: Context, f: dict[str, Any], dst: str) -> None:
+    """Copy a file; then its size and sha256 must match the source read again (a server rewriting
+    it meanwhile makes the copy start over, at most COPY_ATTEMPTS times)."""
+    for _attempt in range(COPY_ATTEMPTS):
+        got = _copy_once(f["src"], dst)
+        if got == (os.path.getsize(f["src"]), sha256_file(f["src"])):
+            f["size"], f["sha256"] = got
+            return
+        os.unlink(dst)
+        ctx.out.progress(f"import: {f['src']} changed while it was copied; copying it again")
+    raise ProviderError(f"{f['src']} kept changing while it was copied; retry later",
+                        hint="or stop the source server during the import")
+
+
+def _snapshot_checked(f: dict[str, Any], dst: str) -> None:
+    """The online-backup snapshot of a source database, which must pass integrity_check."""
+    before = _side_files(f["src"])
+    try:
+        sqlite_snapshot(f["src"], dst, uri=source_db_uri(f["src"]))
+    finally:
+        _give_back_side_files(f["src"], before)
+    result = sqlite_integrity(dst)
+    if result != "ok":
+        raise UsageError(f"the snapshot of {f['src']} fails integrity_check ({result[:200]})",
+                         hint="repair the source database first (sqlite3 FILE '.recover')")
+    f["size"], f["sha256"] = os.path.getsize(dst), sha256_file(dst)
+
+
+def stage_dir_import(ctx: Context, src: ImportSource, staging: str, uid: int, gid: int) -> None:
+    """Snapshot and copy DIR's data into ``staging``/data: account.sqlite first, so a budget that
+    appears later is only an extra blob; one uploaded meanwhile has its blob fetched too."""
+    import sqlite3
+    data = os.path.join(staging, "data")
+    for path in (staging, data, os.path.join(data, "server-files"), os.path.join(data, "user-files")):
+        _mkdir_owned(path, uid, gid)
+    todo = sorted(src.files, key=lambda f: (f["rel"] != ACCOUNT_DB, f["kind"] != "sqlite", f["rel"]))
+    done = 0
+    for f in todo:
+        dst = os.path.join(data, f["rel"])
+        parent = os.path.dirname(dst)
+        if not os.path.isdir(parent):
+            rel_parts = os.path.relpath(parent, data).split("/")
+            for n in range(1, len(rel_parts) + 1):
+                _mkdir_owned(os.path.join(data, *rel_parts[:n]), uid, gid)
+        if f["kind"] == "sqlite":
+            _snapshot_checked(f, dst)
+        else:
+            _copy_checked(ctx, f, dst)
+        os.chown(dst, uid, gid)
+        os.chmod(dst, 0o640)
+        done += int(f["size"])
+        ctx.out.progress(f"import: {human_bytes(done)} / {human_bytes(src.size)}", tick=True)
+        if f["rel"] == ACCOUNT_DB:
+            db = sqlite3.connect(f"file:{dst}?mode=ro", uri=True)
+            try:
+                rows = account_budgets(db)
+            finally:
+                db.close()
+            listed = {x["rel"] for x in src.files}
+            for row in rows:
+                rel = f"user-files/file-{row.get('id')}.blob"
+                live = os.path.join(src.layout["user_files"], rel.split("/", 1)[1])
+                if rel not in listed and "/" not in str(row.get("id")) and os.path.isfile(live) \
+                        and _inside(src.root, os.path.realpath(live)):
+                    extra = {"rel": rel, "src": os.path.realpath(live), "size": os.path.getsize(live),
+                             "kind": "file"}
+                    src.files.append(extra)
+                    todo.append(extra)
+
+
+def stage_backup_import(ctx: Context, src: ImportSource, staging: str, uid: int, gid: int) -> None:
+    """Extract the archive's data into ``staging`` with safe_extract's rules, checked again."""
+    _mkdir_owned(staging, uid, gid)
+    scan = ArchiveScan(ctx, src.path)
+    entry = {"id": src.manifest["id"], "data_bytes": (src.manifest.get("totals") or {}).get("bytes") or src.size}
+    ctx.out.progress(f"import: extracting {src.path}")
+    sums = extract_backup(scan, entry, staging, uid=uid, gid=gid)
+    if scan.sha256 != src.sha256:
+        raise ChecksumMismatch(f"{src.path} changed since it was checked", hint="copy it again, then import")
+    data = os.path.join(staging, "data")
+    for path in (data, os.path.join(data, "server-files"), os.path.join(data, "user-files")):
+        _mkdir_owned(path, uid, gid)
+    for rel in sorted(sums):
+        if rel.endswith(".sqlite"):
+            result = sqlite_integrity(os.path.join(staging, rel))
+            if result != "ok":
+                raise ChecksumMismatch(f"{src.path}: {rel} fails integrity_check ({result[:200]})",
+                                       hint="use another backup")
+
+
+def _import_data_steps(ctx: Context, plan: Plan, name: str, src: ImportSource) -> None:
+    """Stage the data beside the fresh data/ dir, then put it in place of that empty dir."""
+    import pwd
+    pw = pwd.getpwnam(ctx.config.get("service", "user"))
+    uid, gid = pw.pw_uid, ctx.service_gid()
+    paths = instance_paths(ctx, name)
+    staging = os.path.join(paths["root"], f".abssctl-tmp-{ctx.op_id}")
+    stage = stage_dir_import if src.kind == "dir" else stage_backup_import
+    plan.add("import.stage", f"copy the data of {src.path} into {staging} (SQLite through the online-backup "
+             "API, every file checked)" if src.kind == "dir" else f"verify {src.path} and stage its data in "
+             f"{staging}", staging, lambda: stage(ctx, src, staging, uid, gid),
+             UndoAction("remove_tree", path=staging))
+
+    def place() -> None:
+        for sub in ("server-files", "user-files", ""):
+            os.rmdir(os.path.join(paths["data"], sub))     # the empty dirs fs.dirs made
+        os.rename(os.path.join(staging, "data"), paths["data"])
+    plan.add("import.place", f"put the imported data in {paths['data']}", paths["data"], place,
+             UndoAction("rename", src=paths["data"], dst=os.path.join(staging, "data")))
+    plan.cleanup("import.cleanup", f"remove the staging dir {staging}", staging,
+                 UndoAction("remove_tree", path=staging))
+
+
+def _import_text(report: Mapping[str, Any]) -> list[str]:
+    budgets = report["budgets"]
+    lines = [f"{report['source']}: {len(budgets)} budget file(s), {report['files']} files, "
+             f"{human_bytes(report['bytes'])}; newest migration {report['newest_migration'] or 'none'}, so "
+             f"{report['minimum_version']} or newer; runs on {report['version']}"]
+    for b in budgets:
+        size = human_bytes(b["size"]) if b["size"] is not None else "MISSING"
+        lines.append(f"  {b['name'] or '(no name)'}: file {b['id']}, group {b['group_id'] or '-'}, {size}"
+                     + (" (deleted)" if b["deleted"] else ""))
+    if report["skipped"]:
+        lines.append(f"  not server data, left out: {', '.join(report['skipped'])}")
+    return lines
+
+
+def op_instance_import(ctx: Context, name: str, *, source_dir: str | None, backup_file: str | None,
+                       domain: str | None, port: int | None, version: str | None, tls: str | None,
+                       cert: str | None, key: str | None, chain: str | None, allow_missing: bool) -> Result:
+    """An existing server's data (a dir or another host's backup) as a new instance (DESIGN §11.6)."""
+    if name in Instances(ctx).doc["instances"]:
+        raise AlreadyExists(f"instance {name!r} exists already",
+                            hint=f"import under another name (abssctl instance show {name} shows the one there)")
+    src = inspect_server_dir(source_dir) if source_dir else inspect_backup_archive(ctx, str(backup_file))
+    if src.missing and not allow_missing:
+        named = ", ".join(f"{b['name'] or '(no name)'} ({b['blob']})" for b in src.missing[:10])
+        raise UsageError(f"the account database lists {len(src.missing)} budget file(s) whose blob is missing: "
+                         f"{named}", hint="find those files and put them back, or pass --allow-missing to import "
+                         "the rest (those budgets will not download)",
+                         details={"missing": [b["id"] for b in src.missing]})
+    chosen = import_version(ctx, src, version)
+    if domain is None and src.kind == "backup" and src.manifest.get("domain"):
+        domain = validate_fqdn(str(src.manifest["domain"]))
+    req, _same = _validate_create(ctx, name, domain, port, chosen["binding"], tls, cert, key, chain, True)
+    need = int(src.size * 1.1)
+    if disk_free(ctx.paths.instance_root) < need:
+        raise DiskFull(f"importing needs {human_bytes(need)} free under {ctx.paths.instance_root}",
+                       hint="free some space, then import again")
+    report = dict(src.report(), minimum_version=chosen["minimum"], version=chosen["version"],
+                  binding=chosen["binding"])
+    for warning in [f"{b['blob']} is missing; budget {b['name'] or b['id']} will not download"
+                    for b in src.missing]:
+        ctx.out.warn(warning)
+    gate: dict[str, Any] = {}
+
+    def build() -> Plan:
+        plan = Plan(f"import {src.path} as instance {name}")
+        insts = Instances(ctx)
+        if name in insts.doc["instances"]:
+            raise AlreadyExists(f"instance {name!r} was just created", hint=f"see abssctl instance show {name}")
+        if str(req.port) in insts.ports:
+            if port is not None:
+                raise Conflict(f"port {req.port} was just reserved by {insts.ports[str(req.port)].get('instance')}",
+                               hint="pass another --port, or see abssctl ports list")
+            req.port = insts.free_port()
+        _create_steps(ctx, plan, req, gate, data_steps=lambda p: _import_data_steps(ctx, p, name, src))
+        return plan
+
+    def finish(_plan: Plan) -> dict[str, Any]:
+        entry = Instances(ctx).doc["instances"].get(name) or {}
+        return {"instance": _instance_summary(ctx, entry, gate), "import": report}
+
+    def outcome(x: Mapping[str, Any]) -> list[str]:
+        lines = [f"imported {src.path} into {name}"] + _import_text(report)[1:]
+        lines += _created_outcome(x["instance"])[:1]
+        return lines + [f"next: open {x['instance']['url']} and log in with the old server's password"]
+
+    result = run_mutation(ctx, Mutation(title=f"import {name}", build=build, finish=finish, global_mode="exclusive",
+                                        instances=[name], target={"kind": "instance", "name": name},
+                                        args={"name": name, "from": source_dir, "from_backup": backup_file,
+                                              "domain": req.domain, "port": req.port, "version": chosen["binding"],
+                                              "tls": req.tls, "allow_missing": allow_missing}, outcome=outcome))
+    if ctx.dry_run:
+        result.data["import"] = report
+        result.text = _import_text(report) + result.text
+    return result
 
 
 # ============================================================================
