@@ -1947,6 +1947,7 @@ class NginxTransaction:
         self.changed = False
         self.precheck_error: ProviderError | None = None
         self.force = False          # test and reload even when no file differs (a renewed certificate)
+        self.repairs: list[str] = []   # files whose failing nginx -t this transaction mends (a refused pair)
 
     def __enter__(self) -> NginxTransaction:
         self.lock.acquire(30.0, {"pid": os.getpid(), "command": "nginx transaction",
@@ -1990,7 +1991,7 @@ class NginxTransaction:
     def _precheck_blames_us(self) -> bool:
         assert self.precheck_error is not None
         text = "\n".join(self.precheck_error.details.get("stderr", []))
-        return any(path in text or os.path.realpath(path) in text for path in self.snapshot)
+        return any(path in text or os.path.realpath(path) in text for path in [*self.snapshot, *self.repairs])
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
@@ -5218,7 +5219,8 @@ def _host_checks(ctx: Context) -> None:
 
 
 def _nginx_publish_step(ctx: Context, plan: Plan, writes: Mapping[str, bytes], links: Mapping[str, str],
-                        removes: Sequence[str], summary: str, target: str, reload: bool = False) -> None:
+                        removes: Sequence[str], summary: str, target: str, reload: bool = False,
+                        repairs: Sequence[str] = ()) -> None:
     """One nginx transaction as a step; its undo restores every touched path and reloads. With
     ``reload``, nginx is tested and reloaded even when no file changes (new certificate bytes)."""
     touched = list(writes) + list(links) + list(removes)
@@ -5227,6 +5229,7 @@ def _nginx_publish_step(ctx: Context, plan: Plan, writes: Mapping[str, bytes], l
     def do() -> None:
         with Nginx(ctx.runner).transaction(ctx.op_id, ctx.paths.lock("nginx.lock")) as tx:
             tx.force = reload
+            tx.repairs = list(repairs)
             for path, data in writes.items():
                 tx.write(path, data)
             for link, dest in links.items():
@@ -5748,7 +5751,7 @@ def op_instance_set_domain(ctx: Context, name: str, domain: str) -> Result:
         vhost = ctx.paths.vhost_file(name)
         _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, domain, int(entry["port"]), tls)}, {}, (),
                             f"serve {name} as {domain}", vhost)
-        _registry_step(ctx, plan, insts.registry, name, dict(entry, domain=domain, updated_at=_now()),
+        _registry_step(ctx, plan, insts.registry, name, dict(entry, domain=domain, tls=tls, updated_at=_now()),
                        f"record domain {domain}")
         return plan
 
@@ -6212,7 +6215,8 @@ def op_tls_deploy_hook(ctx: Context) -> Result:
             tls = dict(entry["tls"], cert=serve["cert"], key=serve["key"], lineage=lineage)
             vhost = ctx.paths.vhost_file(name)
             _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, entry["domain"], int(entry["port"]), tls)},
-                                {}, (), f"serve {name} with {serve['cert']} (nginx -t, reload)", vhost, reload=True)
+                                {}, (), f"serve {name} with {serve['cert']} (nginx -t, reload)", vhost, reload=True,
+                                repairs=[live["cert"], live["key"], *map(os.path.realpath, live.values())])
             if tls != entry["tls"]:
                 _registry_step(ctx, plan, insts.registry, name, dict(entry, tls=tls, updated_at=_now()),
                                f"record {serve['cert']} for {name}")
@@ -8367,6 +8371,47 @@ def probe_tls_served(ctx: Context, facts: Facts) -> list[Finding]:
                                                       lambda: Nginx(ctx.runner).reload()))]
         return [_ok("tls.served", name, f"nginx serves {cert} for {entry['domain']}")]
     return _each(sorted(facts.instances), one) if https in facts.listeners else []
+
+
+@probe("tls", timeout=10)
+def probe_tls_renewal(ctx: Context, facts: Facts) -> list[Finding]:
+    """Instances on a certbot lineage: its renewal conf runs abssctl's deploy hook, and certbot.timer
+    is enabled (certbot renews; the hook makes nginx serve the result)."""
+    users = {n: _lineage_of(e.get("tls") or {}) for n, e in sorted(facts.instances.items())}
+    users = {n: lineage for n, lineage in users.items() if lineage}
+    if not users:
+        return []
+    out = []
+    for name, lineage in users.items():
+        conf = os.path.join(ctx.paths.letsencrypt_dir, "renewal", os.path.basename(lineage) + ".conf")
+        try:
+            with open(conf, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        hook = next((line.split("=", 1)[1].strip() for line in text.splitlines()
+                     if re.match(r"^\s*(renew_hook|deploy_hook)\s*=", line)), "")
+        if "tls deploy-hook" in hook:
+            out.append(_ok("tls.deploy-hook", name, f"{conf} runs the deploy hook: {hook}"))
+        else:
+            out.append(Finding("tls.deploy-hook", name, "warn", f"{conf if text else 'no renewal conf ' + conf} "
+                               "does not run abssctl's deploy hook: after a renewal nginx keeps serving the old "
+                               "certificate until it is reloaded", hint=f"run: abssctl tls acme {name} --server "
+                               "<the lineage's server> after certbot renew --force-renewal, or add under "
+                               f"[renewalparams]: renew_hook = {deploy_hook_command(ctx)}"))
+    if ctx.runner.available("systemctl"):
+        done = ctx.runner.run("systemctl", ["is-enabled", "certbot.timer"], mutating=False, check=False, timeout=8)
+        state = done.stdout.strip() or "not found"
+        if state == "enabled":
+            out.append(_ok("tls.renewal-timer", None, "certbot.timer is enabled"))
+        else:
+            out.append(Finding("tls.renewal-timer", None, "warn", f"certbot.timer is {state}, so certificates of "
+                               f"{', '.join(users)} are not renewed", hint="systemctl enable --now certbot.timer "
+                               "(doctor --fix does it)", fix=lambda plan: plan.add(
+                                   "systemctl.enable", "systemctl enable --now certbot.timer", "certbot.timer",
+                                   lambda: ctx.runner.run("systemctl", ["enable", "--now", "certbot.timer"],
+                                                          mutating=True))))
+    return out
 
 
 @probe("app", timeout=10)
