@@ -497,6 +497,8 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "tls_dir": ("path", "/etc/abssctl/tls", "per-instance certificates and keys"),
         "runtime_root": ("path", "/srv/abssctl/runtimes", "managed Node runtimes, one tree each"),
         "letsencrypt_dir": ("path", "/etc/letsencrypt", "certbot's config dir: tls auto looks in live/<domain>/"),
+        "acme_webroot": ("path", "/var/lib/abssctl/acme", "every vhost serves /.well-known/acme-challenge/ "
+                         "from here (world-readable)"),
         "systemd_unit_dir": ("path", "/etc/systemd/system", "where units are written"),
         "nginx_sites_available": ("path", "/etc/nginx/sites-available", "where vhosts are written"),
         "nginx_sites_enabled": ("path", "/etc/nginx/sites-enabled", "where vhosts are enabled"),
@@ -533,6 +535,8 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
                            "domain, else self-signed), system, self-signed or custom"),
         "system_cert": ("path", "/etc/ssl/private/cert.pem", "the host certificate (TurnKey layout)"),
         "system_key": ("path", "/etc/ssl/private/cert.key", "the host key"),
+        "acme_email": ("str", "", "tls acme: the account email certbot registers (empty: none)"),
+        "acme_server": ("str", "", "tls acme: the ACME directory URL (empty: certbot's default, Let's Encrypt)"),
     },
     "backups": {
         "compression": ("str", "auto", "auto, zstd, gzip or none"),
@@ -557,6 +561,7 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "useradd": ("argv", ["useradd"], "argv prefix"),
         "groupadd": ("argv", ["groupadd"], "argv prefix"),
         "apt_get": ("argv", ["apt-get"], "argv prefix; quickstart installs missing Debian packages with it"),
+        "certbot": ("argv", ["certbot"], "argv prefix; tls acme runs certbot certonly --webroot with it"),
     },
 }
 
@@ -809,6 +814,7 @@ class Paths:
         self.templates_dir = p["templates_dir"]
         self.tls_dir = p["tls_dir"]
         self.letsencrypt_dir = p["letsencrypt_dir"]
+        self.acme_webroot = p["acme_webroot"]
         self.unit_dir = p["systemd_unit_dir"]
         self.sites_available = p["nginx_sites_available"]
         self.sites_enabled = p["nginx_sites_enabled"]
@@ -1567,7 +1573,7 @@ class TarWriter:
 # 5. Process runner
 # ============================================================================
 
-TIMEOUTS = {"systemctl": 60.0, "nginx": 30.0, "nginx_reload": 30.0, "openssl": 30.0,
+TIMEOUTS = {"certbot": 300.0, "systemctl": 60.0, "nginx": 30.0, "nginx_reload": 30.0, "openssl": 30.0,
             "journalctl": 30.0, "npm": 60.0, "node": 60.0, "zstd": 60.0,
             "useradd": 60.0, "groupadd": 60.0, "apt_get": 600.0}
 PINNED_ENV = {"LC_ALL": "C", "LANG": "C", "PAGER": "cat", "SYSTEMD_PAGER": "",
@@ -1580,6 +1586,7 @@ INSTALL_HINTS = {
     "journalctl": "apt-get install systemd", "useradd": "apt-get install passwd",
     "groupadd": "apt-get install passwd",
     "apt_get": "this host has no apt-get: install the packages with its own package manager",
+    "certbot": "apt-get install certbot",
 }
 
 
@@ -1879,7 +1886,8 @@ def sample_values(name: str) -> dict[str, str]:
     return {"NAME": "sample", "DOMAIN": "sample.example.org", "PORT": "5006",
             "LISTEN_HTTP": "    listen 80;", "LISTEN_HTTPS": "    listen 443 ssl;",
             "HTTPS_PORT_SUFFIX": "", "CERT": "/etc/ssl/private/cert.pem",
-            "KEY": "/etc/ssl/private/cert.key", "CLIENT_MAX_BODY_SIZE": "50M", "INTERNAL_BLOCK": ""}
+            "KEY": "/etc/ssl/private/cert.key", "CLIENT_MAX_BODY_SIZE": "50M", "INTERNAL_BLOCK": "",
+            "ACME_WEBROOT": "/var/lib/abssctl/acme"}
 
 
 # ============================================================================
@@ -1938,6 +1946,8 @@ class NginxTransaction:
         self.snapshot: dict[str, dict[str, Any] | None] = {}
         self.changed = False
         self.precheck_error: ProviderError | None = None
+        self.force = False          # test and reload even when no file differs (a renewed certificate)
+        self.repairs: list[str] = []   # files whose failing nginx -t this transaction mends (a refused pair)
 
     def __enter__(self) -> NginxTransaction:
         self.lock.acquire(30.0, {"pid": os.getpid(), "command": "nginx transaction",
@@ -1981,7 +1991,7 @@ class NginxTransaction:
     def _precheck_blames_us(self) -> bool:
         assert self.precheck_error is not None
         text = "\n".join(self.precheck_error.details.get("stderr", []))
-        return any(path in text or os.path.realpath(path) in text for path in self.snapshot)
+        return any(path in text or os.path.realpath(path) in text for path in [*self.snapshot, *self.repairs])
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
@@ -1994,7 +2004,7 @@ class NginxTransaction:
                                     + self.precheck_error.message,
                                     hint="fix the nginx configuration (nginx -t), then re-run",
                                     details=self.precheck_error.details)
-            if not self._differs():
+            if not self._differs() and not self.force:
                 return
             self._commit()
         finally:
@@ -2532,6 +2542,79 @@ class Tls:
                                     "-nodes", "-days", str(days), "-subj", f"/CN={domain}",
                                     "-addext", f"subjectAltName=DNS:{domain}", "-keyout", key_path,
                                     "-out", cert_path], mutating=True, umask=0o077)
+
+
+EMAIL_RE = LazyRegex(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})+\Z")
+ACME_URL_RE = LazyRegex(r"^https://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~%/+-]*)?\Z")
+ISSUING_ENV = "_ABSSCTL_ISSUING"    # set for certbot by tls acme: the deploy hook it runs leaves the work to us
+
+
+class Certbot:
+    """certbot certonly --webroot for one domain (§11.2); its failures are read into plain words.
+
+    certbot is the ACME client: abssctl never speaks ACME itself, it only asks and reads the result."""
+
+    def __init__(self, runner: Runner, config_dir: str, webroot: str) -> None:
+        self.runner, self.config_dir, self.webroot = runner, config_dir, webroot
+
+    def certonly_args(self, domain: str, email: str, server: str, staging: bool, hook: str) -> list[str]:
+        args = ["certonly", "--webroot", "-w", self.webroot, "-d", domain, "--non-interactive", "--agree-tos"]
+        args += ["--email", email] if email else ["--register-unsafely-without-email"]
+        args += ["--server", server] if server else []
+        args += ["--staging"] if staging else []
+        return args + ["--config-dir", self.config_dir, "--deploy-hook", hook]
+
+    def certonly(self, domain: str, email: str, server: str, staging: bool, hook: str, op_id: str) -> None:
+        """Ask for a certificate; a refusal raises ProviderError with certbot's reason and a hint."""
+        done = self.runner.run("certbot", self.certonly_args(domain, email, server, staging, hook), mutating=True,
+                               check=False, umask=0o022, env_extra={ISSUING_ENV: op_id})
+        if done.returncode == 0:
+            return
+        reason, kinds = certbot_failure(done.stdout + "\n" + done.stderr)
+        if kinds & {"connection", "unauthorized", "dns", "incorrectResponse", "caa"}:
+            hint = (f"check that {domain}'s DNS (A/AAAA records) points at this host and that port 80 is reachable "
+                    f"from the internet (firewall, router port forwarding); certbot then fetches "
+                    f"http://{domain}/.well-known/acme-challenge/… from {self.webroot}. Then re-run")
+        elif kinds & {"rateLimited"}:
+            hint = "the CA's rate limit applies: wait (see the time in the message), or test with --staging"
+        else:
+            hint = "read certbot's log (/var/log/letsencrypt/letsencrypt.log, or its --logs-dir), fix it, then re-run"
+        raise ProviderError(f"certbot could not get a certificate for {domain}: {reason}", hint=hint,
+                            details={"argv": list(done.argv), "rc": done.returncode, "kinds": sorted(kinds),
+                                     "stderr": _tail(done.stdout + "\n" + done.stderr)})
+
+
+CERTBOT_NOISE = ("Saving debug log", "Ask for help", "Requesting a certificate", "Hint:", "Some challenges have failed",
+                 "- - - -", "The Certificate Authority reported", "Certbot failed to authenticate")
+
+
+def certbot_failure(text: str) -> tuple[str, set[str]]:
+    """(certbot's reason in one line, the ACME problem types it named) from its output: each
+    Domain/Type/Detail block of "Certbot failed to authenticate", else "An unexpected error occurred:"
+    and what follows, else its last meaningful line."""
+    lines = [line.strip() for line in text.splitlines()]
+    problems, kinds, domain, kind = [], set(), "", ""
+    for line in lines:
+        if line.startswith("Domain:"):
+            domain = line[7:].strip()
+        elif line.startswith("Type:"):
+            kind = line[5:].strip()
+            kinds.add(kind)
+        elif line.startswith("Detail:"):
+            problems.append(f"{domain or 'the CA'}: {kind + ': ' if kind else ''}{line[7:].strip()}")
+            domain = kind = ""
+    if problems:
+        return "; ".join(problems), kinds
+    for i, line in enumerate(lines):
+        if line.startswith("An unexpected error occurred"):
+            rest = " ".join(x for x in lines[i + 1:] if x and not x.startswith(CERTBOT_NOISE))
+            if rest:
+                for acme, word in (("rateLimited", "too many"), ("rateLimited", "rate limit")):
+                    if word in rest.lower():
+                        kinds.add(acme)
+                return rest, kinds
+    meaningful = [x for x in lines if x and not x.startswith(CERTBOT_NOISE)]
+    return (meaningful[-1] if meaningful else "certbot failed without saying why"), kinds
 
 
 # ============================================================================
@@ -3121,6 +3204,7 @@ INIT_DIRS = (
     ("install_root", "root", 0o755), ("runtime_root", "root", 0o755), ("instance_root", "root", 0o755),
     ("state_dir", "root", 0o755), ("registry_dir", "group", 0o750), ("journal_dir", "root", 0o700),
     ("backup_root", "root", 0o700), ("log_dir", "root", 0o750), ("run_dir", "root", 0o755),
+    ("acme_webroot", "root", 0o755),
 )
 
 
@@ -4936,7 +5020,7 @@ def render_vhost(ctx: Context, name: str, domain: str, port: int, tls: Mapping[s
     values = {"NAME": name, "DOMAIN": domain, "PORT": str(port), "LISTEN_HTTP": listen_http,
               "LISTEN_HTTPS": listen_https, "HTTPS_PORT_SUFFIX": "" if https == 443 else f":{https}",
               "CERT": tls["cert"], "KEY": tls["key"], "CLIENT_MAX_BODY_SIZE": cfg.get("nginx", "client_max_body_size"),
-              "INTERNAL_BLOCK": internal}
+              "INTERNAL_BLOCK": internal, "ACME_WEBROOT": ctx.paths.acme_webroot}
     return render(ctx.paths.templates_dir, "nginx-vhost.conf", values).encode()
 
 
@@ -4969,6 +5053,13 @@ def letsencrypt_lineage(ctx: Context, domain: str) -> dict[str, str]:
     return {"dir": live, "cert": os.path.join(live, "fullchain.pem"), "key": os.path.join(live, "privkey.pem")}
 
 
+def letsencrypt_tls(ctx: Context, domain: str) -> dict[str, Any]:
+    """The registry's tls entry for a certbot lineage, served in place from live/."""
+    lineage = letsencrypt_lineage(ctx, domain)
+    return {"source": "letsencrypt", "cert": lineage["cert"], "key": lineage["key"], "chain": None,
+            "lineage": lineage["dir"]}
+
+
 def _pair_covers(ctx: Context, cert: str, key: str, domain: str) -> bool:
     """Both files exist, the key matches, and the certificate covers ``domain`` (quietly False if not)."""
     if not (os.path.isfile(cert) and os.path.isfile(key)):
@@ -4994,8 +5085,9 @@ def choose_auto_tls(ctx: Context, domain: str) -> str:
         return "system"
     ctx.out.warn(f"no certificate on this host covers {domain} (none in {lineage['dir']}, and the system "
                  f"certificate {ctx.config.get('tls', 'system_cert')} does not): using a self-signed one, so "
-                 "browsers will warn until their devices trust it. For a real one, get a certificate for the "
-                 f"domain (e.g. certbot certonly --webroot) and run: abssctl tls install NAME --cert F --key F")
+                 "browsers will warn until their devices trust it. For a trusted one from Let's Encrypt (DNS of the "
+                 "domain pointing here, port 80 reachable), run: abssctl tls acme NAME; for one you have: abssctl "
+                 "tls install NAME --cert F --key F")
     return "self-signed"
 
 
@@ -5061,8 +5153,7 @@ def _tls_entry(ctx: Context, req: CreateRequest) -> dict[str, Any]:
     if req.tls == "system":
         return check_system_tls(ctx)
     if req.tls == "letsencrypt":
-        lineage = letsencrypt_lineage(ctx, req.domain)
-        return {"source": "letsencrypt", "cert": lineage["cert"], "key": lineage["key"], "chain": None}
+        return letsencrypt_tls(ctx, req.domain)
     tp = _tls_paths(ctx, req.name)
     return {"source": req.tls, "cert": tp["cert"], "key": tp["key"], "chain": None}
 
@@ -5142,13 +5233,17 @@ def _host_checks(ctx: Context) -> None:
 
 
 def _nginx_publish_step(ctx: Context, plan: Plan, writes: Mapping[str, bytes], links: Mapping[str, str],
-                        removes: Sequence[str], summary: str, target: str) -> None:
-    """One nginx transaction as a step; its undo restores every touched path and reloads."""
+                        removes: Sequence[str], summary: str, target: str, reload: bool = False,
+                        repairs: Sequence[str] = ()) -> None:
+    """One nginx transaction as a step; its undo restores every touched path and reloads. With
+    ``reload``, nginx is tested and reloaded even when no file changes (new certificate bytes)."""
     touched = list(writes) + list(links) + list(removes)
     before = {p: snapshot(p) for p in touched}
 
     def do() -> None:
         with Nginx(ctx.runner).transaction(ctx.op_id, ctx.paths.lock("nginx.lock")) as tx:
+            tx.force = reload
+            tx.repairs = list(repairs)
             for path, data in writes.items():
                 tx.write(path, data)
             for link, dest in links.items():
@@ -5228,6 +5323,8 @@ def op_instance_create(ctx: Context, name: str, *, domain: str | None, port: int
                        tls: str | None, cert: str | None, key: str | None, chain: str | None,
                        start: bool) -> Result:
     """Reserve, provision, write config, TLS and unit, start behind the gate, then publish the vhost."""
+    if tls == "acme":
+        return _create_with_acme(ctx, name, domain=domain, port=port, version=version, start=start)
     req, same = _validate_create(ctx, name, domain, port, version, tls, cert, key, chain, start)
     gate: dict[str, Any] = {}
 
@@ -5263,6 +5360,30 @@ def op_instance_create(ctx: Context, name: str, *, domain: str | None, port: int
                                       args={"name": name, "domain": req.domain, "port": req.port,
                                             "version": version, "tls": req.tls, "start": start},
                                       outcome=lambda x: _created_outcome(x["instance"])))
+
+
+def _create_with_acme(ctx: Context, name: str, *, domain: str | None, port: int | None, version: str,
+                      start: bool) -> Result:
+    """instance create --tls acme: create the instance on a self-signed certificate (its port-80
+    server must answer the challenge before any certificate exists), then tls acme. A refused
+    challenge leaves a working instance on self-signed and exits 4 saying so: the next try is
+    `abssctl tls acme NAME`, not a whole new create."""
+    acme_options(ctx, None, None)
+    _require_certbot(ctx)
+    created = op_instance_create(ctx, name, domain=domain, port=port, version=version, tls="self-signed",
+                                 cert=None, key=None, chain=None, start=start)
+    if (Instances(ctx).get(name).get("tls") or {}).get("source") == "letsencrypt":
+        return created
+    _next_op(ctx)
+    try:
+        acme = op_tls_acme(ctx, name, None, False, None)
+    except ProviderError as exc:
+        raise ProviderError(f"{name} was created and is served with a self-signed certificate, but the Let's "
+                            f"Encrypt step failed: {exc.message}",
+                            hint=f"{exc.hint + '; ' if exc.hint else ''}then run: abssctl tls acme {name}",
+                            details=exc.details) from None
+    inst = _instance_summary(ctx, Instances(ctx).get(name), {"health": created.data["instance"].get("health")})
+    return Result({**created.data, "instance": inst, "acme": acme.data}, _created_outcome(inst), changed=True)
 
 
 def _created_outcome(inst: Mapping[str, Any]) -> list[str]:
@@ -5635,13 +5756,20 @@ def op_instance_set_domain(ctx: Context, name: str, domain: str) -> Result:
         if tls.get("source") == "self-signed":
             _tls_files_step(ctx, plan, name, f"regenerate the self-signed certificate for {domain}",
                             lambda: make_self_signed(ctx, name, domain, 825))
-        elif tls.get("source") in ("custom", "letsencrypt") and not Tls(ctx.runner).inspect(tls["cert"]).covers(domain):
+        elif tls.get("source") == "letsencrypt":
+            # The certificate for the new name comes first: if certbot is refused, nothing changed.
+            email, server = acme_options(ctx, None, None)
+            _require_certbot(ctx)
+            _challenge_ready_step(ctx, plan, name, entry, extra_domain=domain)
+            _issue_step(ctx, plan, domain, email, server, False)
+            tls = letsencrypt_tls(ctx, domain)
+        elif tls.get("source") == "custom" and not Tls(ctx.runner).inspect(tls["cert"]).covers(domain):
             ctx.out.warn(f"the {tls['source']} certificate of {name} does not cover {domain}; install one that does "
                          f"with abssctl tls install {name} --cert F --key F")
         vhost = ctx.paths.vhost_file(name)
         _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, domain, int(entry["port"]), tls)}, {}, (),
                             f"serve {name} as {domain}", vhost)
-        _registry_step(ctx, plan, insts.registry, name, dict(entry, domain=domain, updated_at=_now()),
+        _registry_step(ctx, plan, insts.registry, name, dict(entry, domain=domain, tls=tls, updated_at=_now()),
                        f"record domain {domain}")
         return plan
 
@@ -5846,8 +5974,9 @@ def op_tls_verify(ctx: Context, name: str | None, cert: str | None, key: str | N
     return Result({"tls": info}, text)
 
 
-def _retls(ctx: Context, name: str, source: str, prepare: Callable[[Plan, dict[str, Any]], None]) -> Result:
-    """Shared tail of tls install/use-system/self-signed: new files, registry, nginx transaction."""
+def _retls(ctx: Context, name: str, source: str, prepare: Callable[[Plan, dict[str, Any]], None],
+           reload: bool = False) -> Result:
+    """Shared tail of tls install/use-system/self-signed/acme: new files, registry, nginx transaction."""
     def build() -> Plan:
         insts = Instances(ctx)
         entry = insts.get(name)
@@ -5858,7 +5987,7 @@ def _retls(ctx: Context, name: str, source: str, prepare: Callable[[Plan, dict[s
             return Plan(f"tls {source} for {name}")
         vhost = ctx.paths.vhost_file(name)
         _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, entry["domain"], int(entry["port"]), tls)},
-                            {}, (), f"serve {name} with the {source} certificate", vhost)
+                            {}, (), f"serve {name} with the {source} certificate", vhost, reload=reload)
         _registry_step(ctx, plan, insts.registry, name, dict(entry, tls=tls, updated_at=_now()),
                        f"record TLS source {source}")
         return plan
@@ -5901,6 +6030,226 @@ def op_tls_self_signed(ctx: Context, name: str, days: int) -> Result:
         tls.update(cert=tp["cert"], key=tp["key"])
     result = _retls(ctx, name, "self-signed", prepare)
     result.warnings.append(f"browsers will not trust {entry['domain']} until its clients trust {tp['cert']}")
+    return result
+
+
+# --- 8d.2 Certificates through certbot ---
+
+CHALLENGE_PATH = "/.well-known/acme-challenge/"
+
+
+def acme_options(ctx: Context, email: str | None, server: str | None) -> tuple[str, str]:
+    """The account email and ACME directory for tls acme: the flags, else [tls] acme_email/acme_server.
+    Bad values exit 2 before anything runs."""
+    email = ctx.config.get("tls", "acme_email") if email is None else email
+    server = ctx.config.get("tls", "acme_server") if server is None else server
+    if email and not EMAIL_RE.match(email):
+        raise UsageError(f"invalid email {email!r}", hint="give an address such as admin@example.org (certbot "
+                         "registers it with the CA for expiry notices), or none")
+    if server and not ACME_URL_RE.match(server):
+        raise UsageError(f"invalid ACME server URL {server!r}",
+                         hint="give the https:// URL of an ACME directory, e.g. "
+                              "https://acme-v02.api.letsencrypt.org/directory, or leave it out")
+    return email, server
+
+
+def abssctl_program() -> list[str]:
+    """The argv that runs this abssctl again: the script or the .pyz, under this python when it is
+    not executable itself."""
+    import sys
+    path = os.path.abspath(__file__)
+    while path != "/" and not os.path.isfile(path):      # inside a zipapp: /x/abssctl.pyz/abssctl.py
+        path = os.path.dirname(path)
+    path = os.path.realpath(path)
+    if os.access(path, os.X_OK):
+        return [path]
+    return [os.path.realpath(sys.executable) if sys.executable else "/usr/bin/python3", path]
+
+
+def deploy_hook_command(ctx: Context) -> str:
+    """What certbot runs (through a shell) after each issue and renewal: this abssctl, its config."""
+    import shlex
+    config = ["--config", os.path.abspath(ctx.config.path)] if ctx.config.path_exists else []
+    return shlex.join([*abssctl_program(), *config, "tls", "deploy-hook"])
+
+
+def check_lineage_pair(ctx: Context, cert: str, key: str, domains: Sequence[str]) -> CertInfo:
+    """A pair certbot wrote is served only if the key matches, it is in date and covers every domain."""
+    import time
+    for path in (cert, key):
+        if not os.path.isfile(path):
+            raise UsageError(f"{path} does not exist")
+    Tls.check_pair(cert, key)
+    info = Tls(ctx.runner).inspect(cert)
+    if info.not_after < time.time():
+        raise UsageError(f"the certificate {cert} expired on {rfc3339(info.not_after)}")
+    if info.not_before is not None and info.not_before > time.time() + 300:
+        raise UsageError(f"the certificate {cert} is not valid before {rfc3339(info.not_before)}")
+    missing = [d for d in domains if not info.covers(d)]
+    if missing:
+        raise UsageError(f"the certificate {cert} does not cover {', '.join(missing)} "
+                         f"(it names {', '.join(info.san) or 'no DNS names'})")
+    return info
+
+
+def _certbot_leftovers(ctx: Context) -> dict[str, set[str]]:
+    """The files in certbot's keys/ and csr/ (a failed certonly leaves a fresh, unused key there)."""
+    out = {}
+    for sub in ("keys", "csr"):
+        where = os.path.join(ctx.paths.letsencrypt_dir, sub)
+        out[where] = set(os.listdir(where)) if os.path.isdir(where) else set()
+    return out
+
+
+def _issue_step(ctx: Context, plan: Plan, domain: str, email: str, server: str, staging: bool) -> None:
+    """certbot certonly --webroot for ``domain``, then the new lineage verified. A refusal leaves
+    nothing of its own behind (the unused key certbot wrote is removed); there is nothing to undo
+    after success: the lineage is certbot's, and it stays valid for a later try."""
+    certbot = Certbot(ctx.runner, ctx.paths.letsencrypt_dir, ctx.paths.acme_webroot)
+    hook = deploy_hook_command(ctx)
+
+    def do() -> None:
+        before = _certbot_leftovers(ctx)
+        try:
+            certbot.certonly(domain, email, server, staging, hook, ctx.op_id)
+        except ProviderError:
+            for where, names in _certbot_leftovers(ctx).items():
+                for name in sorted(names - before[where]):
+                    if re.match(r"^[0-9]{4}_(key|csr)-certbot\.pem\Z", name):
+                        os.unlink(os.path.join(where, name))
+            raise
+        lineage = letsencrypt_lineage(ctx, domain)
+        try:
+            check_lineage_pair(ctx, lineage["cert"], lineage["key"], [domain])
+        except UsageError as exc:
+            raise ProviderError(f"certbot reported success, but its certificate is not usable: {exc.message}",
+                                hint=f"look at {lineage['dir']} and certbot's log") from None
+    plan.add("certbot.certonly", f"certbot certonly --webroot -w {ctx.paths.acme_webroot} -d {domain}"
+             f"{' --staging' if staging else ''} (deploy hook: {hook})", domain, do)
+
+
+def _challenge_ready_step(ctx: Context, plan: Plan, name: str, entry: Mapping[str, Any],
+                          extra_domain: str | None = None) -> None:
+    """Before certbot: the port-80 server of the vhost answers the challenge (an old vhost is
+    re-rendered; with ``extra_domain`` it also answers for that name). Undone on failure."""
+    vhost = ctx.paths.vhost_file(name)
+    try:
+        with open(vhost, "rb") as f:
+            current = f.read()
+    except OSError:
+        current = b""
+    if CHALLENGE_PATH.encode() in current and extra_domain is None:
+        return
+    served = f"{entry['domain']} {extra_domain}" if extra_domain else str(entry["domain"])
+    _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, served, int(entry["port"]), entry["tls"])}, {},
+                        (), f"answer ACME challenges for {served} on port {ctx.config.get('nginx', 'http_port')}",
+                        vhost)
+
+
+def _require_certbot(ctx: Context) -> None:
+    if not ctx.runner.available("certbot"):
+        raise MissingTool("certbot is not installed (tls acme asks it for a Let's Encrypt certificate)",
+                          hint=INSTALL_HINTS["certbot"])
+    if not ctx.runner.available("openssl"):
+        raise MissingTool("openssl is not installed (needed to check certificates)", hint=INSTALL_HINTS["openssl"])
+
+
+def op_tls_acme(ctx: Context, name: str, email: str | None, staging: bool, server: str | None) -> Result:
+    """§11.2: certbot certonly --webroot with the deploy hook, then the instance serves the lineage."""
+    email, server = acme_options(ctx, email, server)
+    entry = Instances(ctx).get(name)
+    _require_certbot(ctx)
+    domain = str(entry["domain"])
+
+    def prepare(plan: Plan, tls: dict[str, Any]) -> None:
+        _challenge_ready_step(ctx, plan, name, Instances(ctx).get(name))
+        _issue_step(ctx, plan, domain, email, server, staging)
+        tls.update(letsencrypt_tls(ctx, domain))
+    return _retls(ctx, name, "letsencrypt", prepare, reload=True)
+
+
+def _lineage_of(tls: Mapping[str, Any]) -> str | None:
+    if tls.get("source") != "letsencrypt":
+        return None
+    return os.path.normpath(str(tls.get("lineage") or os.path.dirname(str(tls.get("cert") or ""))))
+
+
+def _previous_archive_pair(ctx: Context, lineage: str, domains: Sequence[str]) -> dict[str, str] | None:
+    """The newest earlier archive/<domain>/{fullchain,privkey}N.pem that still verifies: what nginx
+    served before certbot moved live/ on (certbot keeps every version)."""
+    link = os.path.join(lineage, "fullchain.pem")
+    m = re.search(r"fullchain([0-9]+)\.pem\Z", os.readlink(link)) if os.path.islink(link) else None
+    if not m:
+        return None
+    archive = os.path.dirname(os.path.realpath(link))
+    for n in range(int(m.group(1)) - 1, 0, -1):
+        cert, key = os.path.join(archive, f"fullchain{n}.pem"), os.path.join(archive, f"privkey{n}.pem")
+        try:
+            check_lineage_pair(ctx, cert, key, domains)
+        except UsageError:
+            continue
+        return {"cert": cert, "key": key}
+    return None
+
+
+def op_tls_deploy_hook(ctx: Context) -> Result:
+    """Run by certbot after a renewal (RENEWED_LINEAGE, RENEWED_DOMAINS): verify the new pair, then
+    reload nginx through the transaction for every instance serving that lineage. A pair that does
+    not verify is refused: those vhosts are pointed at the previous archive pair, so nginx -t passes
+    and the old certificate stays served, and the hook exits 4."""
+    if os.environ.get(ISSUING_ENV):
+        return Result({"deploy_hook": {"skipped": True}}, ["called during abssctl tls acme (op "
+                      f"{os.environ[ISSUING_ENV]}), which publishes the certificate itself"], changed=False)
+    lineage = os.environ.get("RENEWED_LINEAGE", "")
+    domains = os.environ.get("RENEWED_DOMAINS", "").split()
+    if not lineage or not os.path.isabs(lineage):
+        raise UsageError("RENEWED_LINEAGE is not set: tls deploy-hook is run by certbot after a renewal",
+                         hint="certbot runs it; to publish a certificate by hand use abssctl tls acme NAME")
+    lineage = os.path.normpath(lineage)
+    users = sorted(n for n, e in Instances(ctx).doc["instances"].items() if _lineage_of(e.get("tls") or {}) == lineage)
+    if not users:
+        return Result({"deploy_hook": {"lineage": lineage, "instances": []}},
+                      [f"no instance serves {lineage}; nothing to reload"], changed=False)
+    live = {"cert": os.path.join(lineage, "fullchain.pem"), "key": os.path.join(lineage, "privkey.pem")}
+    refused: str | None = None
+    try:
+        check_lineage_pair(ctx, live["cert"], live["key"], domains)
+        serve = live
+    except UsageError as exc:
+        refused = exc.message
+        previous = _previous_archive_pair(ctx, lineage, domains)
+        if previous is None:
+            raise ProviderError(f"refused the renewed certificate in {lineage}: {refused}; no earlier version in "
+                                "its archive verifies, so nginx was not reloaded (it still serves what it loaded)",
+                                hint=f"fix the lineage (certbot renew --force-renewal --cert-name "
+                                     f"{os.path.basename(lineage)}), and do not reload nginx until then") from None
+        serve = previous
+
+    def build() -> Plan:
+        insts = Instances(ctx)
+        plan = Plan(f"deploy {lineage}")
+        for name in users:
+            entry = insts.get(name)
+            tls = dict(entry["tls"], cert=serve["cert"], key=serve["key"], lineage=lineage)
+            vhost = ctx.paths.vhost_file(name)
+            _nginx_publish_step(ctx, plan, {vhost: render_vhost(ctx, name, entry["domain"], int(entry["port"]), tls)},
+                                {}, (), f"serve {name} with {serve['cert']} (nginx -t, reload)", vhost, reload=True,
+                                repairs=[live["cert"], live["key"], *map(os.path.realpath, live.values())])
+            if tls != entry["tls"]:
+                _registry_step(ctx, plan, insts.registry, name, dict(entry, tls=tls, updated_at=_now()),
+                               f"record {serve['cert']} for {name}")
+        return plan
+    result = run_mutation(ctx, Mutation(title="tls deploy-hook", build=build, instances=users,
+                                        target={"kind": "lineage", "path": lineage},
+                                        args={"lineage": lineage, "domains": domains},
+                                        outcome=lambda _x: [f"reloaded nginx for {', '.join(users)} with the renewed "
+                                                            f"certificate in {lineage}"]))
+    if refused:
+        raise ProviderError(f"refused the renewed certificate in {lineage}: {refused}; {', '.join(users)} "
+                            f"keep serving the previous one ({serve['cert']})",
+                            hint=f"get a good certificate (certbot renew --force-renewal --cert-name "
+                                 f"{os.path.basename(lineage)}); the next successful renewal serves live/ again",
+                            details={"served": serve, "instances": users})
     return result
 
 
@@ -8608,6 +8957,47 @@ def probe_tls_served(ctx: Context, facts: Facts) -> list[Finding]:
     return _each(sorted(facts.instances), one) if https in facts.listeners else []
 
 
+@probe("tls", timeout=10)
+def probe_tls_renewal(ctx: Context, facts: Facts) -> list[Finding]:
+    """Instances on a certbot lineage: its renewal conf runs abssctl's deploy hook, and certbot.timer
+    is enabled (certbot renews; the hook makes nginx serve the result)."""
+    users = {n: _lineage_of(e.get("tls") or {}) for n, e in sorted(facts.instances.items())}
+    users = {n: lineage for n, lineage in users.items() if lineage}
+    if not users:
+        return []
+    out = []
+    for name, lineage in users.items():
+        conf = os.path.join(ctx.paths.letsencrypt_dir, "renewal", os.path.basename(lineage) + ".conf")
+        try:
+            with open(conf, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        hook = next((line.split("=", 1)[1].strip() for line in text.splitlines()
+                     if re.match(r"^\s*(renew_hook|deploy_hook)\s*=", line)), "")
+        if "tls deploy-hook" in hook:
+            out.append(_ok("tls.deploy-hook", name, f"{conf} runs the deploy hook: {hook}"))
+        else:
+            out.append(Finding("tls.deploy-hook", name, "warn", f"{conf if text else 'no renewal conf ' + conf} "
+                               "does not run abssctl's deploy hook: after a renewal nginx keeps serving the old "
+                               "certificate until it is reloaded", hint=f"run: abssctl tls acme {name} --server "
+                               "<the lineage's server> after certbot renew --force-renewal, or add under "
+                               f"[renewalparams]: renew_hook = {deploy_hook_command(ctx)}"))
+    if ctx.runner.available("systemctl"):
+        done = ctx.runner.run("systemctl", ["is-enabled", "certbot.timer"], mutating=False, check=False, timeout=8)
+        state = done.stdout.strip() or "not found"
+        if state == "enabled":
+            out.append(_ok("tls.renewal-timer", None, "certbot.timer is enabled"))
+        else:
+            out.append(Finding("tls.renewal-timer", None, "warn", f"certbot.timer is {state}, so certificates of "
+                               f"{', '.join(users)} are not renewed", hint="systemctl enable --now certbot.timer "
+                               "(doctor --fix does it)", fix=lambda plan: plan.add(
+                                   "systemctl.enable", "systemctl enable --now certbot.timer", "certbot.timer",
+                                   lambda: ctx.runner.run("systemctl", ["enable", "--now", "certbot.timer"],
+                                                          mutating=True))))
+    return out
+
+
 @probe("app", timeout=10)
 def probe_app(ctx: Context, facts: Facts) -> list[Finding]:
     names = sorted(facts.instances)
@@ -9282,6 +9672,14 @@ def cmd_tls_self_signed(ctx: Context, args: argparse.Namespace) -> Result:
     return op_tls_self_signed(ctx, args.name, args.days)
 
 
+def cmd_tls_acme(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_tls_acme(ctx, args.name, args.email, args.staging, args.server)
+
+
+def cmd_tls_deploy_hook(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_tls_deploy_hook(ctx)
+
+
 def cmd_quickstart(ctx: Context, args: argparse.Namespace) -> Result:
     return op_quickstart(ctx, args.name, args.domain, args.version, args.tls)
 
@@ -9506,9 +9904,10 @@ def _add_instance_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--version", dest="binding", default="current",
                    type=_argtype(lambda v: v if v == "current" else validate_version(v, allow_latest=False)),
                    help="current (default) or an installed exact version")
-    p.add_argument("--tls", choices=("auto", "system", "self-signed", "custom"), help="certificate source "
+    p.add_argument("--tls", choices=("auto", "system", "self-signed", "custom", "acme"), help="certificate source "
                    "(default [tls] default_source; auto: a certbot lineage, else the system pair when it "
-                   "covers the domain, else self-signed)")
+                   "covers the domain, else self-signed; acme: created on self-signed, then a Let's Encrypt "
+                   "certificate through certbot, as tls acme with [tls] acme_email/acme_server)")
     p.add_argument("--cert", metavar="FILE", help="with --tls custom: the certificate")
     p.add_argument("--key", metavar="FILE", help="with --tls custom: its key")
     p.add_argument("--chain", metavar="FILE", help="with --tls custom: intermediate certificates")
@@ -9664,6 +10063,19 @@ def _add_tls_parser(groups: argparse._SubParsersAction) -> None:
               "abssctl tls self-signed alice --days 825", mutating=True)
     p.add_argument("name", type=_argtype(validate_name), help="instance name")
     p.add_argument("--days", type=_argtype(lambda v: bounded_int(v, "--days", 1, 3650)), default=825)
+    p = _verb(verbs, "acme", "get a Let's Encrypt certificate through certbot and serve it (renewed by certbot.timer)",
+              cmd_tls_acme, "abssctl tls acme alice --email admin@example.org",
+              "abssctl tls acme alice --staging", mutating=True)
+    p.add_argument("name", type=_argtype(validate_name), help="instance name (its domain's DNS must point at this "
+                   "host and port 80 be reachable)")
+    p.add_argument("--email", metavar="E", help="account email for expiry notices (default [tls] acme_email; "
+                   "none: certbot registers without one)")
+    p.add_argument("--staging", action="store_true", help="Let's Encrypt's staging CA (untrusted; for trying)")
+    p.add_argument("--server", metavar="URL", help="ACME directory URL (default [tls] acme_server, else "
+                   "certbot's: Let's Encrypt)")
+    _verb(verbs, "deploy-hook", "run by certbot after a renewal: verify the new pair and reload nginx for the "
+          "instances that serve it (RENEWED_LINEAGE, RENEWED_DOMAINS)", cmd_tls_deploy_hook,
+          "RENEWED_LINEAGE=/etc/letsencrypt/live/alice.example.org abssctl tls deploy-hook", mutating=True)
 
 
 def _add_quickstart_parser(groups: argparse._SubParsersAction) -> None:
@@ -9674,8 +10086,9 @@ def _add_quickstart_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("name", type=_argtype(validate_name), help="instance name")
     p.add_argument("--domain", type=_argtype(validate_fqdn), required=True, help="its FQDN")
     p.add_argument("--version", default="latest", type=_argtype(validate_version), help="default: latest")
-    p.add_argument("--tls", choices=("auto", "system", "self-signed"),
-                   help="certificate source (default [tls] default_source)")
+    p.add_argument("--tls", choices=("auto", "system", "self-signed", "acme"),
+                   help="certificate source (default [tls] default_source; acme: installs certbot and gets a "
+                        "Let's Encrypt certificate: the domain's DNS must point here and port 80 be reachable)")
 
 
 def _exact_version(value: str) -> str:

@@ -11,6 +11,7 @@ from rig.systemd_sandbox import *  # noqa: F401,F403  (systemd_sandbox fixture)
 from rig.npm_registry import *  # noqa: F401,F403  (npm_registry fixture)
 from rig.e2e import *  # noqa: F401,F403  (node22, real server versions built once per run)
 from rig.host import *  # noqa: F401,F403  (abssctl_host: real nginx + systemctl + npm registry)
+from rig.acme import *  # noqa: F401,F403  (pebble, acme_host: a loopback ACME server for certbot)
 
 
 @pytest.fixture(autouse=True)

@@ -98,6 +98,7 @@ PATH_KEYS: dict[str, str] = {          # [paths] key -> location relative to tmp
     "tls_dir": "etc/abssctl/tls",
     "runtime_root": "srv/abssctl/runtimes",
     "letsencrypt_dir": "etc/letsencrypt",
+    "acme_webroot": "var/lib/abssctl/acme",
     "systemd_unit_dir": "etc/systemd/system",
     "nginx_sites_available": "etc/nginx/sites-available",
     "nginx_sites_enabled": "etc/nginx/sites-enabled",

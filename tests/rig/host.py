@@ -45,7 +45,8 @@ class Host:
             "backup_root": root / "srv/backups", "state_dir": root / "var/lib/abssctl",
             "log_dir": root / "var/log/abssctl", "run_dir": root / "run/abssctl",
             "templates_dir": root / "etc/abssctl/templates", "tls_dir": root / "etc/abssctl/tls",
-            "runtime_root": root / "srv/runtimes",
+            "runtime_root": root / "srv/runtimes", "letsencrypt_dir": root / "etc/letsencrypt",
+            "acme_webroot": root / "var/lib/abssctl/acme",
             "systemd_unit_dir": systemd.unit_dir, "nginx_sites_available": nginx.sites_available,
             "nginx_sites_enabled": nginx.sites_enabled,
         }

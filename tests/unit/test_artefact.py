@@ -25,7 +25,7 @@ EPOCH_DAY = "2025-12-02"
 MEMBERS = ["BUILD-INFO.json", "__main__.py", "abssctl.py", "abssctl.pyc",
            "templates/nginx-vhost.conf", "templates/systemd-unit.service"]
 PATH_KEYS = ("state_dir", "log_dir", "run_dir", "install_root", "instance_root", "backup_root",
-             "templates_dir", "tls_dir", "runtime_root", "systemd_unit_dir", "nginx_sites_available",
+             "templates_dir", "tls_dir", "runtime_root", "acme_webroot", "systemd_unit_dir", "nginx_sites_available",
              "nginx_sites_enabled")
 WHICH_FILE = "import sys; sys.path.insert(0, sys.argv[1]); import abssctl; print(abssctl.__file__)"
 

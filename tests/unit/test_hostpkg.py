@@ -171,7 +171,7 @@ def test_auto_takes_a_covering_certbot_lineage_first(host: Sandbox) -> None:
     res = create(host, "alice", DOMAIN)
     assert res.rc == 0 and res.doc["instance"]["tls"]["source"] == "letsencrypt", show(res)
     assert instances(host)["alice"]["tls"] == {"source": "letsencrypt", "cert": str(cert), "key": str(key),
-                                               "chain": None}
+                                               "chain": None, "lineage": str(cert.parent)}
     assert f"ssl_certificate {cert};" in vhost(host, "alice") and f"ssl_certificate_key {key};" in vhost(host, "alice")
     assert not (host.paths["tls_dir"] / "alice").exists()
 
@@ -194,7 +194,7 @@ def test_auto_falls_back_to_self_signed_when_the_system_pair_does_not_cover(host
     res = create(host, "alice", "alice.example.net")
     assert res.rc == 0 and res.doc["instance"]["tls"]["source"] == "self-signed", show(res)
     warning = next(w for w in res.doc["warnings"] if "self-signed" in w)
-    assert "browsers will warn" in warning and "abssctl tls install" in warning
+    assert "browsers will warn" in warning and "abssctl tls install" in warning and "abssctl tls acme" in warning
     assert (host.paths["tls_dir"] / "alice" / "fullchain.pem").is_file()
 
 

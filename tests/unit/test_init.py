@@ -14,7 +14,7 @@ EXPECTED = {  # Paths attribute -> (mode, group is the service group)
     "templates_dir": (0o755, False), "tls_dir": (0o700, False), "install_root": (0o755, False),
     "instance_root": (0o755, False), "state_dir": (0o755, False), "registry_dir": (0o750, True),
     "journal_dir": (0o700, False), "backup_root": (0o700, False), "log_dir": (0o750, False),
-    "run_dir": (0o755, False),
+    "run_dir": (0o755, False), "acme_webroot": (0o755, False),
 }
 
 

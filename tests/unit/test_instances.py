@@ -602,8 +602,10 @@ def test_rendered_unit_config_and_vhost_follow_the_design(host: Sandbox) -> None
     assert vhost.startswith(f"# Managed by abssctl {abssctl.__version__} (template: builtin)")
     code = [line.strip() for line in vhost.splitlines() if line.strip() and not line.strip().startswith("#")]
     cert, key = host.settings["tls"]["system_cert"], host.settings["tls"]["system_key"]
+    webroot = host.paths["acme_webroot"]
     for want in ("listen 80;", "listen 443 ssl;", "server_name alice.example.org;",
-                 "return 301 https://$host$request_uri;", f"ssl_certificate {cert};",
+                 "return 301 https://$host$request_uri;", "location ^~ /.well-known/acme-challenge/ {",
+                 f"root {webroot};", "default_type text/plain;", f"ssl_certificate {cert};",
                  f"ssl_certificate_key {key};", "client_max_body_size 50M;", "location / {",
                  f"proxy_pass http://127.0.0.1:{host.base};", "proxy_http_version 1.1;",
                  "proxy_set_header Host $host;", "proxy_set_header X-Real-IP $remote_addr;",
