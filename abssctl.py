@@ -6033,7 +6033,7 @@ def op_tls_self_signed(ctx: Context, name: str, days: int) -> Result:
     return result
 
 
-# --- 8d.2 Certificates through certbot ---
+# --- 8d.1 Certificates through certbot ---
 
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
 
