@@ -6794,16 +6794,58 @@ def _backup_output(ctx: Context, entry: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+DURATION = LazyRegex(r"^([0-9]{1,6})([smhdw])\Z")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """'90s', '30m', '24h', '7d', '2w' -> seconds (at least 1); anything else is a UsageError."""
+    m = DURATION.match(text.strip())
+    if not m or int(m.group(1)) < 1:
+        raise UsageError(f"{flag}: {text!r} is not a duration", hint="a whole number and a unit, one of s m h d w: "
+                         "e.g. 90m, 24h or 7d")
+    return float(int(m.group(1)) * DURATION_UNITS[m.group(2)])
+
+
+def newest_good_backup(ctx: Context, name: str) -> dict[str, Any] | None:
+    """NAME's newest backup whose archive the index calls good (ok or adopted), or None."""
+    if not os.path.exists(ctx.paths.backup_index):
+        return None
+    index = ctx.registry("backups").load()["backups"]
+    good = [b for b in index.values() if isinstance(b, dict) and b.get("instance") == name
+            and b.get("status") in ("ok", "adopted")]
+    return max(good, key=lambda b: str(b.get("created_at")), default=None)
+
+
 def op_backup_create(ctx: Context, names: Sequence[str], *, message: str | None, labels: Sequence[str],
-                     compression: str) -> Result:
-    """Back up each instance in turn; one failure does not stop the others; exit is the worst."""
+                     compression: str, if_older_than: float | None = None) -> Result:
+    """Back up each instance in turn; one failure does not stop the others; exit is the worst. With
+    IF_OLDER_THAN (seconds), an instance whose newest good backup is younger is left alone (changed
+    false), so a configuration tool can run it every time."""
+    import time
     insts = Instances(ctx)
     for name in names:
         insts.get(name)
     compression_for(ctx, compression)
     results: list[dict[str, Any]] = []
     worst: AbssctlError | None = None
+    fresh: dict[str, dict[str, Any]] = {}
+    if if_older_than is not None:
+        for name in names:
+            newest = newest_good_backup(ctx, name)
+            if newest and time.time() - _parse_ts(str(newest.get("created_at"))) < if_older_than:
+                fresh[name] = newest
+    if fresh and len(fresh) == len(names):
+        rows = [{"instance": n, "newest": b.get("id"), "newest_at": b.get("created_at")} for n, b in sorted(fresh.items())]
+        data: dict[str, Any] = {"skipped": rows}
+        if ctx.dry_run:
+            data.update(dry_run=True, plan=[])
+        return Result(data, [f"{r['instance']}: newest backup {r['newest']} ({r['newest_at']}) is recent enough; "
+                             "nothing to do" for r in rows], changed=False)
     for name in names:
+        if name in fresh:
+            results.append({"ok": True, "skipped": True, "instance": name, "newest": fresh[name].get("id")})
+            continue
         made: dict[str, Any] = {}
 
         def build(name: str = name, made: dict[str, Any] = made) -> Plan:
@@ -6830,9 +6872,9 @@ def op_backup_create(ctx: Context, names: Sequence[str], *, message: str | None,
         return Result({"backup": backup, "op_id": ctx.op_id}, [f"{backup['id']}: {backup['archive']} "
                                                               f"({human_bytes(backup['size_bytes'])})"],
                       changed=True)
-    text = [f"{r['backup']['id']}: ok" if r["ok"] else f"{r['instance']}: {r['error']['message']}"
-            for r in results]
-    result = Result({"results": results}, text, changed=any(r["ok"] for r in results))
+    text = [f"{r['instance']}: recent enough ({r['newest']})" if r.get("skipped") else f"{r['backup']['id']}: ok"
+            if r["ok"] else f"{r['instance']}: {r['error']['message']}" for r in results]
+    result = Result({"results": results}, text, changed=any(r["ok"] and not r.get("skipped") for r in results))
     if worst is not None:
         result.ok = False
         result.error = worst
@@ -9625,8 +9667,10 @@ def cmd_backup_create(ctx: Context, args: argparse.Namespace) -> Result:
     names = sorted(Instances(ctx).doc["instances"]) if args.all else [args.name]
     if not names:
         raise NotFound("there are no instances to back up")
+    older = parse_duration(args.if_older_than, "--if-older-than") if args.if_older_than else None
     return op_backup_create(ctx, names, message=args.message, labels=args.label or [],
-                            compression=args.compression or ctx.config.get("backups", "compression"))
+                            compression=args.compression or ctx.config.get("backups", "compression"),
+                            if_older_than=older)
 
 
 def cmd_backup_list(ctx: Context, args: argparse.Namespace) -> Result:
@@ -10014,6 +10058,8 @@ def _add_backup_parser(groups: argparse._SubParsersAction) -> None:
                    "from prune)")
     p.add_argument("--compression", choices=("auto", "zstd", "gzip", "none"),
                    help="default [backups] compression")
+    p.add_argument("--if-older-than", metavar="DURATION", help="only when the newest good backup is older than "
+                   "DURATION (90m, 24h, 7d); else nothing to do, changed false (for Ansible, cron)")
     p = _verb(verbs, "list", "list backups, newest first", cmd_backup_list, "abssctl backup list --instance alice")
     p.add_argument("--instance", metavar="NAME", type=_argtype(validate_name))
     p = _verb(verbs, "show", "show a backup's index entry and manifest summary", cmd_backup_show,

@@ -153,3 +153,32 @@ def test_reconcile_adopts_a_copied_archive(alice) -> None:
     h.ok("backup", "reconcile", "--apply")
     entry = h.ok("backup", "list")["backups"][0]
     assert entry["id"] == b["id"] and entry["status"] == "adopted"
+
+
+def test_if_older_than_skips_a_recent_backup_and_takes_one_when_it_is_old(alice) -> None:
+    """backup create --if-older-than (issue 21: Ansible runs it every time, changed only when due)."""
+    h, _data = alice
+    first = h.ok("backup", "create", "alice", "--if-older-than", "24h")      # no backup yet: one is taken
+    assert first["changed"] is True and first["backup"]["instance"] == "alice"
+    before = h.tree()
+    again = h.ok("backup", "create", "alice", "--if-older-than", "24h")
+    assert again["changed"] is False and again["skipped"] == [
+        {"instance": "alice", "newest": first["backup"]["id"], "newest_at": first["backup"]["created_at"]}]
+    plan = h.ok("--dry-run", "backup", "create", "alice", "--if-older-than", "24h")
+    assert plan["changed"] is False and plan["plan"] == []
+    assert h.tree() == before, "a skipped backup changed the tree"
+    index = h.paths["backup_root"] / "backups.json"
+    doc = json.loads(index.read_text())
+    doc["backups"][first["backup"]["id"]]["created_at"] = "2020-01-01T00:00:00.000Z"   # age it
+    index.write_text(json.dumps(doc))
+    due = h.ok("backup", "create", "alice", "--if-older-than", "24h")
+    assert due["changed"] is True and due["backup"]["id"] != first["backup"]["id"]
+
+
+@pytest.mark.parametrize("bad", ["24", "h", "0h", "1y", "1.5h"])
+def test_if_older_than_refuses_what_is_not_a_duration(alice, bad: str) -> None:
+    h, _data = alice
+    before = h.tree()
+    got = h.run("--json", "backup", "create", "alice", "--if-older-than", bad)
+    assert got.rc == 2 and "not a duration" in got.doc["error"]["message"], got
+    assert h.tree() == before

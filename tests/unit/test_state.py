@@ -170,3 +170,16 @@ def test_cli_lock_timeout_zero_exits_3(sandbox) -> None:
         assert str(proc.pid) in got.doc["error"]["message"]
     finally:
         release(proc)
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("30m", 1800), ("24h", 86400), ("7d", 604800),
+                                          ("2w", 1209600), (" 1h ", 3600)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert abssctl.parse_duration(text, "--if-older-than") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "24", "h", "0h", "1y", "1.5h", "-1d", "1 h", "1234567d"])
+def test_parse_duration_refuses(text: str) -> None:
+    with pytest.raises(abssctl.UsageError) as err:
+        abssctl.parse_duration(text, "--if-older-than")
+    assert "--if-older-than" in err.value.message and err.value.hint
