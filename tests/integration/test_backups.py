@@ -182,3 +182,16 @@ def test_if_older_than_refuses_what_is_not_a_duration(alice, bad: str) -> None:
     got = h.run("--json", "backup", "create", "alice", "--if-older-than", bad)
     assert got.rc == 2 and "not a duration" in got.doc["error"]["message"], got
     assert h.tree() == before
+
+
+def test_if_older_than_with_all_backs_up_only_the_instances_that_are_due(alice) -> None:
+    h, _data = alice
+    h.ok("instance", "create", "bob", "--domain", "bob.example.test", "--tls", "self-signed")
+    first = h.ok("backup", "create", "alice", "--if-older-than", "7d")
+    mixed = h.ok("backup", "create", "--all", "--if-older-than", "7d")
+    rows = {r.get("instance") or r["backup"]["instance"]: r for r in mixed["results"]}
+    assert mixed["changed"] is True and set(rows) == {"alice", "bob"}, mixed
+    assert rows["alice"] == {"ok": True, "skipped": True, "instance": "alice", "newest": first["backup"]["id"]}
+    assert rows["bob"]["ok"] is True and rows["bob"]["backup"]["instance"] == "bob"
+    again = h.ok("backup", "create", "--all", "--if-older-than", "7d")
+    assert again["changed"] is False and [r["instance"] for r in again["skipped"]] == ["alice", "bob"], again
