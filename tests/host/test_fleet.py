@@ -343,6 +343,8 @@ def test_check_mode_with_an_upgrade_pending_changes_nothing(fleet: Fleet) -> Non
     for host in HOSTS:     # each host's plan for the new version, as abssctl --dry-run printed it
         assert f"ok: [{host}] => (item=version install {NEW})" in plans, f"no plan for {host}:\n{out[-8000:]}"
     assert f'"npm install @actual-app/sync-server@{NEW}' in plans and "newest backup is recent" in plans, plans[:6000]
+    assert all(f'"{name} -> {NEW}",' in plans for spec in HOSTS.values() for name, _d in spec["instances"]) and \
+        f"{NEW} is not installed here yet" in plans, plans[:6000]
     for host in HOSTS:
         after = fl.tree(host)
         changed = sorted(p for p in set(before[host]) | set(after) if before[host].get(p) != after.get(p))
