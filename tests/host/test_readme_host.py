@@ -195,3 +195,225 @@ def test_logs_read_the_real_journal(readme_host) -> None:
         more = h.abssctl("instance", "logs", h.cmd.name, "-n", "300", timeout=60)
         raise AssertionError(f"the last 20 lines lack the server's 'Listening on' startup line:\n{res.stdout}\n"
                              f"--- last 300 lines ---\n{more.stdout}")
+
+
+# -- tls acme against pebble on the test host (issue 17) ---------------------------------------------
+#
+# Debian's certbot and pebble in the guest; pebble-challtestsrv answers 127.0.0.1 for every name, so
+# pebble validates HTTP-01 against the guest's nginx on port 80 (the guest shares this machine's
+# network: the ports are picked free here). Both servers are transient systemd units, stopped at the
+# end. The guest's config.toml points [commands] certbot and [tls] acme_server at pebble for the test
+# and is restored afterwards; `home` stays on its (pebble) letsencrypt lineage, served.
+
+PEBBLE_DIR = "/root/abssctl-test-pebble"
+PEBBLE_UNITS = ("abssctl-test-pebble", "abssctl-test-challtestsrv")
+PEBBLE_ENV = ("PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0", "PEBBLE_AUTHZREUSE=0")
+CONFIG = "/etc/abssctl/config.toml"
+CONFIG_SAVED = "/etc/abssctl/config.toml.before-acme-test"
+ACME_EMAIL = "admin@example.org"
+SERVED_WITHIN = 30.0
+# key = value (VALUE already TOML) as the first line of [SECTION], dropping that key's other lines there
+SET_TOML_KEY = r"""
+import re, sys
+path, section, key, value = sys.argv[1:]
+out, current, done = [], None, False
+for line in open(path, encoding="utf-8").read().splitlines():
+    text = line.strip()
+    if text.startswith("["):
+        current = text[1:-1].strip()
+        out.append(line)
+        if current == section:
+            out.append(f"{key} = {value}")
+            done = True
+        continue
+    if current == section and re.match(rf"{re.escape(key)}\s*=", text):
+        continue
+    out.append(line)
+if not done:
+    out += ["", f"[{section}]", f"{key} = {value}"]
+open(path, "w", encoding="utf-8").write("\n".join(out) + "\n")
+"""
+
+
+def _pem_der(pem: str) -> bytes:
+    import ssl
+    first = pem.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+    return ssl.PEM_cert_to_DER_cert(first[first.index("-----BEGIN CERTIFICATE-----"):])
+
+
+def _served_der(h, domain: str) -> bytes:
+    try:
+        return h.client.served_cert(domain)
+    except OSError:
+        return b""
+
+
+def _wait_served(h, domain: str, want: bytes, seconds: float = SERVED_WITHIN) -> float:
+    """Seconds until the guest's nginx serves WANT for DOMAIN 5 times in a row (a reload is
+    asynchronous: old workers may answer for a moment); bounded."""
+    import hashlib
+    start = time.monotonic()
+    first, streak = 0.0, 0
+    while time.monotonic() - start < seconds:
+        if _served_der(h, domain) == want:
+            first = first or time.monotonic() - start
+            streak += 1
+            if streak == 5:
+                return first
+        else:
+            first, streak = 0.0, 0
+        time.sleep(0.05)
+    raise AssertionError(f"{domain}: nginx did not serve sha256 {hashlib.sha256(want).hexdigest()} within "
+                         f"{seconds:.0f} s (it serves {hashlib.sha256(_served_der(h, domain)).hexdigest()})")
+
+
+def _start_pebble(h, ports: dict[str, int]) -> str:
+    """Listener certificate, pebble.json, the two transient units; returns the listener cert's PEM
+    once pebble's directory answers (bounded)."""
+    import ssl
+    import urllib.request
+    d = PEBBLE_DIR
+    h.guest.ok(["mkdir", "-p", d], timeout=30)
+    h.guest.ok(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-days", "30", "-subj", "/CN=pebble test listener", "-addext",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", f"{d}/listener.key",
+                "-out", f"{d}/listener.pem"], timeout=60)
+    config = {"pebble": {"listenAddress": f"127.0.0.1:{ports['acme']}",
+                         "managementListenAddress": f"127.0.0.1:{ports['mgmt']}",
+                         "certificate": f"{d}/listener.pem", "privateKey": f"{d}/listener.key",
+                         "httpPort": 80, "tlsPort": ports["tls"], "ocspResponderURL": "",
+                         "externalAccountBindingRequired": False}}
+    h.guest.ok(["python3", "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])", f"{d}/pebble.json",
+                json.dumps(config)], timeout=30)
+    env = [f"--property=Environment={kv}" for kv in PEBBLE_ENV]
+    h.guest.ok(["systemd-run", f"--unit={PEBBLE_UNITS[1]}", "--collect", *env, "--",
+                "/usr/bin/pebble-challtestsrv", "-defaultIPv4", "127.0.0.1", "-defaultIPv6=",
+                "-dns01", f"127.0.0.1:{ports['dns']}", "-http01=", "-https01=", "-tlsalpn01=",
+                "-management", f"127.0.0.1:{ports['dns_mgmt']}"], timeout=60)
+    h.guest.ok(["systemd-run", f"--unit={PEBBLE_UNITS[0]}", "--collect", f"--property=WorkingDirectory={d}", *env,
+                "--", "/usr/bin/pebble", "-config", f"{d}/pebble.json", "-dnsserver", f"127.0.0.1:{ports['dns']}"],
+                timeout=60)
+    listener = h.guest.ok(["cat", f"{d}/listener.pem"], timeout=30).stdout
+    context = ssl.create_default_context(cadata=listener)
+    deadline, last = time.monotonic() + 30.0, ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{ports['acme']}/dir", context=context, timeout=5) as r:
+                json.loads(r.read())
+            return listener
+        except (OSError, ValueError) as exc:
+            last = str(exc)
+            time.sleep(0.2)
+    status = h.guest.run(["systemctl", "status", "--no-pager", *PEBBLE_UNITS], timeout=30)
+    journal = h.guest.run(["journalctl", "--no-pager", "-n", "60", *[f"--unit={u}" for u in PEBBLE_UNITS]],
+                          timeout=30)
+    raise AssertionError(f"pebble's directory did not answer within 30 s ({last}):\n{status.stdout}\n{journal.stdout}")
+
+
+def _pebble_issuers(listener: str, mgmt_port: int) -> tuple[str, str]:
+    """pebble's issuing intermediate and root, from its management port."""
+    import ssl
+    import urllib.request
+    context = ssl.create_default_context(cadata=listener)
+    got = []
+    for path in ("intermediates/0", "roots/0"):
+        with urllib.request.urlopen(f"https://127.0.0.1:{mgmt_port}/{path}", context=context, timeout=5) as r:
+            got.append(r.read().decode())
+    return got[0], got[1]
+
+
+def _verify_chain(leaf: bytes, inter: str, root: str, domain: str, tmp_path) -> None:
+    import ssl
+    import subprocess
+    (tmp_path / "root.pem").write_text(root)
+    (tmp_path / "inter.pem").write_text(inter)
+    (tmp_path / "leaf.pem").write_text(ssl.DER_cert_to_PEM_cert(leaf))
+    done = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "root.pem"), "-untrusted",
+                           str(tmp_path / "inter.pem"), "-verify_hostname", domain, str(tmp_path / "leaf.pem")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and ": OK" in done.stdout, (
+        f"the served certificate of {domain} does not chain to pebble's root: {done.stdout}{done.stderr}")
+    issuer = subprocess.run(["openssl", "x509", "-noout", "-issuer", "-in", str(tmp_path / "leaf.pem")],
+                            capture_output=True, text=True, timeout=30).stdout
+    assert "Pebble" in issuer, issuer
+
+
+def test_tls_acme_against_pebble_and_certbot_timer(readme_host, tmp_path) -> None:
+    from rig.nginx_sandbox import free_port
+    h = readme_host
+    h.after("readme")
+    name, domain = h.cmd.name, h.cmd.domain
+    with h.phase("apt-get install certbot pebble"):
+        h.guest.ok("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends certbot pebble openssl",
+                   timeout=900)
+    # Debian's certbot package is the renewal: its timer, enabled and started by the package under systemd
+    for verb, want in (("is-enabled", "enabled"), ("is-active", "active")):
+        got = h.guest.run(["systemctl", verb, "certbot.timer"], timeout=30)
+        assert got.stdout.strip() == want, f"certbot.timer after apt-get install certbot:\n{got.describe()}"
+    ports: dict[str, int] = {}
+    for key in ("acme", "mgmt", "dns", "dns_mgmt", "tls"):
+        port = free_port()
+        while port in ports.values():
+            port = free_port()
+        ports[key] = port
+    shown = h.json("config", "show")
+    assert shown["path"] == CONFIG and shown["exists"] is True, shown
+    letsencrypt = shown["config"]["paths"]["letsencrypt_dir"]
+    h.guest.ok(["cp", "-p", CONFIG, CONFIG_SAVED], timeout=30)
+    try:
+        with h.phase("start pebble + pebble-challtestsrv (transient units)"):
+            listener = _start_pebble(h, ports)
+        bundle = f"{PEBBLE_DIR}/listener.pem"
+        server = f"https://127.0.0.1:{ports['acme']}/dir"
+        for section, key, value in (("commands", "certbot", json.dumps(["env", f"REQUESTS_CA_BUNDLE={bundle}",
+                                                                        "certbot"])),
+                                    ("tls", "acme_server", json.dumps(server))):
+            h.guest.ok(["python3", "-c", SET_TOML_KEY, CONFIG, section, key, value], timeout=30)
+        h.ok("config", "check", timeout=60)
+        shown = h.json("config", "show")["config"]
+        assert shown["commands"]["certbot"][-1] == "certbot" and shown["tls"]["acme_server"] == server, shown
+        before = _served_der(h, domain)
+
+        with h.phase(f"tls acme {name} (certbot against pebble)"):
+            res = h.abssctl("--json", "tls", "acme", name, "--email", ACME_EMAIL, timeout=600)
+        assert res.rc == 0, res.describe()
+        h.note("tls acme issue time", f"{res.seconds:.2f} s (abssctl tls acme {name}, certbot certonly "
+                                      f"--webroot against pebble, nginx reload)")
+        live = f"{letsencrypt}/live/{domain}"
+        issued = _pem_der(h.guest.ok(["cat", f"{live}/fullchain.pem"], timeout=30).stdout)
+        assert issued != before, "tls acme reported success but the lineage holds the certificate served before"
+        _wait_served(h, domain, issued)
+        inter, root = _pebble_issuers(listener, ports["mgmt"])
+        _verify_chain(_served_der(h, domain), inter, root, domain, tmp_path)
+        _health(h, domain)
+
+        info = h.json("tls", "verify", name)["tls"]
+        assert "Pebble" in str(info.get("issuer")) and info.get("not_after") and info.get("covers_domain") is True, info
+        doctor = h.json("doctor", timeout=300)
+        found = {(p["id"], p["target"]): p for p in doctor["probes"]}
+        for key in (("tls.renewal-timer", None), ("tls.deploy-hook", name), ("tls.served", name)):
+            assert key in found and found[key]["status"] == "ok", (key, found.get(key))
+        conf = h.guest.ok(["cat", f"{letsencrypt}/renewal/{domain}.conf"], timeout=30).stdout
+        hooks = [line for line in conf.splitlines() if line.startswith("renew_hook = ")]
+        assert hooks and hooks[0].endswith("tls deploy-hook"), f"renewal conf of {domain}:\n{conf}"
+
+        with h.phase("certbot renew --force-renewal -> new certificate served"):
+            start = time.monotonic()
+            renew = h.guest.run(["env", f"REQUESTS_CA_BUNDLE={bundle}", "certbot", "renew", "--force-renewal",
+                                 "--no-random-sleep-on-renew", "--non-interactive", "--config-dir", letsencrypt],
+                                timeout=600)
+            assert renew.rc == 0, renew.describe()
+            renewed = _pem_der(h.guest.ok(["cat", f"{live}/fullchain.pem"], timeout=30).stdout)
+            assert renewed != issued, "certbot renew --force-renewal left the same certificate in live/"
+            _wait_served(h, domain, renewed)
+            renew_to_served = time.monotonic() - start
+        h.note("renew-to-served time", f"{renew_to_served:.2f} s (certbot renew --force-renewal "
+                                       f"{renew.seconds:.2f} s, its deploy hook reloads nginx)")
+        _verify_chain(_served_der(h, domain), inter, root, domain, tmp_path)
+        _health(h, domain)
+        h.guest.ok(["nginx", "-t"], timeout=60)
+    finally:
+        h.guest.run(["systemctl", "stop", *PEBBLE_UNITS], timeout=60)
+        h.guest.run(["systemctl", "reset-failed", *PEBBLE_UNITS], timeout=30)
+        h.guest.run(["mv", "-f", CONFIG_SAVED, CONFIG], timeout=30)
+    h.passed.add("acme")
