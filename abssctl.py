@@ -9447,7 +9447,7 @@ def restore_test(ctx: Context, entry: Mapping[str, Any]) -> dict[str, Any]:
     if not os.path.isfile(archive):
         raise NotFound(f"the archive of {entry['id']} is missing: {archive}", hint="run abssctl backup reconcile")
     pkg = os.path.realpath(versions.package_dir(version))
-    work = os.path.join(ctx.paths.install_root, f".restore-test-{ctx.op_id}")
+    work = os.path.join(ctx.paths.install_root, f".smoke-restore-test-{ctx.op_id}")
     started = time.monotonic()
     result: dict[str, Any] = {"id": entry["id"], "server_version": version}
     try:
