@@ -9484,8 +9484,10 @@ def _record_restore_test(ctx: Context, entry: Mapping[str, Any], outcome: str, m
         if isinstance(doc["backups"].get(entry["id"]), dict):
             doc["backups"][entry["id"]]["restore_test"] = {"at": _now(), "result": outcome, "message": message}
     with ctx.registry("unattended").edit(ctx.op_id) as doc:
+        by_instance = dict((doc["unattended"].get("restore_test") or {}).get("by_instance") or {})
+        by_instance[str(entry["instance"])] = _now()
         doc["unattended"]["restore_test"] = {"at": _now(), "backup_id": entry["id"], "result": outcome,
-                                             "message": message}
+                                             "message": message, "by_instance": by_instance}
 
 
 def op_backup_restore_test(ctx: Context, backup_id: str) -> Result:
@@ -9506,7 +9508,16 @@ def self_command(ctx: Context) -> str:
         module = os.path.abspath(__file__)
         here = os.path.dirname(module) if os.path.isfile(os.path.dirname(module)) else module
     argv = [here] if os.access(here, os.X_OK) else [os.path.abspath(sys.executable), here]
-    return " ".join(argv + ["--config", os.path.abspath(ctx.config.path)])
+    return " ".join(_systemd_word(w) for w in argv + ["--config", os.path.abspath(ctx.config.path)])
+
+
+def _systemd_word(word: str) -> str:
+    """One ExecStart= word: % doubled (a specifier otherwise), quoted when it holds a space or quote."""
+    word = word.replace("%", "%%")
+    if re.match(r"^[A-Za-z0-9_./@:+=,%-]+\Z", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
 
 
 def calendar_next(ctx: Context, spec: str, flag: str = "--calendar") -> str | None:
@@ -9593,6 +9604,9 @@ def _enable_units(ctx: Context, names: Sequence[str], calendar: str, title: str,
 def _disable_units(ctx: Context, names: Sequence[str], title: str) -> Result:
     timer = next(n for n in names if n.endswith(".timer"))
     paths = [os.path.join(ctx.paths.unit_dir, n) for n in names]
+    other = next(n for n in BACKUP_UNITS + UPGRADE_UNITS if n.endswith(".timer") and n != timer)
+    if not os.path.exists(os.path.join(ctx.paths.unit_dir, other)):
+        paths.append(os.path.join(ctx.paths.unit_dir, NOTIFY_UNIT))   # no service left to notify about
 
     def build() -> Plan:
         plan = Plan(title)
@@ -9691,6 +9705,12 @@ def op_backup_schedule_run(ctx: Context) -> Result:
     (a failed copy never removes the local backup); the outcome is recorded for show and doctor."""
     started = _now()
     names = sorted(Instances(ctx).doc["instances"])
+    if ctx.dry_run:
+        return Result({"run": {"would_back_up": names, "would_prune": [b["id"] for b in
+                                                                        policy_doomed(ctx, None, retention_policy(ctx))],
+                               "copy_to": ctx.config.get("backups", "copy_to") or None}},
+                      [f"would back up {', '.join(names) or 'nothing'}, verify, and prune by the policy "
+                       f"({_policy_text(retention_policy(ctx))})"], changed=False)
     errors: list[str] = []
     worst: AbssctlError | None = None
 
@@ -9725,7 +9745,8 @@ def op_backup_schedule_run(ctx: Context) -> Result:
     last_test = _last_run(ctx, "restore_test")
     if every and new and utc_now() - _parse_ts(str(last_test.get("at") or "")) >= every * 86400 - 3600:
         index = ctx.registry("backups").load()["backups"]
-        pick = new[0]["id"]
+        by_instance = dict(last_test.get("by_instance") or {})     # the instance tested longest ago goes
+        pick = min(new, key=lambda b: (str(by_instance.get(b["instance"], "")), b["instance"]))["id"]
         try:
             tested = restore_test(ctx, dict(index[pick]))
         except AbssctlError as exc:
@@ -9833,6 +9854,9 @@ def op_version_upgrade(ctx: Context, *, auto: bool, to: str | None) -> Result:
     target = candidates[-1] if candidates else None
     record: dict[str, Any] = {"at": started, "from": current, "to_reach": reach, "target": target,
                               "skipped": skipped}
+    if ctx.dry_run:
+        return Result({"upgrade": record}, [f"would upgrade {current} -> {target}" if target else
+                                            f"{current} is the newest allowed ({reach}) version"], changed=False)
     if target is None:
         record.update(result="up-to-date", summary=f"{current} is the newest allowed ({reach}) version"
                       + (f"; skipped {', '.join(skipped)} (rolled back before)" if skipped else ""))
@@ -9918,8 +9942,8 @@ def probe_unattended(ctx: Context, facts: Facts) -> list[Finding]:
     enabled = os.path.isfile(os.path.join(ctx.paths.unit_dir, "abssctl-backup.timer"))
     last = _last_run(ctx, "backup")
     if not enabled:
-        out.append(Finding("unattended.schedule", None, "warn", "no backup schedule: backups happen only by hand",
-                           hint="abssctl backup schedule enable"))
+        out.append(_ok("unattended.schedule", None, "no backup schedule: backups happen only by hand "
+                                                    "(abssctl backup schedule enable)"))
     elif not last:
         out.append(_ok("unattended.schedule", None, "the backup schedule is enabled and has not run yet"))
     elif last.get("result") != "ok":
@@ -9952,7 +9976,8 @@ def probe_unattended(ctx: Context, facts: Facts) -> list[Finding]:
                                f"{copy_to}: {', '.join(sorted(bad)[:5])}", hint="abssctl backup list --copies"))
         else:
             out.append(_ok("unattended.copies", None, f"every backup has a verified copy in {copy_to}"))
-    if os.path.isfile(os.path.join(ctx.paths.unit_dir, "abssctl-upgrade.timer")):
+    upgrading = os.path.isfile(os.path.join(ctx.paths.unit_dir, "abssctl-upgrade.timer"))
+    if upgrading:
         up = _last_run(ctx, "upgrade")
         status = "warn" if up.get("result") in ("failed", "rolled-back") else "ok"
         out.append(Finding("unattended.upgrade", None, status, f"auto-upgrade is enabled ({ctx.config.get('upgrade', 'to')}"
@@ -9961,7 +9986,7 @@ def probe_unattended(ctx: Context, facts: Facts) -> list[Finding]:
                               else ""), hint="abssctl version auto-upgrade show" if status == "warn" else None))
     else:
         out.append(_ok("unattended.upgrade", None, "auto-upgrade is off (abssctl version auto-upgrade enable)"))
-    if not ctx.config.get("notify", "command"):
+    if (enabled or upgrading) and not ctx.config.get("notify", "command"):
         out.append(Finding("unattended.notify", None, "warn", "no [notify] command: a failed scheduled run only "
                            "reaches the journal", hint='set [notify] command = ["mail", "-s", "abssctl", "root"]'))
     return out

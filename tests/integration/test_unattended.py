@@ -297,10 +297,15 @@ exec /usr/bin/node "$@"
     assert lines[-1].startswith("abssctl-upgrade.service ")
 
 
-def test_notify_without_a_command_warns_and_doctor_says_journal_only(abssctl_host) -> None:
-    h = abssctl_host
+def test_notify_without_a_command_warns_and_doctor_says_journal_only(sched) -> None:
+    h, _data, _log, _out = sched
+    h.configure("notify", command=[])
+    def notify_findings():
+        return [f for f in h.run("--json", "doctor", "--only", "unattended").doc["probes"]
+                if f["id"] == "unattended.notify"]
+    assert notify_findings() == []               # nothing runs unattended: nothing to be told about
+    h.ok("backup", "schedule", "enable")
     got = h.run("notify", "abssctl-backup.service")
     assert got.rc == 0 and "only reaches the journal" in got.err
-    doctor = h.run("--json", "doctor", "--only", "unattended").doc
-    notify = [f for f in doctor["probes"] if f["id"] == "unattended.notify"]
-    assert notify and notify[0]["status"] == "warn" and "journal" in notify[0]["message"]
+    [notify] = notify_findings()
+    assert notify["status"] == "warn" and "journal" in notify["message"]
