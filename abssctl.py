@@ -541,6 +541,21 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
     "backups": {
         "compression": ("str", "auto", "auto, zstd, gzip or none"),
         "keep": ("int", 10, "backups kept per instance by prune"),
+        "schedule": ("str", "daily", "OnCalendar= of abssctl-backup.timer (backup schedule enable --calendar)"),
+        "keep_last": ("int", 7, "retention policy: the newest N backups of each instance"),
+        "keep_daily": ("int", 7, "retention policy: the newest backup of each of the last N days (UTC)"),
+        "keep_weekly": ("int", 4, "retention policy: the newest backup of each of the last N ISO weeks"),
+        "keep_monthly": ("int", 6, "retention policy: the newest backup of each of the last N months"),
+        "verify": ("bool", True, "backup schedule run verifies each new backup (--deep)"),
+        "copy_to": ("str", "", "empty, or a mounted disk or share: copies go to <dir>/<hostname>/<instance>/"),
+        "restore_test": ("str", "weekly", "never, daily or weekly: how often the schedule runs a restore test"),
+    },
+    "upgrade": {
+        "calendar": ("str", "weekly", "OnCalendar= of abssctl-upgrade.timer"),
+        "to": ("str", "minor", "how far version upgrade --auto goes: patch, minor or latest"),
+    },
+    "notify": {
+        "command": ("list", [], "argv run when a scheduled service fails; it gets a summary on stdin"),
     },
     "health": {
         "timeout": ("float", 90.0, "seconds the health gate waits"),
@@ -562,6 +577,7 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "groupadd": ("argv", ["groupadd"], "argv prefix"),
         "apt_get": ("argv", ["apt-get"], "argv prefix; quickstart installs missing Debian packages with it"),
         "certbot": ("argv", ["certbot"], "argv prefix; tls acme runs certbot certonly --webroot with it"),
+        "systemd_analyze": ("argv", ["systemd-analyze"], "argv prefix; checks calendars and units before enabling"),
     },
 }
 
@@ -569,6 +585,8 @@ CHOICES = {
     ("tls", "default_source"): ("auto", "system", "self-signed", "custom"),
     ("backups", "compression"): ("auto", "zstd", "gzip", "none"),
     ("node", "runtime"): ("managed", "system"),
+    ("backups", "restore_test"): ("never", "daily", "weekly"),
+    ("upgrade", "to"): ("patch", "minor", "latest"),
 }
 SIZE_RE = LazyRegex(r"^[1-9][0-9]{0,5}[kKmMgG]?\Z")
 RANGES = {
@@ -577,6 +595,8 @@ RANGES = {
     ("backups", "keep"): (1, 1000), ("health", "timeout"): (1, 3600),
     ("health", "interval"): (0.01, 60), ("locks", "timeout"): (0, 86400),
     ("node", "default_major"): (18, 98),
+    ("backups", "keep_last"): (0, 1000), ("backups", "keep_daily"): (0, 1000),
+    ("backups", "keep_weekly"): (0, 1000), ("backups", "keep_monthly"): (0, 1000),
 }
 
 
@@ -1806,7 +1826,8 @@ def stop_process(proc: Any, grace: float = 10.0) -> None:
 # 6. Templates
 # ============================================================================
 
-TEMPLATE_NAMES = ("nginx-vhost.conf", "systemd-unit.service")
+TEMPLATE_NAMES = ("nginx-vhost.conf", "systemd-unit.service", "abssctl-backup.service", "abssctl-backup.timer",
+                  "abssctl-upgrade.service", "abssctl-upgrade.timer", "abssctl-notify@.service")
 
 
 def _read_resource(rel: str) -> bytes:
@@ -1876,6 +1897,8 @@ def render(templates_dir: str, name: str, values: Mapping[str, str]) -> str:
 
 def sample_values(name: str) -> dict[str, str]:
     """A mapping every shipped template renders against (config check uses it on overrides)."""
+    if name.startswith("abssctl-"):
+        return {"ABSSCTL": "/usr/local/bin/abssctl --config /etc/abssctl/config.toml", "CALENDAR": "daily"}
     if name == "systemd-unit.service":
         return {"NAME": "sample", "USER": "actual-sync", "GROUP": "actual-sync",
                 "PACKAGE_DIR": "/srv/abssctl/versions/1.0.0/node_modules/@actual-app/sync-server",
@@ -6881,13 +6904,16 @@ def op_backup_create(ctx: Context, names: Sequence[str], *, message: str | None,
     return result
 
 
-def op_backup_list(ctx: Context, instance: str | None) -> Result:
+def op_backup_list(ctx: Context, instance: str | None, copies: bool = False) -> Result:
     index = ctx.registry("backups").load()["backups"]
     rows = [b for b in index.values() if isinstance(b, dict) and (instance is None or b.get("instance") == instance)]
     rows.sort(key=lambda b: (str(b.get("created_at")), str(b.get("id"))), reverse=True)
-    text = table(("ID", "INSTANCE", "CREATED", "SIZE", "REASON", "STATUS", "MESSAGE"),
-                 [(b.get("id"), b.get("instance"), b.get("created_at"), human_bytes(int(b.get("size_bytes") or 0)),
-                   b.get("reason"), b.get("status"), b.get("message")) for b in rows]) if rows \
+    if copies:                      # section 8i: verified, unverified, missing or none
+        rows = [dict(b, copy_state=copy_state(b)) for b in rows]
+    heads = ("ID", "INSTANCE", "CREATED", "SIZE", "REASON", "STATUS", "MESSAGE") + (("COPY",) if copies else ())
+    text = table(heads, [(b.get("id"), b.get("instance"), b.get("created_at"), human_bytes(int(b.get("size_bytes") or 0)),
+                          b.get("reason"), b.get("status"), b.get("message"))
+                         + ((b["copy_state"],) if copies else ()) for b in rows]) if rows \
         else ["no backups yet; take one with: abssctl backup create NAME"]
     return Result({"backups": rows}, text)
 
@@ -7306,6 +7332,9 @@ def op_backup_restore(ctx: Context, backup_id: str, *, instance: str | None, pre
     entry = _backup_entry(ctx, backup_id)
     target = instance or str(entry["instance"])
     archive = archive_path(ctx, entry)
+    if not os.path.isfile(archive) and copy_archive_of(entry):
+        ctx.out.progress(f"the local archive of {backup_id} is gone; restoring from its copy {entry['copy']['path']}")
+        archive = copy_archive_of(entry) or archive
     if not os.path.isfile(archive):
         raise NotFound(f"the archive of {backup_id} is missing: {archive}", hint="run abssctl backup reconcile")
     insts = Instances(ctx)
@@ -8236,9 +8265,10 @@ def op_instance_set_version(ctx: Context, name: str, binding: str, *, backup: bo
 # 8g. Operations: doctor (probe registry, facts gathered once, safe --fix)
 # ============================================================================
 
-DOCTOR_CATEGORIES = ("env", "config", "state", "fs", "ports", "systemd", "nginx", "tls", "app", "disk", "backups")
+DOCTOR_CATEGORIES = ("env", "config", "state", "fs", "ports", "systemd", "nginx", "tls", "app", "disk", "backups",
+                     "unattended")
 CATEGORY_CLASS = {"env": 3, "config": 3, "state": 3, "fs": 3, "ports": 4, "systemd": 4, "nginx": 4, "tls": 4,
-                  "app": 4, "disk": 3, "backups": 3}
+                  "app": 4, "disk": 3, "backups": 3, "unattended": 3}
 
 
 class Finding:
@@ -9555,6 +9585,841 @@ def rebuild_plan(ctx: Context, plan: Plan, found: Mapping[str, Any]) -> None:
 
 
 # ============================================================================
+# 8i. Operations: running unattended (schedules, retention, copies, auto-upgrade, notify)
+# ============================================================================
+#
+# Timers are systemd's (DESIGN §11.4): abssctl writes abssctl-backup.service/.timer,
+# abssctl-upgrade.service/.timer and abssctl-notify@.service, checks them with systemd-analyze,
+# and enables the timers. What a run did is kept in the "unattended" registry, which show and
+# doctor read. Retention days, weeks and months are UTC; weeks are ISO weeks (Monday first).
+
+BACKUP_UNITS = ("abssctl-backup.service", "abssctl-backup.timer")
+UPGRADE_UNITS = ("abssctl-upgrade.service", "abssctl-upgrade.timer")
+NOTIFY_UNIT = "abssctl-notify@.service"
+SAFETY_DAYS = 14
+SAFETY_REASONS = ("pre-switch", "pre-restore")
+RESTORE_TEST_DAYS = {"never": None, "daily": 1, "weekly": 7}
+
+
+# -- the retention policy: a pure function over rows ------------------------------------
+
+def _buckets(ts: float) -> dict[str, tuple[int, ...]]:
+    """The UTC day, ISO week and month a timestamp falls in."""
+    import datetime
+    d = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).date()
+    year, week, _day = d.isocalendar()
+    return {"daily": (d.year, d.month, d.day), "weekly": (year, week), "monthly": (d.year, d.month)}
+
+
+def retention(rows: Sequence[Mapping[str, Any]], policy: Mapping[str, int], now: float) -> dict[str, list[str]]:
+    """restic forget's rules, per the rows of one instance: ``rows`` carry id, created_at (epoch
+    seconds), labels, reason and verified. Keep the newest keep_last; for keep_daily/weekly/monthly
+    N, the newest backup of each of the newest N days/weeks/months that have one. Never drop the
+    newest verified row, one labelled keep, or a pre-switch/pre-restore row younger than 14 days.
+    Returns id -> why it is kept; every id not in it goes."""
+    ordered = sorted(rows, key=lambda r: (float(r["created_at"]), str(r["id"])), reverse=True)
+    kept: dict[str, list[str]] = {}
+    for row in ordered[:max(0, int(policy.get("keep_last", 0)))]:
+        kept.setdefault(str(row["id"]), []).append("last")
+    for period in ("daily", "weekly", "monthly"):
+        wanted = max(0, int(policy.get(f"keep_{period}", 0)))
+        seen: list[tuple[int, ...]] = []
+        for row in ordered:
+            if len(seen) >= wanted:
+                break
+            bucket = _buckets(float(row["created_at"]))[period]
+            if bucket not in seen:
+                seen.append(bucket)
+                kept.setdefault(str(row["id"]), []).append(period)
+    verified = [r for r in ordered if r.get("verified")]
+    if verified:
+        kept.setdefault(str(verified[0]["id"]), []).append("newest-verified")
+    for row in ordered:
+        if "keep" in (row.get("labels") or []):
+            kept.setdefault(str(row["id"]), []).append("label-keep")
+        if row.get("reason") in SAFETY_REASONS and now - float(row["created_at"]) < SAFETY_DAYS * 86400:
+            kept.setdefault(str(row["id"]), []).append(str(row["reason"]))
+    return kept
+
+
+def retention_policy(ctx: Context) -> dict[str, int]:
+    return {k: int(ctx.config.get("backups", k)) for k in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly")}
+
+
+def _row_of(entry: Mapping[str, Any], verified: bool | None = None) -> dict[str, Any]:
+    return {"id": entry["id"], "created_at": _parse_ts(str(entry.get("created_at"))) or _id_time(str(entry["id"])),
+            "labels": list(entry.get("labels") or []), "reason": entry.get("reason"),
+            "verified": bool(entry.get("verified_at")) if verified is None else verified}
+
+
+def _id_time(backup_id: str) -> float:
+    """The UTC time a backup id names (YYYYMMDD-HHMMSS-...)."""
+    import calendar
+    import time
+    try:
+        return float(calendar.timegm(time.strptime(backup_id[:15], "%Y%m%d-%H%M%S")))
+    except ValueError:
+        return 0.0
+
+
+def policy_doomed(ctx: Context, instance: str | None, policy: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Index entries the policy removes: usable (ok/adopted) backups outside the kept set, never one
+    a live journal names. Corrupt and missing entries are left for verify/reconcile to report."""
+    live = json.dumps([d for _p, d in list_journals(ctx.paths.journal_dir)])
+    index = ctx.registry("backups").load()["backups"]
+    by_instance: dict[str, list[dict[str, Any]]] = {}
+    for b in index.values():
+        if isinstance(b, dict) and b.get("status") in ("ok", "adopted") and instance in (None, b.get("instance")):
+            by_instance.setdefault(str(b.get("instance")), []).append(b)
+    now = utc_now()
+    gone = []
+    for items in by_instance.values():
+        kept = retention([_row_of(b) for b in items], policy, now)
+        gone += [b for b in items if b["id"] not in kept and b["id"] not in live]
+    return sorted(gone, key=lambda b: str(b.get("created_at")))
+
+
+def _remove_backup_steps(ctx: Context, plan: Plan, doomed: Sequence[Mapping[str, Any]]) -> None:
+    for b in doomed:
+        path = archive_path(ctx, b)
+
+        def drop(b: Mapping[str, Any] = b, path: str = path) -> None:
+            with ctx.registry("backups").edit(ctx.op_id) as doc:
+                doc["backups"].pop(b["id"], None)
+            for p in (path, backup_sidecar(path)):
+                if os.path.lexists(p):
+                    os.unlink(p)
+        plan.add("backup.remove", f"remove {b['id']} ({b.get('reason')}, {b.get('created_at')}, "
+                                  f"{human_bytes(int(b.get('size_bytes') or 0))})", path, drop)
+
+
+def op_backup_prune_policy(ctx: Context, instance: str | None, *, ask: bool = True) -> Result:
+    """backup prune --policy: the schedule's retention policy applied by hand (lists, then asks)."""
+    policy = retention_policy(ctx)
+    removed: list[str] = []
+
+    def build() -> Plan:
+        plan = Plan("prune backups by the retention policy")
+        doomed = policy_doomed(ctx, instance, policy)
+        removed[:] = [b["id"] for b in doomed]
+        _remove_backup_steps(ctx, plan, doomed)
+        return plan
+
+    def confirm_it(plan: Plan) -> None:
+        if ask:
+            confirm(ctx, "Remove these backups?\n" + "\n".join(f"  {s.summary}" for s in plan.steps))
+
+    res = run_mutation(ctx, Mutation(title="prune", build=build, global_mode="exclusive", confirm=confirm_it,
+                                     target={"kind": "backups", "name": instance},
+                                     args={"instance": instance, "policy": policy},
+                                     outcome=lambda _x: [f"the retention policy ({_policy_text(policy)}) removed "
+                                                         f"{len(removed)} backup(s)"]))
+    res.data.update(policy=policy, removed=list(removed))
+    return res
+
+
+def _policy_text(policy: Mapping[str, int]) -> str:
+    return ", ".join(f"{k.replace('_', '-')} {v}" for k, v in policy.items())
+
+
+# -- copies to another disk --------------------------------------------------------------
+
+def copy_dir(copy_to: str, instance: str) -> str:
+    import socket
+    return os.path.join(copy_to, socket.gethostname(), instance)
+
+
+def _check_copy_to(path: str) -> str:
+    if not path.startswith("/") or "/../" in path + "/" or "\n" in path:
+        raise UsageError(f"--copy-to {path!r} must be an absolute path", hint="give the mount point of a disk or share")
+    if not os.path.isdir(path):
+        raise HostError(f"--copy-to {path} is not a directory", hint="mount the disk or share there first")
+    return os.path.normpath(path)
+
+
+def copy_backup(ctx: Context, entry: Mapping[str, Any], copy_to: str) -> dict[str, Any]:
+    """Copy an archive and its sidecar to DIR/<hostname>/<instance>/ under a temp name, fsync,
+    rename, then read the copy back and check its sha256. A failure removes what it wrote and
+    raises (DiskFull when the destination filled up); the local backup is never touched."""
+    import errno
+    import hashlib
+    src = archive_path(ctx, entry)
+    dest_dir = copy_dir(copy_to, str(entry["instance"]))
+    final = os.path.join(dest_dir, os.path.basename(src))
+    tmp = os.path.join(dest_dir, f".{os.path.basename(src)}.abssctl-tmp-{ctx.op_id}")
+    sidecar = backup_sidecar(final)
+    try:
+        ensure_dir(dest_dir, 0o700)
+        sha = hashlib.sha256()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(src, "rb") as r, os.fdopen(fd, "wb") as w:
+            while True:
+                chunk = r.read(1 << 20)
+                if not chunk:
+                    break
+                sha.update(chunk)
+                w.write(chunk)
+            w.flush()
+            os.fsync(w.fileno())
+        if sha.hexdigest() != entry.get("sha256"):
+            raise ChecksumMismatch(f"{entry['id']}: the local archive does not match its index sha256; not copied",
+                                   hint=f"abssctl backup verify {entry['id']}")
+        os.rename(tmp, final)
+        atomic_write(sidecar, f"{entry['sha256']}  {os.path.basename(final)}\n".encode(), mode=0o600,
+                     tag=ctx.op_id)
+        fsync_dir(dest_dir)
+        if sha256_file(final) != entry["sha256"]:
+            raise ChecksumMismatch(f"the copy of {entry['id']} in {dest_dir} does not match its sha256",
+                                   hint=f"check the disk at {copy_to}")
+    except (OSError, ChecksumMismatch) as exc:
+        for path in (tmp, final, sidecar):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if isinstance(exc, ChecksumMismatch):
+            raise
+        if exc.errno == errno.ENOSPC:
+            raise DiskFull(f"copying {entry['id']} to {dest_dir} failed: no space left on {copy_to}; "
+                           "the local backup is kept", hint=f"free space on {copy_to} or lower the keep-* "
+                           "counts (abssctl backup schedule enable ...)") from None
+        raise HostError(f"copying {entry['id']} to {dest_dir} failed: {exc.strerror or exc}; the local backup "
+                        "is kept", hint=f"check that {copy_to} is mounted and writable") from None
+    done = {"path": final, "verified_at": _now(), "sha256": entry["sha256"]}
+    with ctx.registry("backups").edit(ctx.op_id) as doc:
+        if isinstance(doc["backups"].get(entry["id"]), dict):
+            doc["backups"][entry["id"]]["copy"] = done
+    return done
+
+
+def copy_state(entry: Mapping[str, Any]) -> str:
+    """verified (the copy exists with the archive's size), missing (recorded but gone), or none."""
+    copy = entry.get("copy")
+    if not isinstance(copy, dict) or not copy.get("path"):
+        return "none"
+    try:
+        size = os.path.getsize(str(copy["path"]))
+    except OSError:
+        return "missing"
+    return "verified" if copy.get("verified_at") and size == int(entry.get("size_bytes") or -1) else "unverified"
+
+
+def copy_archive_of(entry: Mapping[str, Any]) -> str | None:
+    """The copy restore takes when the local archive is gone."""
+    return str(entry["copy"]["path"]) if copy_state(entry) in ("verified", "unverified") else None
+
+
+def prune_copies(ctx: Context, copy_to: str, instance: str, policy: Mapping[str, int]) -> list[str]:
+    """The same policy over the archives in DIR/<hostname>/<instance>/; returns the ids removed."""
+    dest_dir = copy_dir(copy_to, instance)
+    if not os.path.isdir(dest_dir):
+        return []
+    index = ctx.registry("backups").load()["backups"]
+    files: dict[str, str] = {}
+    for name in os.listdir(dest_dir):
+        bid = name.split(".tar", 1)[0]
+        if BACKUP_ID_RE.match(bid) and ".tar" in name and not name.endswith(".sha256"):
+            files[bid] = os.path.join(dest_dir, name)
+    rows = []
+    for bid in files:
+        entry = index.get(bid) if isinstance(index.get(bid), dict) else {"id": bid}
+        rows.append(_row_of(dict(entry, id=bid), verified=copy_state(entry) == "verified" if "copy" in entry
+                            else False))
+    kept = retention(rows, policy, utc_now())
+    gone = sorted(bid for bid in files if bid not in kept)
+    for bid in gone:
+        for path in (files[bid], backup_sidecar(files[bid])):
+            if os.path.lexists(path):
+                os.unlink(path)
+    if gone:
+        fsync_dir(dest_dir)
+    return gone
+
+
+# -- restore test ------------------------------------------------------------------------
+
+def missing_blobs(data: str) -> tuple[int, list[str]]:
+    """(files listed, ids without a blob): every live row of account.sqlite's files table must have
+    user-files/file-<id>.blob beside it."""
+    import sqlite3
+    db_path = os.path.join(data, "server-files", "account.sqlite")
+    if not os.path.isfile(db_path):
+        return 0, []
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        cols = [r[1] for r in db.execute("PRAGMA table_info(files)")]
+        if "id" not in cols:
+            return 0, []
+        ids = [str(r[0]) for r in db.execute("SELECT id FROM files" + (" WHERE NOT deleted" if "deleted" in cols
+                                                                      else ""))]
+    finally:
+        db.close()
+    return len(ids), [i for i in ids if not os.path.isfile(os.path.join(data, "user-files", f"file-{i}.blob"))]
+
+
+def restore_test(ctx: Context, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Extract a backup into a temp dir, start its own server version on a free loopback port as the
+    service user (smoke_start), require /health UP, check every listed user file has its blob, then
+    remove everything. Raises (exit 4) when the server or a blob fails; the index records the result."""
+    import time
+    versions = Versions(ctx)
+    version = str(entry.get("server_version"))
+    ventry = versions.doc["versions"].get(version)
+    if not isinstance(ventry, dict):
+        raise NotFound(f"the restore test of {entry['id']} needs its server version {version}, which is not "
+                       "installed", hint=f"abssctl version install {version}")
+    archive = archive_path(ctx, entry)
+    if not os.path.isfile(archive):
+        archive = copy_archive_of(entry) or archive
+    if not os.path.isfile(archive):
+        raise NotFound(f"the archive of {entry['id']} is missing: {archive}", hint="run abssctl backup reconcile")
+    pkg = os.path.realpath(versions.package_dir(version))
+    work = os.path.join(ctx.paths.install_root, f".smoke-restore-test-{ctx.op_id}")
+    started = time.monotonic()
+    result: dict[str, Any] = {"id": entry["id"], "server_version": version}
+    try:
+        ensure_dir(work, 0o750)
+        scan = ArchiveScan(ctx, archive)
+        ctx.out.progress(f"restore test {entry['id']}: extracting")
+        extract_backup(scan, entry, work)
+        if scan.sha256 != entry.get("sha256"):
+            raise ChecksumMismatch(f"{entry['id']}: the archive sha256 does not match the index")
+        ctx.out.progress(f"restore test {entry['id']}: starting {version} on its data")
+        _migrations, info = smoke_start(ctx, pkg, os.path.join(pkg, ventry["bin"]), version, work,
+                                        runner=runner_for(ctx, ventry))
+        listed, missing = missing_blobs(os.path.join(work, "data"))
+        result.update(health="UP", info_version=info, user_files=listed, missing_blobs=missing)
+        if missing:
+            raise ProviderError(f"restore test of {entry['id']}: {len(missing)} of {listed} user file(s) the "
+                                f"account database lists have no blob ({', '.join(missing[:5])})",
+                                hint="this backup cannot bring those budgets back; use another one",
+                                details={"missing_blobs": missing})
+    except AbssctlError as exc:
+        _record_restore_test(ctx, entry, "failed", exc.message)
+        exc.details.setdefault("restore_test", result)
+        raise
+    finally:
+        if os.path.lexists(work):
+            remove_tree(work)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    _record_restore_test(ctx, entry, "ok", None)
+    return result
+
+
+def _record_restore_test(ctx: Context, entry: Mapping[str, Any], outcome: str, message: str | None) -> None:
+    with ctx.registry("backups").edit(ctx.op_id) as doc:
+        if isinstance(doc["backups"].get(entry["id"]), dict):
+            doc["backups"][entry["id"]]["restore_test"] = {"at": _now(), "result": outcome, "message": message}
+    with ctx.registry("unattended").edit(ctx.op_id) as doc:
+        by_instance = dict((doc["unattended"].get("restore_test") or {}).get("by_instance") or {})
+        by_instance[str(entry["instance"])] = _now()
+        doc["unattended"]["restore_test"] = {"at": _now(), "backup_id": entry["id"], "result": outcome,
+                                             "message": message, "by_instance": by_instance}
+
+
+def op_backup_restore_test(ctx: Context, backup_id: str) -> Result:
+    entry = _backup_entry(ctx, backup_id)
+    res = restore_test(ctx, entry)
+    return Result({"restore_test": res}, [f"{backup_id}: restore test passed on {res['server_version']} (/health UP, "
+                                          f"{res['user_files']} user file(s) with their blobs, {res['seconds']} s); "
+                                          "everything it made is removed"])
+
+
+# -- units -------------------------------------------------------------------------------
+
+def self_command(ctx: Context) -> str:
+    """How systemd runs this abssctl: its absolute path (a .pyz or the script; with the absolute
+    python3 when it is not executable) and the config file in use."""
+    here = os.path.abspath(sys.argv[0]) if os.path.basename(sys.argv[0]).startswith("abssctl") else ""
+    if not here or not os.path.isfile(here):
+        module = os.path.abspath(__file__)
+        here = os.path.dirname(module) if os.path.isfile(os.path.dirname(module)) else module
+    argv = [here] if os.access(here, os.X_OK) else [os.path.abspath(sys.executable), here]
+    return " ".join(_systemd_word(w) for w in argv + ["--config", os.path.abspath(ctx.config.path)])
+
+
+def _systemd_word(word: str) -> str:
+    """One ExecStart= word: % doubled (a specifier otherwise), quoted when it holds a space or quote."""
+    word = word.replace("%", "%%")
+    if re.match(r"^[A-Za-z0-9_./@:+=,%-]+\Z", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+
+def calendar_next(ctx: Context, spec: str, flag: str = "--calendar") -> str | None:
+    """Check a calendar with systemd-analyze calendar; the next elapse it prints (None if it prints none)."""
+    if not re.match(r"^[A-Za-z0-9 ,:.*/~+-]{1,100}\Z", spec):
+        raise UsageError(f"{flag} {spec!r} is not a systemd calendar", hint="e.g. daily, weekly, 'Sun 03:00'")
+    done = ctx.runner.run("systemd_analyze", ["calendar", spec], mutating=False, check=False)
+    if done.returncode != 0:
+        raise UsageError(f"{flag} {spec!r} is not a systemd calendar: "
+                         f"{(_tail(done.stderr) or _tail(done.stdout) or ['rejected'])[-1]}",
+                         hint="see man systemd.time; e.g. daily, weekly, 'Mon..Fri 02:30'")
+    m = re.search(r"Next elapse:\s*(.+)", done.stdout)
+    return m.group(1).strip() if m else None
+
+
+def _unit_files(ctx: Context, names: Sequence[str], calendar: str) -> dict[str, bytes]:
+    values = {"ABSSCTL": self_command(ctx), "CALENDAR": calendar}
+    return {os.path.join(ctx.paths.unit_dir, n): render(ctx.paths.templates_dir, n, values).encode()
+            for n in names}
+
+
+def _verify_units_step(ctx: Context, plan: Plan, paths: Sequence[str]) -> None:
+    def do() -> None:
+        done = ctx.runner.run("systemd_analyze", ["verify", *paths], mutating=True, check=False)
+        if done.returncode != 0:
+            raise ProviderError("systemd-analyze verify rejected the units: "
+                                + " ".join(_tail(done.stderr) or _tail(done.stdout) or []),
+                                hint="a template override in [paths] templates_dir may be at fault")
+    plan.add("units.verify", "check them with systemd-analyze verify", " ".join(paths), do)
+
+
+def set_config_keys(text: str, section: str, values: Mapping[str, Any]) -> str:
+    """The config file's text with ``[section] key = value`` set for each key: an existing line is
+    replaced, a missing key goes after the section header, a missing section at the end."""
+    lines = text.splitlines()
+    todo = dict(values)
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == f"[{section}]"), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+        for i in range(start + 1, end):
+            m = re.match(r"^\s*([A-Za-z0-9_]+)\s*=", lines[i])
+            if m and m.group(1) in todo:
+                lines[i] = f"{m.group(1)} = {_toml_value(todo.pop(m.group(1)))}"
+        lines[start + 1:start + 1] = [f"{k} = {_toml_value(v)}" for k, v in todo.items()]
+    else:
+        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in todo.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _config_step(ctx: Context, plan: Plan, section: str, values: Mapping[str, Any]) -> None:
+    path = ctx.config.path
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+    mode = os.stat(path).st_mode & 0o777 if os.path.isfile(path) else 0o644
+    new = set_config_keys(text, section, values)
+    _file_step(ctx, plan, "config.write", path, new.encode(), mode, 0,
+               f"set [{section}] " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in values.items()) + f" in {path}")
+
+
+def _timer_state(ctx: Context, timer: str) -> dict[str, str]:
+    props = ("UnitFileState", "ActiveState", "NextElapseUSecRealtime", "LastTriggerUSec")
+    return Systemd(ctx.runner).show([timer], props)[timer]
+
+
+def _enable_units(ctx: Context, names: Sequence[str], calendar: str, title: str, section: str,
+                  values: Mapping[str, Any], args: Mapping[str, Any], outcome: list[str]) -> Result:
+    files = _unit_files(ctx, list(names) + [NOTIFY_UNIT], calendar)
+    timer = next(n for n in names if n.endswith(".timer"))
+
+    def build() -> Plan:
+        plan = Plan(title)
+        _config_step(ctx, plan, section, values)
+        for path, data in files.items():
+            _file_step(ctx, plan, "unit.write", path, data, 0o644, 0, f"write {path}")
+        _verify_units_step(ctx, plan, sorted(files))
+        plan.add("systemd.reload", "systemctl daemon-reload", "systemd", lambda: Systemd(ctx.runner).daemon_reload())
+        _systemctl_step(ctx, plan, "enable", timer, "disable")
+        _systemctl_step(ctx, plan, "start", timer, "stop")
+        return plan
+    return run_mutation(ctx, Mutation(title=title, build=build, global_mode="exclusive",
+                                      target={"kind": "schedule", "name": timer}, args=dict(args),
+                                      outcome=lambda _x: outcome))
+
+
+def _disable_units(ctx: Context, names: Sequence[str], title: str) -> Result:
+    timer = next(n for n in names if n.endswith(".timer"))
+    paths = [os.path.join(ctx.paths.unit_dir, n) for n in names]
+    other = next(n for n in BACKUP_UNITS + UPGRADE_UNITS if n.endswith(".timer") and n != timer)
+    if not os.path.exists(os.path.join(ctx.paths.unit_dir, other)):
+        paths.append(os.path.join(ctx.paths.unit_dir, NOTIFY_UNIT))   # no service left to notify about
+
+    def build() -> Plan:
+        plan = Plan(title)
+        if any(os.path.exists(p) for p in paths):
+            for verb, undo in (("stop", "start"), ("disable", "enable")):
+                plan.add(f"systemctl.{verb}", f"systemctl {verb} {timer}", timer,
+                         lambda verb=verb: ctx.runner.run("systemctl", ["--no-pager", verb, timer], mutating=True,
+                                                          check=False),
+                         UndoAction("systemctl", verb=undo, unit=timer))
+        for path in paths:
+            if os.path.exists(path):
+                before = snapshot(path)
+                plan.add("unit.remove", f"remove {path}", path, lambda path=path: os.unlink(path),
+                         UndoAction("restore_file", path=path, snapshot=before))
+        if plan.steps:
+            plan.add("systemd.reload", "systemctl daemon-reload", "systemd",
+                     lambda: Systemd(ctx.runner).daemon_reload())
+        return plan
+    return run_mutation(ctx, Mutation(title=title, build=build, global_mode="exclusive",
+                                      target={"kind": "schedule", "name": timer}, args={},
+                                      outcome=lambda _x: [f"{timer} is disabled and its units removed"]))
+
+
+def _last_run(ctx: Context, key: str) -> dict[str, Any]:
+    doc = ctx.registry("unattended").load()["unattended"]
+    return dict(doc.get(key) or {})
+
+
+def _record_run(ctx: Context, key: str, record: Mapping[str, Any]) -> None:
+    with ctx.registry("unattended").edit(ctx.op_id) as doc:
+        doc["unattended"][key] = dict(doc["unattended"].get(key) or {}, **record)
+
+
+# -- backup schedule ---------------------------------------------------------------------
+
+def op_backup_schedule_enable(ctx: Context, *, calendar: str | None, keep: Mapping[str, int | None],
+                              copy_to: str | None, verify: bool | None, restore_test_every: str | None) -> Result:
+    spec = calendar or str(ctx.config.get("backups", "schedule"))
+    nxt = calendar_next(ctx, spec)
+    values: dict[str, Any] = {"schedule": spec}
+    values.update({k: int(v) for k, v in keep.items() if v is not None})
+    if copy_to is not None:
+        values["copy_to"] = _check_copy_to(copy_to) if copy_to else ""
+    if verify is not None:
+        values["verify"] = verify
+    if restore_test_every is not None:
+        values["restore_test"] = restore_test_every
+    policy = {k: int(values.get(k, ctx.config.get("backups", k))) for k in retention_policy(ctx)}
+    copies = values.get("copy_to", ctx.config.get("backups", "copy_to"))
+    res = _enable_units(ctx, BACKUP_UNITS, spec, "enable the backup schedule", "backups", values,
+                        {"calendar": spec, **values},
+                        [f"abssctl-backup.timer runs {spec} (next: {nxt or 'see systemctl list-timers'}): back up "
+                         f"every instance, verify, keep {_policy_text(policy)}"
+                         + (f", copy to {copies}" if copies else ""),
+                         "see what it did with: abssctl backup schedule show (or journalctl -u abssctl-backup)"])
+    res.data["schedule"] = {"calendar": spec, "next": nxt, "policy": policy, "copy_to": copies or None}
+    return res
+
+
+def op_backup_schedule_disable(ctx: Context) -> Result:
+    return _disable_units(ctx, BACKUP_UNITS, "disable the backup schedule")
+
+
+def op_backup_schedule_show(ctx: Context) -> Result:
+    enabled = os.path.isfile(os.path.join(ctx.paths.unit_dir, "abssctl-backup.timer"))
+    state = _timer_state(ctx, "abssctl-backup.timer") if enabled else {}
+    last = _last_run(ctx, "backup")
+    nxt = None
+    if enabled:
+        try:
+            nxt = calendar_next(ctx, str(ctx.config.get("backups", "schedule")))
+        except AbssctlError:
+            nxt = None
+    policy = retention_policy(ctx)
+    doc = {"enabled": enabled, "calendar": ctx.config.get("backups", "schedule"), "next": nxt,
+           "timer": state, "policy": policy, "verify": ctx.config.get("backups", "verify"),
+           "copy_to": ctx.config.get("backups", "copy_to") or None,
+           "restore_test": ctx.config.get("backups", "restore_test"), "last_run": last or None,
+           "last_restore_test": _last_run(ctx, "restore_test") or None,
+           "notify": ctx.config.get("notify", "command") or None}
+    text = [f"backup schedule: {'enabled' if enabled else 'disabled'}, {doc['calendar']}"
+            + (f", next {nxt}" if nxt else ""),
+            f"policy: {_policy_text(policy)}; verify {'on' if doc['verify'] else 'off'}; restore test "
+            f"{doc['restore_test']}; copies {doc['copy_to'] or 'none'}",
+            "last run: " + (f"{last.get('at')}: {last.get('result')} ({last.get('summary')})" if last else "never")]
+    if not doc["notify"]:
+        text.append("no [notify] command: a failed run only reaches the journal")
+    if not enabled:
+        text.append("enable it with: abssctl backup schedule enable")
+    return Result({"schedule": doc}, text)
+
+
+def op_backup_schedule_run(ctx: Context) -> Result:
+    """What the timer runs: back up every instance (label scheduled), verify each new backup, a
+    restore test when one is due, the retention policy, then the copies. Any failure fails the run
+    (a failed copy never removes the local backup); the outcome is recorded for show and doctor."""
+    started = _now()
+    names = sorted(Instances(ctx).doc["instances"])
+    if ctx.dry_run:
+        return Result({"run": {"would_back_up": names, "would_prune": [b["id"] for b in
+                                                                        policy_doomed(ctx, None, retention_policy(ctx))],
+                               "copy_to": ctx.config.get("backups", "copy_to") or None}},
+                      [f"would back up {', '.join(names) or 'nothing'}, verify, and prune by the policy "
+                       f"({_policy_text(retention_policy(ctx))})"], changed=False)
+    errors: list[str] = []
+    worst: AbssctlError | None = None
+
+    def failed(exc: AbssctlError, what: str) -> None:
+        nonlocal worst
+        errors.append(f"{what}: {exc.message}")
+        worst = exc if worst is None or exc.exit_code > worst.exit_code else worst
+
+    new: list[dict[str, Any]] = []
+    if names:
+        made = op_backup_create(ctx, names, message="scheduled", labels=["scheduled"],
+                                compression=str(ctx.config.get("backups", "compression")))
+        for row in made.data.get("results") or [{"ok": True, "backup": made.data.get("backup")}]:
+            if row.get("ok"):
+                new.append(row["backup"])
+            else:
+                errors.append(f"backup {row['instance']}: {row['error']['message']}")
+        if made.error is not None:
+            worst = made.error
+        _next_op(ctx)
+    index = ctx.registry("backups").load()["backups"]
+    verified = []
+    if ctx.config.get("backups", "verify"):
+        for b in new:
+            try:
+                verify_backup(ctx, dict(index[b["id"]]), True)
+                verified.append(b["id"])
+            except AbssctlError as exc:
+                failed(exc, f"verify {b['id']}")
+    tested = None
+    every = RESTORE_TEST_DAYS.get(str(ctx.config.get("backups", "restore_test")))
+    last_test = _last_run(ctx, "restore_test")
+    if every and new and utc_now() - _parse_ts(str(last_test.get("at") or "")) >= every * 86400 - 3600:
+        index = ctx.registry("backups").load()["backups"]
+        by_instance = dict(last_test.get("by_instance") or {})     # the instance tested longest ago goes
+        pick = min(new, key=lambda b: (str(by_instance.get(b["instance"], "")), b["instance"]))["id"]
+        try:
+            tested = restore_test(ctx, dict(index[pick]))
+        except AbssctlError as exc:
+            failed(exc, f"restore test {pick}")
+    policy = retention_policy(ctx)
+    pruned: list[str] = []
+    try:
+        pruned = op_backup_prune_policy(ctx, None, ask=False).data.get("removed") or []
+        _next_op(ctx)
+    except AbssctlError as exc:
+        failed(exc, "prune")
+    copies: dict[str, Any] = {}
+    copy_to = str(ctx.config.get("backups", "copy_to") or "")
+    if copy_to:
+        index = ctx.registry("backups").load()["backups"]
+        try:
+            _check_copy_to(copy_to)
+            for b in sorted((b for b in index.values() if isinstance(b, dict) and b.get("status") in ("ok", "adopted")
+                             and copy_state(b) != "verified"), key=lambda b: str(b.get("created_at"))):
+                if b["id"] not in [x["id"] for x in new] and b["id"] not in verified:
+                    continue          # only this run's backups are copied; older ones were copied by theirs
+                copies[b["id"]] = copy_backup(ctx, b, copy_to)["path"]
+            for name in names:
+                copies.setdefault("pruned", []).extend(prune_copies(ctx, copy_to, name, policy))
+        except AbssctlError as exc:
+            failed(exc, "copy")
+    result = "ok" if not errors else "failed"
+    summary = (f"{len(new)} backup(s), {len(verified)} verified, {len(pruned)} pruned"
+               + (f", {len([k for k in copies if k != 'pruned'])} copied to {copy_to}" if copy_to else "")
+               + (f", restore test {tested['id']} passed" if tested else "")
+               + (f"; failed: {'; '.join(errors)}" if errors else ""))
+    _record_run(ctx, "backup", {"at": started, "finished_at": _now(), "result": result, "summary": summary,
+                                "backups": [b["id"] for b in new], "verified": verified, "pruned": pruned,
+                                "copies": copies, "errors": errors})
+    res = Result({"run": {"result": result, "backups": new, "verified": verified, "pruned": pruned,
+                          "copies": copies, "restore_test": tested, "errors": errors}},
+                 [f"backup schedule run: {summary}"], changed=bool(new or pruned))
+    if worst is not None:
+        res.ok, res.error = False, worst
+        res.error.hint = res.error.hint or "see abssctl backup schedule show and journalctl -u abssctl-backup"
+    return res
+
+
+# -- unattended upgrades -----------------------------------------------------------------
+
+def _allowed(current: str, candidate: str, to: str) -> bool:
+    cur, new = semver_key(current), semver_key(candidate)
+    if new <= cur or "-" in candidate:
+        return False
+    c, n = current.split("."), candidate.split(".")
+    if to == "patch":
+        return c[:2] == n[:2]
+    if to == "minor":
+        return c[:1] == n[:1]
+    return True
+
+
+def op_version_auto_upgrade_enable(ctx: Context, *, calendar: str | None, to: str | None) -> Result:
+    spec = calendar or str(ctx.config.get("upgrade", "calendar"))
+    nxt = calendar_next(ctx, spec)
+    values: dict[str, Any] = {"calendar": spec, "to": to or str(ctx.config.get("upgrade", "to"))}
+    res = _enable_units(ctx, UPGRADE_UNITS, spec, "enable unattended upgrades", "upgrade", values, values,
+                        [f"abssctl-upgrade.timer runs {spec} (next: {nxt or 'see systemctl list-timers'}): install "
+                         f"the newest {values['to']} update, switch with backups, health gates and rollback",
+                         "see what it did with: abssctl version auto-upgrade show"])
+    res.data["auto_upgrade"] = {"calendar": spec, "to": values["to"], "next": nxt}
+    return res
+
+
+def op_version_auto_upgrade_disable(ctx: Context) -> Result:
+    return _disable_units(ctx, UPGRADE_UNITS, "disable unattended upgrades")
+
+
+def op_version_auto_upgrade_show(ctx: Context) -> Result:
+    enabled = os.path.isfile(os.path.join(ctx.paths.unit_dir, "abssctl-upgrade.timer"))
+    last = _last_run(ctx, "upgrade")
+    blocked = dict(last.get("blocked") or {})
+    doc = {"enabled": enabled, "calendar": ctx.config.get("upgrade", "calendar"), "to": ctx.config.get("upgrade", "to"),
+           "timer": _timer_state(ctx, "abssctl-upgrade.timer") if enabled else {},
+           "last_run": {k: v for k, v in last.items() if k != "blocked"} or None, "blocked": blocked}
+    text = [f"auto-upgrade: {'enabled' if enabled else 'disabled'}, {doc['calendar']}, up to {doc['to']} updates",
+            "last run: " + (f"{last.get('at')}: {last.get('result')} ({last.get('summary')})" if last.get("at")
+                            else "never")]
+    for version, why in sorted(blocked.items()):
+        text.append(f"{version} is never tried again automatically: its switch rolled back at {why.get('at')} "
+                    f"({why.get('message')}); install it by hand with abssctl version switch {version}")
+    return Result({"auto_upgrade": doc}, text)
+
+
+def op_version_upgrade(ctx: Context, *, auto: bool, to: str | None) -> Result:
+    """check-updates, install the newest allowed version, rolling gated switch with data rollback,
+    then uninstall versions older than the two newest that no instance uses. With --auto a version
+    whose switch rolled back is skipped, and a rollback marks the version so it is never retried."""
+    started = _now()
+    reach = to or str(ctx.config.get("upgrade", "to"))
+    versions = Versions(ctx)
+    current = versions.current or max(versions.doc["versions"], key=semver_key, default=None)
+    if current is None:
+        raise NotFound("no server version is installed", hint="abssctl version install latest --set-current")
+    blocked = dict(_last_run(ctx, "upgrade").get("blocked") or {})
+    remote = [v for v in Npm(ctx.runner, ctx.config).remote_versions() if "-" not in v]
+    allowed = sorted((v for v in remote if _allowed(current, v, reach)), key=semver_key)
+    skipped = [v for v in allowed if auto and v in blocked]
+    candidates = [v for v in allowed if v not in skipped]
+    target = candidates[-1] if candidates else None
+    record: dict[str, Any] = {"at": started, "from": current, "to_reach": reach, "target": target,
+                              "skipped": skipped}
+    if ctx.dry_run:
+        return Result({"upgrade": record}, [f"would upgrade {current} -> {target}" if target else
+                                            f"{current} is the newest allowed ({reach}) version"], changed=False)
+    if target is None:
+        record.update(result="up-to-date", summary=f"{current} is the newest allowed ({reach}) version"
+                      + (f"; skipped {', '.join(skipped)} (rolled back before)" if skipped else ""))
+        _record_run(ctx, "upgrade", record)
+        return Result({"upgrade": record}, [record["summary"]])
+    try:
+        if versions.state_of(target) == "missing":
+            op_version_install(ctx, target, set_current=False)
+            _next_op(ctx)
+        switched = op_version_switch(ctx, target, restart="rolling", backup=True, message="auto-upgrade")
+        _next_op(ctx)
+    except AbssctlError as exc:
+        rolled = any(r.get("outcome") == "rolled-back" for r in exc.data.get("instances") or [])
+        if rolled:
+            blocked[target] = {"at": _now(), "message": exc.message}
+        record.update(result="rolled-back" if rolled else "failed", blocked=blocked,
+                      summary=f"upgrade {current} -> {target} failed: {exc.message}"
+                      + ("; rolled back with data, never retried automatically" if rolled else ""))
+        _record_run(ctx, "upgrade", record)
+        raise
+    removed = _uninstall_old(ctx)
+    record.update(result="upgraded", blocked=blocked, uninstalled=removed,
+                  summary=f"upgraded {current} -> {target}" + (f"; uninstalled {', '.join(removed)}" if removed else ""))
+    _record_run(ctx, "upgrade", record)
+    return Result({"upgrade": record, "instances": switched.data.get("instances")}, [record["summary"]],
+                  changed=True)
+
+
+def _uninstall_old(ctx: Context) -> list[str]:
+    versions = Versions(ctx)
+    newest_two = sorted(versions.doc["versions"], key=semver_key)[-2:]
+    gone = []
+    for v in sorted(versions.doc["versions"], key=semver_key):
+        if v in newest_two or v == versions.current or versions.users_of(v):
+            continue
+        try:
+            op_version_uninstall(ctx, v)
+            gone.append(v)
+        except AbssctlError as exc:
+            ctx.out.warn(f"could not uninstall {v}: {exc.message}")
+        _next_op(ctx)
+    return gone
+
+
+# -- notify ------------------------------------------------------------------------------
+
+def op_notify(ctx: Context, unit: str) -> Result:
+    """Run from abssctl-notify@<unit>.service: [notify] command gets a one-paragraph summary on
+    stdin and ABSSCTL_UNIT, ABSSCTL_RESULT in its environment."""
+    import socket
+    if not re.match(r"^[A-Za-z0-9@._:-]{1,200}\Z", unit):
+        raise UsageError(f"{unit!r} is not a unit name")
+    state = Systemd(ctx.runner).show([unit], ["Result", "ExecMainStatus", "ActiveState"]).get(unit) or {}
+    key = "upgrade" if unit.startswith("abssctl-upgrade") else "backup"
+    last = _last_run(ctx, key)
+    outcome = state.get("Result") or str(last.get("result") or "failed")
+    summary = (f"{unit} failed on {socket.gethostname()} at {_now()} (systemd result: {outcome}, exit status "
+               f"{state.get('ExecMainStatus') or '?'}). "
+               + (f"Its last run ({last.get('at')}) reported: {last.get('summary')}. " if last else "")
+               + f"Read: journalctl -u {unit} -n 100; abssctl doctor; abssctl "
+               + ("version auto-upgrade show." if key == "upgrade" else "backup schedule show."))
+    command = list(ctx.config.get("notify", "command") or [])
+    if not command:
+        ctx.out.warn("no [notify] command is configured; this failure only reaches the journal")
+        return Result({"notify": {"unit": unit, "sent": False, "summary": summary}}, [summary])
+    ctx.runner.with_commands(notify=command).run(
+        "notify", [], mutating=True, input=summary + "\n", timeout=120,
+        env_extra={"ABSSCTL_UNIT": unit, "ABSSCTL_RESULT": outcome})
+    return Result({"notify": {"unit": unit, "sent": True, "summary": summary, "command": command}},
+                  [f"told {command[0]}: {summary}"], changed=True)
+
+
+# -- doctor ------------------------------------------------------------------------------
+
+def _period_seconds(spec: str) -> float:
+    """About how often a calendar fires (for 'is the newest backup late?'); a day when unsure."""
+    return {"hourly": 3600.0, "weekly": 7 * 86400.0, "monthly": 31 * 86400.0}.get(spec.strip().lower(), 86400.0)
+
+
+@probe("unattended")
+def probe_unattended(ctx: Context, facts: Facts) -> list[Finding]:
+    out = []
+    enabled = os.path.isfile(os.path.join(ctx.paths.unit_dir, "abssctl-backup.timer"))
+    last = _last_run(ctx, "backup")
+    if not enabled:
+        out.append(_ok("unattended.schedule", None, "no backup schedule: backups happen only by hand "
+                                                    "(abssctl backup schedule enable)"))
+    elif not last:
+        out.append(_ok("unattended.schedule", None, "the backup schedule is enabled and has not run yet"))
+    elif last.get("result") != "ok":
+        out.append(Finding("unattended.schedule", None, "fail", f"the last scheduled backup run ({last.get('at')}) "
+                           f"failed: {last.get('summary')}", hint="journalctl -u abssctl-backup; abssctl backup "
+                           "schedule run"))
+    else:
+        out.append(_ok("unattended.schedule", None, f"the last scheduled backup run ({last.get('at')}) was ok: "
+                                                    f"{last.get('summary')}"))
+    if enabled:
+        period = _period_seconds(str(ctx.config.get("backups", "schedule")))
+        for name in sorted(facts.instances):
+            ok = [b for b in facts.backups.values() if isinstance(b, dict) and b.get("instance") == name
+                  and b.get("status") in ("ok", "adopted")]
+            newest = max((str(b.get("created_at")) for b in ok), default=None)
+            if newest is None or utc_now() - _parse_ts(newest) > 2 * period + 3600:
+                out.append(Finding("unattended.backup-age", name, "warn",
+                                   f"the newest backup of {name} is {newest or 'missing'}; the schedule "
+                                   f"({ctx.config.get('backups', 'schedule')}) should have made a newer one",
+                                   hint="systemctl list-timers abssctl-backup.timer; journalctl -u abssctl-backup"))
+    copy_to = str(ctx.config.get("backups", "copy_to") or "")
+    if copy_to:
+        usable = [b for b in facts.backups.values() if isinstance(b, dict) and b.get("status") in ("ok", "adopted")]
+        bad = [b["id"] for b in usable if copy_state(b) != "verified"]
+        if not os.path.isdir(copy_to):
+            out.append(Finding("unattended.copies", None, "fail", f"the copy destination {copy_to} is not there",
+                               hint="mount it again"))
+        elif bad:
+            out.append(Finding("unattended.copies", None, "warn", f"{len(bad)} backup(s) have no verified copy in "
+                               f"{copy_to}: {', '.join(sorted(bad)[:5])}", hint="abssctl backup list --copies"))
+        else:
+            out.append(_ok("unattended.copies", None, f"every backup has a verified copy in {copy_to}"))
+    upgrading = os.path.isfile(os.path.join(ctx.paths.unit_dir, "abssctl-upgrade.timer"))
+    if upgrading:
+        up = _last_run(ctx, "upgrade")
+        status = "warn" if up.get("result") in ("failed", "rolled-back") else "ok"
+        out.append(Finding("unattended.upgrade", None, status, f"auto-upgrade is enabled ({ctx.config.get('upgrade', 'to')}"
+                           f" updates); last run: {up.get('result') or 'never'}"
+                           + (f"; never retried: {', '.join(sorted(up.get('blocked') or {}))}" if up.get("blocked")
+                              else ""), hint="abssctl version auto-upgrade show" if status == "warn" else None))
+    else:
+        out.append(_ok("unattended.upgrade", None, "auto-upgrade is off (abssctl version auto-upgrade enable)"))
+    if (enabled or upgrading) and not ctx.config.get("notify", "command"):
+        out.append(Finding("unattended.notify", None, "warn", "no [notify] command: a failed scheduled run only "
+                           "reaches the journal", hint='set [notify] command = ["mail", "-s", "abssctl", "root"]'))
+    return out
+
+
+# ============================================================================
 # 9. CLI wiring
 # ============================================================================
 
@@ -9674,7 +10539,7 @@ def cmd_backup_create(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def cmd_backup_list(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_backup_list(ctx, args.instance)
+    return op_backup_list(ctx, args.instance, args.copies)
 
 
 def cmd_backup_show(ctx: Context, args: argparse.Namespace) -> Result:
@@ -9684,11 +10549,55 @@ def cmd_backup_show(ctx: Context, args: argparse.Namespace) -> Result:
 def cmd_backup_verify(ctx: Context, args: argparse.Namespace) -> Result:
     if bool(args.backup_id) == bool(args.all):
         raise UsageError("give a backup ID or --all, not both or neither")
-    return op_backup_verify(ctx, args.backup_id, deep=args.deep)
+    if args.restore_test and not args.backup_id:
+        raise UsageError("--restore-test takes one backup ID", hint="abssctl backup verify ID --restore-test")
+    result = op_backup_verify(ctx, args.backup_id, deep=args.deep)
+    if args.restore_test:
+        tested = op_backup_restore_test(ctx, args.backup_id)
+        result.data.update(tested.data)
+        result.text += tested.text
+    return result
 
 
 def cmd_backup_prune(ctx: Context, args: argparse.Namespace) -> Result:
+    if args.policy:
+        return op_backup_prune_policy(ctx, args.instance)
     return op_backup_prune(ctx, args.instance, keep=args.keep, older_than=args.older_than)
+
+
+def cmd_backup_schedule(ctx: Context, args: argparse.Namespace) -> Result:
+    given = [f for f in ("calendar", "keep_last", "keep_daily", "keep_weekly", "keep_monthly", "copy_to", "verify",
+                         "restore_test") if getattr(args, f) is not None]
+    if args.action != "enable" and given:
+        raise UsageError(f"--{given[0].replace('_', '-')} goes with backup schedule enable")
+    if args.action == "enable":
+        return op_backup_schedule_enable(ctx, calendar=args.calendar, copy_to=args.copy_to, verify=args.verify,
+                                         restore_test_every=args.restore_test,
+                                         keep={k: getattr(args, k) for k in ("keep_last", "keep_daily", "keep_weekly",
+                                                                             "keep_monthly")})
+    if args.action == "disable":
+        return op_backup_schedule_disable(ctx)
+    if args.action == "run":
+        return op_backup_schedule_run(ctx)
+    return op_backup_schedule_show(ctx)
+
+
+def cmd_version_auto_upgrade(ctx: Context, args: argparse.Namespace) -> Result:
+    if args.action != "enable" and (args.calendar or args.to):
+        raise UsageError("--calendar and --to go with version auto-upgrade enable")
+    if args.action == "enable":
+        return op_version_auto_upgrade_enable(ctx, calendar=args.calendar, to=args.to)
+    if args.action == "disable":
+        return op_version_auto_upgrade_disable(ctx)
+    return op_version_auto_upgrade_show(ctx)
+
+
+def cmd_version_upgrade(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_version_upgrade(ctx, auto=args.auto, to=args.to)
+
+
+def cmd_notify(ctx: Context, args: argparse.Namespace) -> Result:
+    return op_notify(ctx, args.unit)
 
 
 def cmd_backup_reconcile(ctx: Context, args: argparse.Namespace) -> Result:
@@ -10060,8 +10969,10 @@ def _add_backup_parser(groups: argparse._SubParsersAction) -> None:
                    help="default [backups] compression")
     p.add_argument("--if-older-than", metavar="DURATION", help="only when the newest good backup is older than "
                    "DURATION (90m, 24h, 7d); else nothing to do, changed false (for Ansible, cron)")
-    p = _verb(verbs, "list", "list backups, newest first", cmd_backup_list, "abssctl backup list --instance alice")
+    p = _verb(verbs, "list", "list backups, newest first", cmd_backup_list, "abssctl backup list --instance alice",
+              "abssctl backup list --copies")
     p.add_argument("--instance", metavar="NAME", type=_argtype(validate_name))
+    p.add_argument("--copies", action="store_true", help="also show which backups have a verified copy")
     p = _verb(verbs, "show", "show a backup's index entry and manifest summary", cmd_backup_show,
               "abssctl backup show 20261126-101500-alice-3f9a")
     p.add_argument("backup_id", metavar="ID", type=_argtype(validate_backup_id))
@@ -10070,6 +10981,8 @@ def _add_backup_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("backup_id", metavar="ID", nargs="?", type=_argtype(validate_backup_id))
     p.add_argument("--all", action="store_true")
     p.add_argument("--deep", action="store_true", help="extract to a temp dir and run integrity_check")
+    p.add_argument("--restore-test", action="store_true", help="also start the backup's server version on its "
+                   "data: /health UP and every user file's blob present; then remove it all")
     p = _verb(verbs, "prune", "remove old backups (lists them, then asks)", cmd_backup_prune,
               "abssctl backup prune --keep 5", "abssctl backup prune --older-than 90 --dry-run", mutating=True)
     p.add_argument("--instance", metavar="NAME", type=_argtype(validate_name))
@@ -10077,6 +10990,22 @@ def _add_backup_parser(groups: argparse._SubParsersAction) -> None:
     way.add_argument("--keep", type=_argtype(lambda v: bounded_int(v, "--keep", 1, 1000)), metavar="N")
     way.add_argument("--older-than", type=_argtype(lambda v: bounded_int(v, "--older-than", 1, 3650)),
                      metavar="DAYS")
+    way.add_argument("--policy", action="store_true", help="the schedule's retention policy ([backups] keep_*)")
+    p = _verb(verbs, "schedule", "back up every instance on a systemd timer: verify, keep by a retention policy, "
+              "copy off the host", cmd_backup_schedule, "abssctl backup schedule enable --copy-to /mnt/usb",
+              "abssctl backup schedule enable --calendar '*-*-* 03:00' --keep-daily 14 --keep-monthly 12",
+              "abssctl backup schedule show", "abssctl backup schedule run", mutating=True)
+    p.add_argument("action", choices=("enable", "show", "disable", "run"))
+    p.add_argument("--calendar", metavar="SPEC", help="OnCalendar= of the timer (default [backups] schedule, daily)")
+    for period in ("last", "daily", "weekly", "monthly"):
+        p.add_argument(f"--keep-{period}", metavar="N", dest=f"keep_{period}",
+                       type=_argtype(lambda v, f=f"--keep-{period}": bounded_int(v, f, 0, 1000)),
+                       help=f"default [backups] keep_{period}")
+    p.add_argument("--copy-to", metavar="DIR", help="copy each backup to DIR/<hostname>/<instance>/ ('' for none)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="deep-verify each new backup (default on)")
+    p.add_argument("--restore-test", choices=("never", "daily", "weekly"), default=None,
+                   help="how often a run starts a new backup on its server version (default weekly)")
     p = _verb(verbs, "reconcile", "compare the index with the files; --apply adopts copied archives",
               cmd_backup_reconcile, "abssctl backup reconcile", "abssctl backup reconcile --apply", mutating=True)
     p.add_argument("--apply", action="store_true", help="mark missing, adopt orphans, remove leftovers")
@@ -10167,6 +11096,18 @@ def _add_version_parser(groups: argparse._SubParsersAction) -> None:
                         "none: each changes at its next restart")
     p.add_argument("--no-backup", action="store_true", help="no pre-switch backups (prompts)")
     p.add_argument("--backup-message", metavar="TEXT", help="message of the pre-switch backups")
+    p = _verb(verbs, "upgrade", "install the newest allowed update and switch to it (rolling, gated, rollback with "
+              "data); then uninstall old unused versions", cmd_version_upgrade, "abssctl version upgrade --auto --yes",
+              mutating=True)
+    p.add_argument("--auto", action="store_true", help="unattended: skip versions whose switch rolled back before, "
+                   "and mark one that rolls back now")
+    p.add_argument("--to", choices=("patch", "minor", "latest"), help="how far to go (default [upgrade] to)")
+    p = _verb(verbs, "auto-upgrade", "upgrade on a systemd timer (version upgrade --auto)", cmd_version_auto_upgrade,
+              "abssctl version auto-upgrade enable --calendar weekly --to minor", "abssctl version auto-upgrade show",
+              mutating=True)
+    p.add_argument("action", choices=("enable", "show", "disable"))
+    p.add_argument("--calendar", metavar="SPEC", help="OnCalendar= of the timer (default [upgrade] calendar, weekly)")
+    p.add_argument("--to", choices=("patch", "minor", "latest"), help="default [upgrade] to (minor)")
     p = _verb(verbs, "uninstall", "remove an installed version that no instance uses (prompts)",
               cmd_version_uninstall, "abssctl version uninstall 25.6.0 --yes", mutating=True)
     p.add_argument("version", metavar="VER", type=_argtype(_exact_version), help="the installed version")
@@ -10179,6 +11120,13 @@ def _add_version_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("file", metavar="FILE", help="a bundle written by abssctl version export")
     p.add_argument("--set-current", action="store_true",
                    help="point current at it (only while no instance follows current)")
+
+
+def _add_notify_parser(groups: argparse._SubParsersAction) -> None:
+    p = _single(groups, "notify", "tell a person that a unit failed: runs [notify] command with a summary on stdin "
+                "(abssctl-notify@.service runs it)", cmd_notify, "abssctl notify abssctl-backup.service",
+                mutating=True)
+    p.add_argument("unit", metavar="UNIT", help="the unit that failed")
 
 
 def _add_history_parser(groups: argparse._SubParsersAction) -> None:
@@ -10215,7 +11163,7 @@ GROUPS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "quickstart": _add_quickstart_parser, "init": _add_init_parser, "version": _add_version_parser,
     "instance": _add_instance_parser, "tls": _add_tls_parser, "backup": _add_backup_parser,
     "doctor": _add_doctor_parser, "support-bundle": _add_support_bundle_parser, "ports": _add_ports_parser,
-    "config": _add_config_parser, "history": _add_history_parser,
+    "config": _add_config_parser, "history": _add_history_parser, "notify": _add_notify_parser,
     "completion": _add_completion_parser, "man": _add_man_parser,
 }
 HIDDEN_GROUPS = {"__complete": _add_complete_parser}

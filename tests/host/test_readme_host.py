@@ -417,3 +417,107 @@ def test_tls_acme_against_pebble_and_certbot_timer(readme_host, tmp_path) -> Non
         h.guest.run(["systemctl", "reset-failed", *PEBBLE_UNITS], timeout=30)
         h.guest.run(["mv", "-f", CONFIG_SAVED, CONFIG], timeout=30)
     h.passed.add("acme")
+
+
+# -- running unattended (DESIGN §11.4): real timers, the real notify unit, a real upgrade ----------
+
+NOTIFIED = "/root/abssctl-notified.txt"
+
+
+def _set_config(h, section: str, **values) -> None:
+    """Set [section] keys in the guest's config with abssctl's own writer (what schedule enable uses)."""
+    import base64
+
+    import abssctl
+    path = "/etc/abssctl/config.toml"
+    text = h.guest.ok(["cat", path], timeout=30).stdout
+    data = base64.b64encode(abssctl.set_config_keys(text, section, values).encode()).decode()
+    h.guest.ok(f"echo {data} | base64 -d > {path}.new && mv {path}.new {path}", timeout=30)
+
+
+def _start_oneshot(h, unit: str, timeout: float) -> tuple[int, str]:
+    res = h.guest.run(["systemctl", "start", unit], timeout=timeout)
+    result = h.guest.run(["systemctl", "show", unit, "-p", "Result", "--value"], timeout=30).stdout.strip()
+    return res.rc, result
+
+
+def test_scheduled_backups_run_from_the_real_timer_service(readme_host) -> None:
+    h = readme_host
+    h.after("backup", "set-version")
+    _set_config(h, "notify", command=["/bin/sh", "-c", f'cat > {NOTIFIED}; echo "$ABSSCTL_UNIT $ABSSCTL_RESULT" '
+                                      f'>> {NOTIFIED}'])
+    with h.phase("backup schedule enable"):
+        h.json("backup", "schedule", "enable", "--keep-last", "2", "--keep-daily", "0", "--keep-weekly", "0",
+               "--keep-monthly", "0", "--restore-test", "weekly")
+    timers = h.guest.ok(["systemctl", "list-timers", "--all", "--no-pager"], timeout=30).stdout
+    assert "abssctl-backup.timer" in timers, timers
+    runs = []
+    for n in range(2):
+        with h.phase(f"systemctl start abssctl-backup.service ({n + 1})"):
+            rc, result = _start_oneshot(h, "abssctl-backup.service", 900)
+        show = h.json("backup", "schedule", "show")["schedule"]
+        assert rc == 0 and result == "success", (rc, result, show)
+        last = show["last_run"]
+        assert last["result"] == "ok" and len(last["backups"]) == 2 and sorted(last["verified"]) == sorted(
+            last["backups"]), last
+        runs.append(last)
+        time.sleep(1.1)
+    assert any(r["pruned"] for r in runs), runs
+    # the first run took the weekly restore test of a real backup on its real server version
+    tested = h.json("backup", "schedule", "show")["schedule"]["last_restore_test"]
+    assert tested and tested["result"] == "ok" and tested["backup_id"] in runs[0]["backups"], tested
+    backups = h.json("backup", "list")["backups"]
+    for name in (h.cmd.name, SECOND[0]):
+        scheduled = [b for b in backups if b["instance"] == name and "scheduled" in (b.get("labels") or [])]
+        assert len(scheduled) <= 2, scheduled
+    # and a restore test by hand
+    with h.phase("backup verify --restore-test"):
+        doc = h.json("backup", "verify", runs[-1]["backups"][0], "--restore-test", timeout=600)
+    assert doc["restore_test"]["health"] == "UP", doc
+    h.passed.add("schedule")
+
+
+def test_a_failing_run_reaches_the_notify_command(readme_host) -> None:
+    h = readme_host
+    h.after("schedule")
+    _set_config(h, "backups", copy_to="/nonexistent-disk")
+    try:
+        rc, result = _start_oneshot(h, "abssctl-backup.service", 900)
+        assert rc != 0 and result == "exit-code", (rc, result)
+        deadline = time.monotonic() + 60
+        while h.guest.run(["test", "-s", NOTIFIED], timeout=30).rc != 0 and time.monotonic() < deadline:
+            time.sleep(1)
+        got = h.guest.run(["cat", NOTIFIED], timeout=30).stdout
+        assert "abssctl-backup.service failed" in got and "/nonexistent-disk" in got, got
+        assert got.strip().splitlines()[-1] == "abssctl-backup.service exit-code", got
+    finally:
+        _set_config(h, "backups", copy_to="")
+        h.guest.run(["systemctl", "reset-failed", "abssctl-backup.service"], timeout=30)
+    h.passed.add("notify")
+
+
+def test_auto_upgrade_moves_from_the_older_real_version_to_the_newer(readme_host) -> None:
+    h = readme_host
+    h.after("schedule")
+    newer = h.json("version", "list")["current"]
+    assert newer != OTHER_VERSION
+    # Staged without building a third version: current goes back to the older one (their migration
+    # sets are equal today, see the module docstring), then the upgrade service brings it forward.
+    with h.phase(f"version switch {OTHER_VERSION} (staging)"):
+        h.json("version", "switch", OTHER_VERSION, "--yes", timeout=900)
+    with h.phase("version auto-upgrade enable"):
+        h.json("version", "auto-upgrade", "enable", "--to", "minor")
+    timers = h.guest.ok(["systemctl", "list-timers", "--all", "--no-pager"], timeout=30).stdout
+    assert "abssctl-upgrade.timer" in timers and "abssctl-backup.timer" in timers, timers
+    with h.phase("systemctl start abssctl-upgrade.service"):
+        rc, result = _start_oneshot(h, "abssctl-upgrade.service", 2400)
+    show = h.json("version", "auto-upgrade", "show")["auto_upgrade"]
+    assert rc == 0 and result == "success", (rc, result, show)
+    assert show["last_run"]["result"] == "upgraded" and show["blocked"] == {}, show
+    now = h.json("version", "list")["current"]
+    assert now != OTHER_VERSION and now == show["last_run"]["target"], (now, show)
+    _health(h, h.cmd.domain)
+    _health(h, SECOND[1])
+    info = h.client.https(h.cmd.domain, "/info")
+    assert info.status == 200 and info.json()["build"]["version"] == now, info.describe()
+    h.passed.add("auto-upgrade")

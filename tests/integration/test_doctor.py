@@ -128,7 +128,8 @@ def test_a_clean_host_has_no_failures(two) -> None:
     assert set(doc["summary"]) == {"ok", "warn", "fail", "skip", "exit_code", "duration_ms"}
     assert doc["summary"]["exit_code"] == 0 and doc["changed"] is False
     cats = {p["category"] for p in doc["probes"]}
-    assert cats == {"env", "config", "state", "fs", "ports", "systemd", "nginx", "tls", "app", "disk", "backups"}
+    assert cats == {"env", "config", "state", "fs", "ports", "systemd", "nginx", "tls", "app", "disk", "backups",
+                    "unattended"}
     for p in doc["probes"]:
         assert set(p) == {"id", "category", "target", "status", "message", "hint", "fixable", "exit_class",
                           "duration_ms", "data"}, p

@@ -23,6 +23,8 @@ TIMEOUT = 60
 EPOCH = 1764633600                      # 2025-12-02T00:00:00Z
 EPOCH_DAY = "2025-12-02"
 MEMBERS = ["BUILD-INFO.json", "__main__.py", "abssctl.py", "abssctl.pyc",
+           "templates/abssctl-backup.service", "templates/abssctl-backup.timer", "templates/abssctl-notify@.service",
+           "templates/abssctl-upgrade.service", "templates/abssctl-upgrade.timer",
            "templates/nginx-vhost.conf", "templates/systemd-unit.service"]
 PATH_KEYS = ("state_dir", "log_dir", "run_dir", "install_root", "instance_root", "backup_root",
              "templates_dir", "tls_dir", "runtime_root", "acme_webroot", "systemd_unit_dir", "nginx_sites_available",
