@@ -5049,6 +5049,42 @@ def account_rename_step(ctx: Context, plan: Plan, old: str, new: str) -> None:
              UndoAction("account", runs=[["usermod", ["-l", old, new]], ["groupmod", ["-n", old, new]]]))
 
 
+def op_instance_own_user(ctx: Context, name: str) -> Result:
+    """Move an old-style instance (the shared user) to its own user: create the user, stop, chown,
+    record it, re-render the unit, start behind the gate if it ran. One journal: a kill -9 anywhere
+    rolls back on the next command, and doctor --fix then runs it again."""
+    want = instance_account(ctx, name)
+    gate: dict[str, Any] = {}
+
+    def build() -> Plan:
+        plan = Plan(f"move {name} to its own user")
+        insts = Instances(ctx)
+        entry = insts.get(name)
+        if entry.get("user") or not want:
+            return plan                       # moved meanwhile: nothing to do
+        account_create_step(ctx, plan, want)
+        active = _is_active(_unit_state(ctx, name))
+        if active:
+            _systemctl_step(ctx, plan, "stop", unit_name(name), "start")
+        layout_step(ctx, plan, name, True, want, want, f"give {ctx.paths.instance_dir(name)} to {want} "
+                    "(data 0700, config 0640)")
+        _registry_step(ctx, plan, insts.registry, name, dict(entry, user=want, updated_at=_now()),
+                       f"record {want} as {name}'s user")
+        version = str(entry["resolved_version"])
+        _unit_step(ctx, plan, name, render_unit(ctx, name, int(entry["port"]), version, Versions(ctx),
+                                                (want, want)), f"re-render {ctx.paths.unit_file(name)} (User={want})")
+        if active:
+            _start_and_gate_step(ctx, plan, name, int(entry["port"]), version, gate)
+        return plan
+
+    return run_mutation(ctx, Mutation(title=f"own user for {name}", build=build, instances=[name],
+                                      global_mode="exclusive", target={"kind": "instance", "name": name},
+                                      args={"name": name, "user": want},
+                                      confirm=lambda plan: confirm(ctx, f"Move {name} to its own user {want}?\n" +
+                                                                   "\n".join(f"  {s.summary}" for s in plan.steps)),
+                                      outcome=lambda _x: [f"{name} runs as its own user {want}"]))
+
+
 def server_config(root: str, port: int) -> bytes:
     """The server's config.json (§4.6.1); data lives under the instance, never under the package."""
     data = os.path.join(root, "data")
@@ -8487,11 +8523,18 @@ def probe_fs(ctx: Context, facts: Facts) -> list[Finding]:
             out.append(f)
     for name in sorted(facts.instances):
         root, tdir = ctx.paths.instance_dir(name), os.path.join(ctx.paths.tls_dir, name)
-        group = ctx.config.get("service", "group")
-        wanted = [(root, 0o750, 0, gid, f"root:{group}"), (os.path.join(root, "config.json"), 0o640, 0, gid,
-                                                          f"root:{group}"),
-                  (os.path.join(root, "data"), 0o750, uid, gid, f"{ctx.config.get('service', 'user')}:{group}"),
-                  (tdir, 0o700, 0, 0, "root:root")]
+        entry = facts.instances[name]
+        i_user, i_group = run_as(ctx, entry)
+        iuid, igid = _lookup_ids(i_user, i_group)
+        if iuid is None or igid is None:
+            out.append(Finding("fs.owner", name, "fail", f"{name} runs as {i_user}, which does not exist",
+                               hint="run abssctl doctor --fix (it recreates the user), or restore the account"))
+            continue
+        uid, gid = iuid, igid
+        wanted = [(path, mode, 0 if owner == "root" else uid, gid, f"{owner}:{grp_name}")
+                  for path, mode, owner, grp_name in instance_layout(ctx, name, bool(entry.get("user")),
+                                                                      i_user, i_group)]
+        wanted += [(tdir, 0o700, 0, 0, "root:root")]
         wanted += [(os.path.join(tdir, f + prev), mode, 0, 0, "root:root") for f, mode in
                    (("privkey.pem", 0o600), ("fullchain.pem", 0o644)) for prev in ("", ".prev")]
         for path, mode, u, g, label in wanted:
@@ -8506,7 +8549,7 @@ def probe_fs(ctx: Context, facts: Facts) -> list[Finding]:
                 if os.lstat(p).st_uid != uid:
                     rooted.append(p)
         if rooted and uid != 0:
-            def chown_all(plan: Plan, rooted: list[str] = rooted) -> None:
+            def chown_all(plan: Plan, rooted: list[str] = rooted, uid: int = uid, gid: int = gid) -> None:
                 plan.add("fs.owner", f"give {len(rooted)} data file(s) back to the service user", rooted[0],
                          lambda: [os.chown(p, uid, gid, follow_symlinks=False) for p in rooted] and None)
             out.append(Finding("fs.data-owner", name, "fail", f"{len(rooted)} file(s) in {data} are not owned by "
@@ -8523,6 +8566,67 @@ def probe_fs(ctx: Context, facts: Facts) -> list[Finding]:
                 out.append(Finding("fs.data-aside", name, "warn", f"{os.path.join(root, left)} was kept by a restore "
                                    "or a failed upgrade", hint="delete it once you no longer need it"))
     return out or [_ok("fs.mode", None, "owners and modes are as they should be")]
+
+
+@probe("fs", timeout=5)
+def probe_users(ctx: Context, facts: Facts) -> list[Finding]:
+    """Each instance runs as its own user (DESIGN 11.5); an old-style one (the shared user) is moved by
+    --fix, one journal per instance (op_instance_own_user)."""
+    if not ctx.config.get("service", "user_prefix"):
+        return []
+    out = []
+    for name, entry in sorted(facts.instances.items()):
+        user = entry.get("user")
+        if user:
+            out.append(_ok("fs.user", name, f"{name} runs as its own user {user}"))
+            continue
+        try:
+            want = instance_account(ctx, name)
+        except UsageError as exc:
+            out.append(Finding("fs.user", name, "warn", f"{name} runs as the shared user: {exc.message}",
+                               hint="rename it to a shorter name (abssctl instance rename), then doctor --fix"))
+            continue
+        out.append(Finding("fs.user", name, "warn", f"{name} runs as the shared user "
+                           f"{ctx.config.get('service', 'user')}, so it could read the other instances' data",
+                           hint=f"abssctl doctor --fix moves it to its own user {want} (stop, chown, re-render, "
+                                "start behind the health gate)",
+                           fix=lambda plan: None, data={"user": ctx.config.get("service", "user"), "wanted": want}))
+    return out
+
+
+def systemd_booted() -> bool:
+    """systemd is PID 1 here (sd_booted's test): systemd-analyze security can ask it about units."""
+    return os.path.isdir("/run/systemd/system")
+
+
+EXPOSURE_RE = LazyRegex(r"Overall exposure level for \S+: ([0-9]+(?:\.[0-9]+)?) (\w+)")
+EXPOSURE_MAX = 2.5
+
+
+@probe("systemd", timeout=90)
+def probe_exposure(ctx: Context, facts: Facts) -> list[Finding]:
+    """systemd-analyze security per unit (slow-ish: one call each, on a small pool, 20 s each at most)."""
+    if not facts.instances or not systemd_booted() or not ctx.runner.available("systemd_analyze"):
+        return []
+
+    def one(name: str) -> list[Finding]:
+        unit = unit_name(name)
+        try:
+            res = ctx.runner.run("systemd_analyze", ["security", "--no-pager", unit], mutating=False, check=False)
+        except AbssctlError as exc:
+            return [Finding("systemd.exposure", name, "warn", f"systemd-analyze security {unit}: {exc.message}")]
+        m = EXPOSURE_RE.search(res.stdout)
+        if not m:
+            return [Finding("systemd.exposure", name, "warn", f"systemd-analyze security {unit} printed no "
+                            "exposure level", hint=f"run systemd-analyze security {unit}")]
+        level = float(m.group(1))
+        data = {"exposure": level, "label": m.group(2), "unit": unit}
+        if level > EXPOSURE_MAX:
+            return [Finding("systemd.exposure", name, "warn", f"{unit} has an exposure of {level} ({m.group(2)}), "
+                            f"above {EXPOSURE_MAX}", hint="the unit is not the hardened one: abssctl doctor --fix "
+                            "re-renders it", data=data)]
+        return [_ok("systemd.exposure", name, f"{unit}: exposure {level} ({m.group(2)})", data=data)]
+    return _each(sorted(facts.instances), one)
 
 
 @probe("ports")
@@ -8967,6 +9071,17 @@ def _doctor_doc(findings: Sequence[Finding], started: float) -> tuple[dict[str, 
             "probes": [f.as_dict() for f in findings]}, code
 
 
+def _move_to_own_users(ctx: Context, findings: Sequence[Finding]) -> bool:
+    """doctor --fix: each old-style instance moves to its own user in a mutation (and journal) of its own."""
+    changed = False
+    for f in findings:
+        if f.id == "fs.user" and f.fix and f.status != "ok" and f.target:
+            ctx.op_id, ctx.started, ctx.journal = new_op_id(), utc_now(), None
+            ctx.command = "doctor --fix"
+            changed = bool(op_instance_own_user(ctx, f.target).changed) or changed
+    return changed
+
+
 def op_doctor(ctx: Context, *, only: Sequence[str], exclude: Sequence[str], fix: bool) -> Result:
     """Probe everything, report the worst failure as the exit code; --fix repairs only what is safe."""
     for cat in list(only) + list(exclude):
@@ -8981,7 +9096,7 @@ def op_doctor(ctx: Context, *, only: Sequence[str], exclude: Sequence[str], fix:
         def build() -> Plan:
             plan = Plan("doctor --fix")
             for f in run_probes(ctx, only, exclude):
-                if f.fix and f.status != "ok":
+                if f.fix and f.status != "ok" and f.id != "fs.user":
                     f.fix(plan)
             return plan
         # run_mutation rolls dead journals back before it re-plans, so the plan no longer holds that
@@ -9003,6 +9118,7 @@ def op_doctor(ctx: Context, *, only: Sequence[str], exclude: Sequence[str], fix:
         changed = bool(res.changed) or bool(res.data.get("recovered"))
         if ctx.dry_run:
             return res
+        changed = _move_to_own_users(ctx, run_probes(ctx, only, exclude)) or changed
         findings = run_probes(ctx, only, exclude)
     doc, code = _doctor_doc(findings, started)
     doc["changed"] = changed
@@ -9140,7 +9256,9 @@ def op_support_bundle(ctx: Context, output: str | None, *, redact: bool) -> Resu
         raise UsageError(f"cannot write {dest}: give a file path in an existing directory")
     facts = Facts(ctx)
     domains = [str(e.get("domain")) for e in facts.instances.values()]
-    red = Redactor(redact, domains, [ctx.config.get("service", "user"), os.environ.get("SUDO_USER", "")])
+    accounts = {name: run_as(ctx, e) for name, e in facts.instances.items()}
+    red = Redactor(redact, domains, [ctx.config.get("service", "user"), os.environ.get("SUDO_USER", "")] +
+                   [u for u, _g in accounts.values()])
     members: dict[str, bytes] = {}
 
     def add_text(name: str, text: str) -> None:
@@ -9157,6 +9275,15 @@ def op_support_bundle(ctx: Context, output: str | None, *, redact: bool) -> Resu
     for name in REGISTRY_FILES:
         add_json(f"registry/{name}.json", ctx.registry(name).load() if name not in facts.errors else {})
     add_json("registry/backups.json", {"backups": facts.backups})
+    users = {}
+    for name, (user, group) in sorted(accounts.items()):
+        uid, gid = _lookup_ids(user, group)
+        data = os.path.join(ctx.paths.instance_dir(name), "data")
+        st = os.lstat(data) if os.path.lexists(data) else None
+        users[name] = {"user": user, "group": group, "uid": uid, "gid": gid,
+                       "own": bool(facts.instances[name].get("user")),
+                       "data": {"uid": st.st_uid, "gid": st.st_gid, "mode": f"{st.st_mode & 0o7777:04o}"} if st else None}
+    add_json("users.json", {"users": users})
     for name in sorted(facts.instances):
         cfg = os.path.join(ctx.paths.instance_dir(name), "config.json")
         if os.path.isfile(cfg):
