@@ -5114,7 +5114,7 @@ def resolve_binding(ctx: Context, versions: Versions, binding: str) -> str:
 
 def unit_account(ctx: Context, name: str) -> tuple[str, str]:
     """Who NAME's unit runs as: its registered user, else (not registered yet) the one create gives it."""
-    entry = Instances(ctx).doc["instances"].get(name)
+    entry = ctx.registry("instances").load()["instances"].get(name)
     if entry is not None:
         return run_as(ctx, entry)
     own = instance_account(ctx, name)
@@ -5804,7 +5804,7 @@ def op_instance_set_port(ctx: Context, name: str, port: int) -> Result:
         cuid, cgid = config_ids(ctx, entry)
         _file_step(ctx, plan, "config.write", paths["config"], server_config(paths["root"], port), 0o640,
                    cgid, f"set port {port} in {paths['config']}", cuid)
-        _unit_step(ctx, plan, name, render_unit(ctx, name, port, version, Versions(ctx)),
+        _unit_step(ctx, plan, name, render_unit(ctx, name, port, version, Versions(ctx), run_as(ctx, entry)),
                    f"rewrite {paths['unit']} for port {port}")
         if active:
             _start_and_gate_step(ctx, plan, name, port, version, gate, verb="restart")
@@ -7792,7 +7792,8 @@ def op_backup_restore(ctx: Context, backup_id: str, *, instance: str | None, pre
         cuid, cgid = config_ids(ctx, current)
         _file_step(ctx, plan, "config.write", paths["config"], server_config(root, int(current["port"])), 0o640,
                    cgid, f"rewrite {paths['config']}", cuid)
-        _unit_step(ctx, plan, target, render_unit(ctx, target, int(current["port"]), version, Versions(ctx)),
+        _unit_step(ctx, plan, target, render_unit(ctx, target, int(current["port"]), version, Versions(ctx),
+                                                     run_as(ctx, current)),
                    f"rewrite {paths['unit']}")
         if active:
             _start_and_gate_step(ctx, plan, target, int(current["port"]), version, gate)
@@ -8668,7 +8669,8 @@ def probe_systemd(ctx: Context, facts: Facts) -> list[Finding]:
         path = ctx.paths.unit_file(name)
         unit = facts.units.get(unit_name(name), {})
         try:
-            fresh = render_unit(ctx, name, int(entry["port"]), str(entry.get("resolved_version")), versions)
+            fresh = render_unit(ctx, name, int(entry["port"]), str(entry.get("resolved_version")), versions,
+                                run_as(ctx, entry))
         except AbssctlError as exc:
             out.append(Finding("systemd.unit", name, "fail", f"cannot render the unit of {name}: {exc.message}"))
             continue
@@ -9280,9 +9282,9 @@ def op_support_bundle(ctx: Context, output: str | None, *, redact: bool) -> Resu
         uid, gid = _lookup_ids(user, group)
         data = os.path.join(ctx.paths.instance_dir(name), "data")
         st = os.lstat(data) if os.path.lexists(data) else None
+        owned = {"uid": st.st_uid, "gid": st.st_gid, "mode": f"{st.st_mode & 0o7777:04o}"} if st else None
         users[name] = {"user": user, "group": group, "uid": uid, "gid": gid,
-                       "own": bool(facts.instances[name].get("user")),
-                       "data": {"uid": st.st_uid, "gid": st.st_gid, "mode": f"{st.st_mode & 0o7777:04o}"} if st else None}
+                       "own": bool(facts.instances[name].get("user")), "data": owned}
     add_json("users.json", {"users": users})
     for name in sorted(facts.instances):
         cfg = os.path.join(ctx.paths.instance_dir(name), "config.json")

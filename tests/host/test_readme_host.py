@@ -375,6 +375,9 @@ def test_bank_sync_on_can_reach_out_and_off_is_loopback_only(readme_host) -> Non
                f"IPAddressAllow={props['IPAddressAllow']}")
         _health(h, _domain(h, n))
     assert _connect_from_sandbox(h, two) == "connected"       # loopback stays allowed
+    off = {n: _exposure(h, f"abssctl-{n}.service") for n in (home, two)}
+    h.note("exposure with bank sync off", ", ".join(f"abssctl-{n}.service {v[0]} {v[1]}" for n, v in off.items()))
+    assert all(v[0] <= EXPOSURE_MAX for v in off.values()), off
     doc = h.json("doctor", timeout=300)
     bad = [p for p in doc["probes"] if p["id"] in ("systemd.unit", "systemd.exposure") and p["status"] != "ok"]
     assert not bad, bad
