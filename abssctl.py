@@ -6813,6 +6813,7 @@ def op_instance_import(ctx: Context, name: str, *, source_dir: str | None, backu
                        domain: str | None, port: int | None, version: str | None, tls: str | None,
                        cert: str | None, key: str | None, chain: str | None, allow_missing: bool) -> Result:
     """An existing server's data (a dir or another host's backup) as a new instance (DESIGN §11.6)."""
+    instance_account(ctx, name)                # the user name it makes fits useradd (exits 2 otherwise)
     if name in Instances(ctx).doc["instances"]:
         raise AlreadyExists(f"instance {name!r} exists already",
                             hint=f"import under another name (abssctl instance show {name} shows the one there)")
