@@ -504,8 +504,13 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "nginx_sites_enabled": ("path", "/etc/nginx/sites-enabled", "where vhosts are enabled"),
     },
     "service": {
-        "user": ("str", "actual-sync", "the unprivileged user every server runs as"),
-        "group": ("str", "actual-sync", "its group; registries are readable by it"),
+        "user": ("str", "actual-sync", "the shared unprivileged user: runs the smoke start of version install "
+                 "and old-style instances (until doctor --fix moves them to their own users)"),
+        "group": ("str", "actual-sync", "the shared group; registries are readable by it"),
+        "user_prefix": ("str", "actual-", "each instance runs as its own system user and group, this prefix plus "
+                        "its name (actual-alice); empty: every instance runs as the shared user"),
+        "bank_sync": ("bool", True, "false: the units may reach only localhost (IPAddressDeny=any, "
+                      "IPAddressAllow=localhost); bank sync needs the internet"),
     },
     "ports": {
         "base": ("int", 5006, "lowest port handed to an instance"),
@@ -575,9 +580,14 @@ CONFIG_SCHEMA: dict[str, dict[str, tuple[str, Any, str]]] = {
         "zstd": ("argv", ["zstd"], "argv prefix"),
         "useradd": ("argv", ["useradd"], "argv prefix"),
         "groupadd": ("argv", ["groupadd"], "argv prefix"),
+        "usermod": ("argv", ["usermod"], "argv prefix; instance rename renames the instance's user"),
+        "groupmod": ("argv", ["groupmod"], "argv prefix; instance rename renames the instance's group"),
+        "userdel": ("argv", ["userdel"], "argv prefix; instance delete removes the instance's user"),
+        "groupdel": ("argv", ["groupdel"], "argv prefix; instance delete removes the instance's group"),
         "apt_get": ("argv", ["apt-get"], "argv prefix; quickstart installs missing Debian packages with it"),
         "certbot": ("argv", ["certbot"], "argv prefix; tls acme runs certbot certonly --webroot with it"),
-        "systemd_analyze": ("argv", ["systemd-analyze"], "argv prefix; checks calendars and units before enabling"),
+        "systemd_analyze": ("argv", ["systemd-analyze"], "argv prefix; checks calendars and units before enabling "
+                            "them, and doctor reports each unit's exposure"),
     },
 }
 
@@ -804,6 +814,10 @@ def _cross_check(values: dict[str, dict[str, Any]], sources: dict[str, str],
         if not ACCOUNT_RE.match(values["service"][key]):
             problems.append(ConfigProblem(f"service.{key}", sources[f"service.{key}"],
                                           f"{values['service'][key]!r} is not a valid account name"))
+    prefix = values["service"]["user_prefix"]
+    if prefix and not (ACCOUNT_RE.match(prefix) and len(prefix) <= 24):
+        problems.append(ConfigProblem("service.user_prefix", sources["service.user_prefix"],
+                                      f"{prefix!r} must be empty or 1-24 characters of a valid account name"))
     if not re.match(r"^[0-9a-fA-F:.]+\Z", values["ports"]["bind"]):
         problems.append(ConfigProblem("ports.bind", sources["ports.bind"], "must be an IP address"))
 
@@ -1595,7 +1609,8 @@ class TarWriter:
 
 TIMEOUTS = {"certbot": 300.0, "systemctl": 60.0, "nginx": 30.0, "nginx_reload": 30.0, "openssl": 30.0,
             "journalctl": 30.0, "npm": 60.0, "node": 60.0, "zstd": 60.0,
-            "useradd": 60.0, "groupadd": 60.0, "apt_get": 600.0}
+            "useradd": 60.0, "groupadd": 60.0, "usermod": 60.0, "groupmod": 60.0, "userdel": 60.0,
+            "groupdel": 60.0, "systemd_analyze": 20.0, "apt_get": 600.0}
 PINNED_ENV = {"LC_ALL": "C", "LANG": "C", "PAGER": "cat", "SYSTEMD_PAGER": "",
               "SYSTEMD_COLORS": "0", "NO_COLOR": "1"}
 
@@ -1604,7 +1619,9 @@ INSTALL_HINTS = {
     "zstd": "apt-get install zstd", "npm": "apt-get install npm (or install Node.js with npm)",
     "node": "apt-get install nodejs", "systemctl": "abssctl needs systemd (apt-get install systemd)",
     "journalctl": "apt-get install systemd", "useradd": "apt-get install passwd",
-    "groupadd": "apt-get install passwd",
+    "groupadd": "apt-get install passwd", "usermod": "apt-get install passwd",
+    "groupmod": "apt-get install passwd", "userdel": "apt-get install passwd", "groupdel": "apt-get install passwd",
+    "systemd_analyze": "apt-get install systemd",
     "apt_get": "this host has no apt-get: install the packages with its own package manager",
     "certbot": "apt-get install certbot",
 }
@@ -1900,7 +1917,7 @@ def sample_values(name: str) -> dict[str, str]:
     if name.startswith("abssctl-"):
         return {"ABSSCTL": "/usr/local/bin/abssctl --config /etc/abssctl/config.toml", "CALENDAR": "daily"}
     if name == "systemd-unit.service":
-        return {"NAME": "sample", "USER": "actual-sync", "GROUP": "actual-sync",
+        return {"NAME": "sample", "USER": "actual-sample", "GROUP": "actual-sample", "NETWORK": "",
                 "PACKAGE_DIR": "/srv/abssctl/versions/1.0.0/node_modules/@actual-app/sync-server",
                 "PORT": "5006", "DATA_DIR": "/srv/abssctl/instances/sample/data",
                 "NODE": "/usr/bin/node", "BIN": "/srv/abssctl/versions/1.0.0/node_modules/"
@@ -2907,6 +2924,8 @@ UNDO_HANDLERS: dict[str, Callable[[Context, Mapping[str, Any]], None]] = {
     "registry_put": _undo_registry_put,
     "registry_fields": _undo_registry_fields,
     "swap_current": _undo_swap_current,
+    "layout": lambda ctx, args: _undo_layout(ctx, args),
+    "account": lambda ctx, args: _undo_account(ctx, args),
 }
 
 
@@ -4978,6 +4997,201 @@ def instance_paths(ctx: Context, name: str) -> dict[str, str]:
             "unit": ctx.paths.unit_file(name), "vhost": ctx.paths.vhost_file(name)}
 
 
+# --- 8d.0 Instance users: one system user per instance (DESIGN 11.5) ---
+
+def instance_account(ctx: Context, name: str) -> str | None:
+    """The user (and group) a new instance NAME gets: [service] user_prefix + NAME, within useradd's 32
+    characters; None when the prefix is empty (every instance then runs as the shared [service] user)."""
+    prefix = ctx.config.get("service", "user_prefix")
+    if not prefix:
+        return None
+    account = prefix + name
+    if len(account) > 32:
+        raise UsageError(f"instance name {name!r} would make the system user {account!r}, {len(account)} "
+                         "characters; useradd allows at most 32",
+                         hint=f"use a name of at most {32 - len(prefix)} characters (the user is "
+                              f"[service] user_prefix {prefix!r} plus the name)")
+    return account
+
+
+def run_as(ctx: Context, entry: Mapping[str, Any]) -> tuple[str, str]:
+    """The user and group an instance's server runs as: its own, else (an old-style instance) the shared."""
+    user = entry.get("user")
+    if user:
+        return str(user), str(user)
+    return ctx.config.get("service", "user"), ctx.config.get("service", "group")
+
+
+def account_ids(user: str, group: str) -> tuple[int, int]:
+    """uid and gid of an existing account; HostError when either is missing."""
+    uid, gid = _lookup_ids(user, group)
+    if uid is None or gid is None:
+        raise HostError(f"the system user {user} (group {group}) does not exist",
+                        hint="run abssctl doctor --fix, or abssctl init --allow-create-user for the shared user")
+    return uid, gid
+
+
+def config_ids(ctx: Context, entry: Mapping[str, Any]) -> tuple[int, int]:
+    """(uid, gid) for an instance's config.json: its own user's, or (-1: the writer, root) the shared group."""
+    if entry.get("user"):
+        return account_ids(*run_as(ctx, entry))
+    return -1, ctx.service_gid()
+
+
+def instance_layout(ctx: Context, name: str, own: bool, user: str, group: str) -> list[tuple[str, int, str, str]]:
+    """(path, mode, owner, group) of an instance's tree. With its own user: root dir root:U 0750, config
+    U:U 0640 (read-only to the server all the same: the unit makes only data/ writable), data U:U 0700."""
+    paths = instance_paths(ctx, name)
+    if own:
+        return [(paths["root"], 0o750, "root", group), (paths["config"], 0o640, user, group),
+                (paths["data"], 0o700, user, group)]
+    return [(paths["root"], 0o750, "root", group), (paths["config"], 0o640, "root", group),
+            (paths["data"], 0o750, user, group)]
+
+
+def chown_tree(top: str, uid: int, gid: int) -> None:
+    """Give ``top`` and everything under it (symlinks themselves, never their targets) to uid:gid."""
+    if not os.path.lexists(top):
+        return
+    os.chown(top, uid, gid, follow_symlinks=False)
+    for dirpath, dirs, files in os.walk(top):
+        for n in dirs + files:
+            os.chown(os.path.join(dirpath, n), uid, gid, follow_symlinks=False)
+
+
+def apply_layout(ctx: Context, name: str, own: bool, user: str, group: str) -> None:
+    """Owners and modes of instance_layout, with data/ given to its user all the way down."""
+    import grp
+    import pwd
+    for path, mode, owner, grp_name in instance_layout(ctx, name, own, user, group):
+        if not os.path.lexists(path):
+            continue
+        uid = 0 if owner == "root" else pwd.getpwnam(owner).pw_uid
+        gid = grp.getgrnam(grp_name).gr_gid
+        if path.endswith(os.sep + "data"):
+            chown_tree(path, uid, gid)
+        else:
+            os.chown(path, uid, gid, follow_symlinks=False)
+        os.chmod(path, mode)
+
+
+def _undo_layout(ctx: Context, args: Mapping[str, Any]) -> None:
+    """Put owners and modes back as they were recorded (the data tree as one owner)."""
+    for path, (uid, gid, mode) in args["was"].items():
+        if not os.path.lexists(path):
+            continue
+        if path.endswith(os.sep + "data"):
+            chown_tree(path, uid, gid)
+        else:
+            os.chown(path, uid, gid, follow_symlinks=False)
+        os.chmod(path, mode)
+
+
+def layout_snapshot(ctx: Context, name: str) -> dict[str, list[int]]:
+    paths = instance_paths(ctx, name)
+    was = {}
+    for key in ("root", "config", "data"):
+        if os.path.lexists(paths[key]):
+            st = os.lstat(paths[key])
+            was[paths[key]] = [st.st_uid, st.st_gid, st.st_mode & 0o7777]
+    return was
+
+
+def layout_step(ctx: Context, plan: Plan, name: str, own: bool, user: str, group: str, summary: str) -> None:
+    plan.add("fs.owner", summary, instance_paths(ctx, name)["root"],
+             lambda: apply_layout(ctx, name, own, user, group),
+             UndoAction("layout", was=layout_snapshot(ctx, name)))
+
+
+def _undo_account(ctx: Context, args: Mapping[str, Any]) -> None:
+    """Run the account commands that put a user and group back (or take them away)."""
+    for tool, argv in args["runs"]:
+        ctx.runner.run(tool, argv, mutating=True, check=False)
+
+
+def account_create_step(ctx: Context, plan: Plan, user: str) -> None:
+    """groupadd + useradd --system for an instance's user, when missing; undo removes what it made."""
+    uid, gid = _lookup_ids(user, user)
+    if uid is not None and gid is not None:
+        return
+
+    def do() -> None:
+        now_uid, now_gid = _lookup_ids(user, user)
+        if now_gid is None:
+            ctx.runner.run("groupadd", ["--system", user], mutating=True)
+        if now_uid is None:
+            ctx.runner.run("useradd", ["--system", "--gid", user, "--no-create-home", "--home-dir", "/nonexistent",
+                                       "--shell", "/usr/sbin/nologin", user], mutating=True)
+    undo = ([["userdel", [user]]] if uid is None else []) + ([["groupdel", [user]]] if gid is None else [])
+    plan.add("accounts.create", f"create system user and group {user} (no login, no home)", user, do,
+             UndoAction("account", runs=undo))
+
+
+def account_remove_step(ctx: Context, plan: Plan, user: str) -> None:
+    """userdel + groupdel of an instance's user; undo recreates them with the same ids."""
+    uid, gid = _lookup_ids(user, user)
+    if uid is None and gid is None:
+        return
+
+    def do() -> None:
+        now_uid, now_gid = _lookup_ids(user, user)
+        if now_uid is not None:
+            ctx.runner.run("userdel", [user], mutating=True)
+        if _lookup_ids(user, user)[1] is not None:
+            ctx.runner.run("groupdel", [user], mutating=True)
+    undo = ([["groupadd", ["--system", "--gid", str(gid), user]]] if gid is not None else []) + \
+        ([["useradd", ["--system", "--uid", str(uid), "--gid", user, "--no-create-home", "--home-dir",
+                       "/nonexistent", "--shell", "/usr/sbin/nologin", user]]] if uid is not None else [])
+    plan.add("accounts.remove", f"remove system user and group {user}", user, do, UndoAction("account", runs=undo))
+
+
+def account_rename_step(ctx: Context, plan: Plan, old: str, new: str) -> None:
+    """usermod -l / groupmod -n; ids stay, so every file keeps its owner. Undo renames back."""
+    def do() -> None:
+        if _lookup_ids(old, old)[0] is not None:
+            ctx.runner.run("usermod", ["-l", new, old], mutating=True)
+        if _lookup_ids(new, old)[1] is not None:
+            ctx.runner.run("groupmod", ["-n", new, old], mutating=True)
+    plan.add("accounts.rename", f"rename system user and group {old} to {new}", old, do,
+             UndoAction("account", runs=[["usermod", ["-l", old, new]], ["groupmod", ["-n", old, new]]]))
+
+
+def op_instance_own_user(ctx: Context, name: str) -> Result:
+    """Move an old-style instance (the shared user) to its own user: create the user, stop, chown,
+    record it, re-render the unit, start behind the gate if it ran. One journal: a kill -9 anywhere
+    rolls back on the next command, and doctor --fix then runs it again."""
+    want = instance_account(ctx, name)
+    gate: dict[str, Any] = {}
+
+    def build() -> Plan:
+        plan = Plan(f"move {name} to its own user")
+        insts = Instances(ctx)
+        entry = insts.get(name)
+        if entry.get("user") or not want:
+            return plan                       # moved meanwhile: nothing to do
+        account_create_step(ctx, plan, want)
+        active = _is_active(_unit_state(ctx, name))
+        if active:
+            _systemctl_step(ctx, plan, "stop", unit_name(name), "start")
+        layout_step(ctx, plan, name, True, want, want, f"give {ctx.paths.instance_dir(name)} to {want} "
+                    "(data 0700, config 0640)")
+        _registry_step(ctx, plan, insts.registry, name, dict(entry, user=want, updated_at=_now()),
+                       f"record {want} as {name}'s user")
+        version = str(entry["resolved_version"])
+        _unit_step(ctx, plan, name, render_unit(ctx, name, int(entry["port"]), version, Versions(ctx),
+                                                (want, want)), f"re-render {ctx.paths.unit_file(name)} (User={want})")
+        if active:
+            _start_and_gate_step(ctx, plan, name, int(entry["port"]), version, gate)
+        return plan
+
+    return run_mutation(ctx, Mutation(title=f"own user for {name}", build=build, instances=[name],
+                                      global_mode="exclusive", target={"kind": "instance", "name": name},
+                                      args={"name": name, "user": want},
+                                      confirm=lambda plan: confirm(ctx, f"Move {name} to its own user {want}?\n" +
+                                                                   "\n".join(f"  {s.summary}" for s in plan.steps)),
+                                      outcome=lambda _x: [f"{name} runs as its own user {want}"]))
+
+
 def server_config(root: str, port: int) -> bytes:
     """The server's config.json (§4.6.1); data lives under the instance, never under the package."""
     data = os.path.join(root, "data")
@@ -5005,14 +5219,27 @@ def resolve_binding(ctx: Context, versions: Versions, binding: str) -> str:
     return binding
 
 
-def render_unit(ctx: Context, name: str, port: int, version: str, versions: Versions) -> bytes:
+def unit_account(ctx: Context, name: str) -> tuple[str, str]:
+    """Who NAME's unit runs as: its registered user, else (not registered yet) the one create gives it."""
+    entry = ctx.registry("instances").load()["instances"].get(name)
+    if entry is not None:
+        return run_as(ctx, entry)
+    own = instance_account(ctx, name)
+    return (own, own) if own else run_as(ctx, {})
+
+
+def render_unit(ctx: Context, name: str, port: int, version: str, versions: Versions,
+                account: tuple[str, str] | None = None) -> bytes:
     import shutil
     entry = _version_entry(ctx, versions, version)
     pkg = os.path.realpath(versions.package_dir(version))
     node = node_argv_for(ctx, entry)
     exe = node[0] if "/" in node[0] else (shutil.which(node[0]) or node[0])
     paths = instance_paths(ctx, name)
-    values = {"NAME": name, "USER": ctx.config.get("service", "user"), "GROUP": ctx.config.get("service", "group"),
+    user, group = account or unit_account(ctx, name)
+    network = "" if ctx.config.get("service", "bank_sync") else \
+        "# [service] bank_sync = false: loopback only\nIPAddressDeny=any\nIPAddressAllow=localhost\n"
+    values = {"NAME": name, "USER": user, "GROUP": group, "NETWORK": network,
               "PACKAGE_DIR": pkg, "PORT": str(port), "DATA_DIR": paths["data"],
               "NODE": " ".join([os.path.abspath(exe), *node[1:]]), "BIN": os.path.join(pkg, entry["bin"]),
               "CONFIG": paths["config"]}
@@ -5192,6 +5419,8 @@ def _validate_create(ctx: Context, name: str, domain: str | None, port: int | No
             raise UsageError("--domain is required", hint="pass --domain FQDN, or set [nginx] server_name_suffix")
         domain = validate_fqdn(f"{name}.{suffix}")
     existing = insts.doc["instances"].get(name)
+    if existing is None:
+        instance_account(ctx, name)            # the user name it makes fits useradd (exits 2 otherwise)
     if existing is not None:
         same = existing.get("domain") == domain and (port is None or existing.get("port") == port) and \
             existing.get("version") == binding
@@ -5292,9 +5521,9 @@ def _unit_step(ctx: Context, plan: Plan, name: str, data: bytes | None, summary:
 
 
 def _file_step(ctx: Context, plan: Plan, step_id: str, path: str, data: bytes, mode: int, gid: int,
-               summary: str) -> None:
+               summary: str, uid: int = -1) -> None:
     before = snapshot(path)
-    plan.add(step_id, summary, path, lambda: atomic_write(path, data, mode=mode, gid=gid, tag=ctx.op_id),
+    plan.add(step_id, summary, path, lambda: atomic_write(path, data, mode=mode, uid=uid, gid=gid, tag=ctx.op_id),
              UndoAction("restore_file", path=path, snapshot=before))
 
 
@@ -5339,7 +5568,8 @@ def _instance_entry(ctx: Context, req: CreateRequest, tls: dict[str, Any], state
     return {"name": req.name, "domain": req.domain, "port": req.port, "version": req.binding,
             "resolved_version": req.version, "data_version": None, "enabled": False,
             "pending_restart": False, "state": state, "tls": tls, "paths": instance_paths(ctx, req.name),
-            "created_at": now, "updated_at": now, "last_backup_id": None, "last_restore": None}
+            "created_at": now, "updated_at": now, "last_backup_id": None, "last_restore": None,
+            **({"user": instance_account(ctx, req.name)} if instance_account(ctx, req.name) else {})}
 
 
 def op_instance_create(ctx: Context, name: str, *, domain: str | None, port: int | None, version: str,
@@ -5430,36 +5660,42 @@ def _instance_summary(ctx: Context, entry: Mapping[str, Any], gate: Mapping[str,
 def _create_steps(ctx: Context, plan: Plan, req: CreateRequest, gate: dict[str, Any],
                   data_steps: Callable[[Plan], None] | None = None) -> None:
     """The create plan; ``data_steps`` adds the steps that fill data/ once it exists (instance import)."""
-    import pwd
     name = req.name
     insts = Instances(ctx)
     versions = Versions(ctx)
-    uid = pwd.getpwnam(ctx.config.get("service", "user")).pw_uid
-    gid = ctx.service_gid()
+    own = instance_account(ctx, name)
+    user, group = (own, own) if own else run_as(ctx, {})
     paths = instance_paths(ctx, name)
     tls = _tls_entry(ctx, req)
+    if own:
+        account_create_step(ctx, plan, own)
     _registry_step(ctx, plan, insts.ports_registry, str(req.port), {"instance": name, "reserved_at": _now()},
                    f"reserve port {req.port}")
     _registry_step(ctx, plan, insts.registry, name, _instance_entry(ctx, req, tls, "provisioning"),
                    f"register {name} as provisioning")
 
     def make_dirs() -> None:
+        uid, gid = account_ids(user, group)
         ensure_dir(ctx.paths.instance_root, 0o755)
         os.mkdir(paths["root"], 0o750)
         os.chown(paths["root"], 0, gid)
         os.chmod(paths["root"], 0o750)
         for sub in ("data", "data/server-files", "data/user-files"):
             path = os.path.join(paths["root"], sub)
-            os.mkdir(path, 0o750)
+            os.mkdir(path, 0o700 if own else 0o750)
             os.chown(path, uid, gid)
-            os.chmod(path, 0o750)
-    plan.add("fs.dirs", f"create {paths['root']} and its data dirs", paths["root"], make_dirs,
+            os.chmod(path, 0o700 if own else 0o750)
+    plan.add("fs.dirs", f"create {paths['root']} and its data dirs (owner {user})", paths["root"], make_dirs,
              UndoAction("discard_dir", path=paths["root"]))
     if data_steps is not None:
         data_steps(plan)
-    plan.add("config.write", f"write {paths['config']}", paths["config"],
-             lambda: atomic_write(paths["config"], server_config(paths["root"], req.port), mode=0o640, gid=gid,
-                                  tag=ctx.op_id), UndoAction("remove_path", path=paths["config"]))
+
+    def write_config() -> None:
+        uid, gid = account_ids(user, group)
+        atomic_write(paths["config"], server_config(paths["root"], req.port), mode=0o640,
+                     uid=uid if own else -1, gid=gid, tag=ctx.op_id)
+    plan.add("config.write", f"write {paths['config']}", paths["config"], write_config,
+             UndoAction("remove_path", path=paths["config"]))
     if req.tls not in ("system", "letsencrypt"):          # those files are served where they are
         tdir = _tls_paths(ctx, name)["dir"]
         if req.tls == "self-signed":
@@ -5468,7 +5704,7 @@ def _create_steps(ctx: Context, plan: Plan, req: CreateRequest, gate: dict[str, 
             do_tls = lambda: install_custom_files(ctx, name, req.cert or "", req.key or "", req.chain)  # noqa: E731
         plan.add("tls.write", f"write the {req.tls} certificate into {tdir}", tdir, do_tls,
                  UndoAction("discard_dir", path=tdir))
-    _unit_step(ctx, plan, name, render_unit(ctx, name, req.port, req.version, versions),
+    _unit_step(ctx, plan, name, render_unit(ctx, name, req.port, req.version, versions, (user, group)),
                f"write {paths['unit']} and daemon-reload")
     _systemctl_step(ctx, plan, "enable", unit_name(name), "disable")
     if req.start:
@@ -5709,9 +5945,10 @@ def op_instance_set_port(ctx: Context, name: str, port: int) -> Result:
         _restart_on_undo_step(ctx, plan, name, active)
         _registry_step(ctx, plan, insts.ports_registry, str(port), {"instance": name, "reserved_at": _now()},
                        f"reserve port {port}")
+        cuid, cgid = config_ids(ctx, entry)
         _file_step(ctx, plan, "config.write", paths["config"], server_config(paths["root"], port), 0o640,
-                   ctx.service_gid(), f"set port {port} in {paths['config']}")
-        _unit_step(ctx, plan, name, render_unit(ctx, name, port, version, Versions(ctx)),
+                   cgid, f"set port {port} in {paths['config']}", cuid)
+        _unit_step(ctx, plan, name, render_unit(ctx, name, port, version, Versions(ctx), run_as(ctx, entry)),
                    f"rewrite {paths['unit']} for port {port}")
         if active:
             _start_and_gate_step(ctx, plan, name, port, version, gate, verb="restart")
@@ -5816,6 +6053,7 @@ def _rename_path_step(plan: Plan, step_id: str, src: str, dst: str, summary: str
 
 def op_instance_rename(ctx: Context, old: str, new: str) -> Result:
     """Stop, move dirs, unit, vhost, TLS, port, registry and backups to the new name, start, gate."""
+    instance_account(ctx, new)                 # the user name it makes fits useradd (exits 2 otherwise)
     gate: dict[str, Any] = {}
 
     def build() -> Plan:
@@ -5834,12 +6072,22 @@ def op_instance_rename(ctx: Context, old: str, new: str) -> Result:
         if enabled:
             _systemctl_step(ctx, plan, "disable", unit_name(old), "enable")
         new_paths = instance_paths(ctx, new)
+        moved_user = instance_account(ctx, new) if entry.get("user") else None
+        if moved_user:
+            if _lookup_ids(moved_user, moved_user) != (None, None):
+                raise AlreadyExists(f"the system user or group {moved_user} already exists",
+                                    hint=f"remove it (userdel {moved_user}), or pick another name")
+            account_rename_step(ctx, plan, str(entry["user"]), moved_user)
+        account = (moved_user, moved_user) if moved_user else run_as(ctx, entry)
         _rename_path_step(plan, "fs.rename", ctx.paths.instance_dir(old), new_paths["root"],
                           f"rename {ctx.paths.instance_dir(old)} to {new_paths['root']}")
         old_config = snapshot(os.path.join(ctx.paths.instance_dir(old), "config.json"))
-        plan.add("config.write", f"rewrite {new_paths['config']}", new_paths["config"],
-                 lambda: atomic_write(new_paths["config"], server_config(new_paths["root"], int(entry["port"])),
-                                      mode=0o640, gid=ctx.service_gid(), tag=ctx.op_id),
+
+        def write_config() -> None:
+            cuid, cgid = account_ids(*account) if moved_user else (-1, ctx.service_gid())
+            atomic_write(new_paths["config"], server_config(new_paths["root"], int(entry["port"])),
+                         mode=0o640, uid=cuid, gid=cgid, tag=ctx.op_id)
+        plan.add("config.write", f"rewrite {new_paths['config']}", new_paths["config"], write_config,
                  UndoAction("restore_file", path=new_paths["config"], snapshot=old_config))
         tls = dict(entry["tls"])
         tp_old, tp_new = _tls_paths(ctx, old), _tls_paths(ctx, new)
@@ -5854,7 +6102,7 @@ def op_instance_rename(ctx: Context, old: str, new: str) -> Result:
                      UndoAction("discard_dir", path=tp_new["dir"]))
             tls.update(cert=tp_new["cert"], key=tp_new["key"])
         version = str(entry["resolved_version"])
-        _unit_step(ctx, plan, new, render_unit(ctx, new, int(entry["port"]), version, Versions(ctx)),
+        _unit_step(ctx, plan, new, render_unit(ctx, new, int(entry["port"]), version, Versions(ctx), account),
                    f"write {ctx.paths.unit_file(new)}")
         _unit_step(ctx, plan, old, None, f"remove {ctx.paths.unit_file(old)}")
         vhost_new = ctx.paths.vhost_file(new)
@@ -5869,6 +6117,8 @@ def op_instance_rename(ctx: Context, old: str, new: str) -> Result:
                           os.path.join(ctx.paths.backup_root, new), "move the backups directory")
         _backup_index_rename_step(ctx, plan, old, new)
         moved = dict(entry, name=new, tls=tls, paths=new_paths, updated_at=_now())
+        if moved_user:
+            moved["user"] = moved_user
         _registry_step(ctx, plan, insts.registry, new, moved, f"register {new}")
         _registry_step(ctx, plan, insts.registry, old, None, f"unregister {old}")
         _registry_step(ctx, plan, insts.ports_registry, str(entry["port"]),
@@ -5943,12 +6193,21 @@ def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: 
                     _rename_path_step(plan, f"purge.{what}", path, trash, f"move {path} aside")
             plan.cleanup("purge.delete", "delete the moved-aside data", name,
                          UndoAction("remove_tree", paths=trashes))
+        if current.get("user"):
+            if not purge_data and os.path.isdir(ctx.paths.instance_dir(name)):
+                # Kept data goes to root: a uid without a user owning it would confuse (and be reused).
+                kept = ctx.paths.instance_dir(name)
+                plan.add("fs.owner", f"give the kept {kept} to root (its user goes)", kept,
+                         lambda: (chown_tree(kept, 0, 0), os.chmod(kept, 0o700)) and None,
+                         UndoAction("layout", was=layout_snapshot(ctx, name)))
+            account_remove_step(ctx, plan, str(current["user"]))
         return plan
 
     def ask(_plan: Plan) -> None:
         if purge_data and not no_backup:
             confirm(ctx, f"Delete instance '{name}' ({entry['domain']}, port {entry['port']}) and its data?\n"
-                         f"A final backup is taken first: {os.path.join(ctx.paths.backup_root, name)}/<id>",
+                         f"A final backup is taken first: {os.path.join(ctx.paths.backup_root, name)}/<id>" + (
+                             f"\nIts system user {entry['user']} is removed." if entry.get("user") else ""),
                     "[y] yes, back up then delete   [N] no")
             return
         if purge_data:
@@ -5964,7 +6223,9 @@ def op_instance_delete(ctx: Context, name: str, *, purge_data: bool, no_backup: 
             return
         confirm(ctx, f"Delete instance '{name}' ({entry['domain']}, port {entry['port']})?\n"
                      f"Its data stays in {ctx.paths.instance_dir(name)} and its backups stay in "
-                     f"{os.path.join(ctx.paths.backup_root, name)}.")
+                     f"{os.path.join(ctx.paths.backup_root, name)}." + (
+                         f"\nIts system user {entry['user']} is removed; the kept data goes to root."
+                         if entry.get("user") else ""))
 
     result = run_mutation(ctx, Mutation(title=f"delete {name}", build=build, instances=[name], confirm=ask,
                                         target={"kind": "instance", "name": name},
@@ -7356,21 +7617,23 @@ def op_backup_restore(ctx: Context, backup_id: str, *, instance: str | None, pre
     made: dict[str, Any] = {}
 
     def build() -> Plan:
-        import pwd
         plan = Plan(f"restore {backup_id} into {target}")
         current = Instances(ctx).get(target)
         paths = instance_paths(ctx, target)
         staging = os.path.join(root, f".abssctl-tmp-{ctx.op_id}")
         live, aside = paths["data"], os.path.join(root, f"data.pre-restore-{ctx.op_id}")
         active = _is_active(_unit_state(ctx, target))
-        pw = pwd.getpwnam(ctx.config.get("service", "user"))
+        own = bool(current.get("user"))
 
         def stage() -> None:
+            uid, gid = account_ids(*run_as(ctx, current))
             ensure_dir(staging, 0o750)
             ctx.out.progress(f"verifying and staging {backup_id}")
             scan = ArchiveScan(ctx, archive)
-            extract_backup(scan, entry, staging, uid=pw.pw_uid, gid=pw.pw_gid)
-            os.chown(staging, pw.pw_uid, pw.pw_gid)          # only now: see safe_extract
+            extract_backup(scan, entry, staging, uid=uid, gid=gid)
+            os.chown(staging, uid, gid)          # only now: see safe_extract
+            if own and os.path.isdir(os.path.join(staging, "data")):
+                os.chmod(os.path.join(staging, "data"), 0o700)
             if scan.sha256 != entry.get("sha256"):
                 raise ChecksumMismatch(f"{backup_id}: the archive sha256 does not match the index",
                                        hint="the archive is damaged; use another backup")
@@ -7390,9 +7653,11 @@ def op_backup_restore(ctx: Context, backup_id: str, *, instance: str | None, pre
             os.rename(os.path.join(staging, "data"), live)
         plan.add("data.swap", f"move {live} aside to {aside} and the restored data in", live, swap,
                  UndoAction("data_swap", live=live, aside=aside, trash=trash))
+        cuid, cgid = config_ids(ctx, current)
         _file_step(ctx, plan, "config.write", paths["config"], server_config(root, int(current["port"])), 0o640,
-                   ctx.service_gid(), f"rewrite {paths['config']}")
-        _unit_step(ctx, plan, target, render_unit(ctx, target, int(current["port"]), version, Versions(ctx)),
+                   cgid, f"rewrite {paths['config']}", cuid)
+        _unit_step(ctx, plan, target, render_unit(ctx, target, int(current["port"]), version, Versions(ctx),
+                                                     run_as(ctx, current)),
                    f"rewrite {paths['unit']}")
         if active:
             _start_and_gate_step(ctx, plan, target, int(current["port"]), version, gate)
@@ -7909,21 +8174,22 @@ def stage_backup_import(ctx: Context, src: ImportSource, staging: str, uid: int,
 
 def _import_data_steps(ctx: Context, plan: Plan, name: str, src: ImportSource) -> None:
     """Stage the data beside the fresh data/ dir, then put it in place of that empty dir."""
-    import pwd
-    pw = pwd.getpwnam(ctx.config.get("service", "user"))
-    uid, gid = pw.pw_uid, ctx.service_gid()
+    own = instance_account(ctx, name)
+    user, group = (own, own) if own else run_as(ctx, {})
     paths = instance_paths(ctx, name)
     staging = os.path.join(paths["root"], f".abssctl-tmp-{ctx.op_id}")
     stage = stage_dir_import if src.kind == "dir" else stage_backup_import
     plan.add("import.stage", f"copy the data of {src.path} into {staging} (SQLite through the online-backup "
              "API, every file checked)" if src.kind == "dir" else f"verify {src.path} and stage its data in "
-             f"{staging}", staging, lambda: stage(ctx, src, staging, uid, gid),
+             f"{staging}", staging, lambda: stage(ctx, src, staging, *account_ids(user, group)),
              UndoAction("remove_tree", path=staging))
 
     def place() -> None:
         for sub in ("server-files", "user-files", ""):
             os.rmdir(os.path.join(paths["data"], sub))     # the empty dirs fs.dirs made
         os.rename(os.path.join(staging, "data"), paths["data"])
+        if own:
+            os.chmod(paths["data"], 0o700)
     plan.add("import.place", f"put the imported data in {paths['data']}", paths["data"], place,
              UndoAction("rename", src=paths["data"], dst=os.path.join(staging, "data")))
     plan.cleanup("import.cleanup", f"remove the staging dir {staging}", staging,
@@ -7948,6 +8214,7 @@ def op_instance_import(ctx: Context, name: str, *, source_dir: str | None, backu
                        domain: str | None, port: int | None, version: str | None, tls: str | None,
                        cert: str | None, key: str | None, chain: str | None, allow_missing: bool) -> Result:
     """An existing server's data (a dir or another host's backup) as a new instance (DESIGN §11.6)."""
+    instance_account(ctx, name)                # the user name it makes fits useradd (exits 2 otherwise)
     if name in Instances(ctx).doc["instances"]:
         raise AlreadyExists(f"instance {name!r} exists already",
                             hint=f"import under another name (abssctl instance show {name} shows the one there)")
@@ -8018,7 +8285,6 @@ def _undo_start_gate(ctx: Context, args: Mapping[str, Any]) -> None:
 
 def _undo_restore_data(ctx: Context, args: Mapping[str, Any]) -> None:
     """Put an instance's data back from its pre-switch backup; the migrated data is kept aside."""
-    import pwd
     name, backup_id = args["name"], args.get("backup_id")
     if not backup_id:
         raise HostError(f"no pre-switch backup of {name} to restore from")
@@ -8027,11 +8293,14 @@ def _undo_restore_data(ctx: Context, args: Mapping[str, Any]) -> None:
     live = os.path.join(root, "data")
     failed = os.path.join(root, f"data.failed-{args['what']}-{ctx.op_id}")
     staging = os.path.join(root, f".abssctl-tmp-{ctx.op_id}-restore")
-    pw = pwd.getpwnam(ctx.config.get("service", "user"))
+    inst = Instances(ctx).doc["instances"].get(name) or {}
+    uid, gid = account_ids(*run_as(ctx, inst))
     if os.path.isdir(staging):
         remove_tree(staging)
     ensure_dir(staging, 0o750)
-    extract_backup(ArchiveScan(ctx, archive_path(ctx, entry)), entry, staging, uid=pw.pw_uid, gid=pw.pw_gid)
+    extract_backup(ArchiveScan(ctx, archive_path(ctx, entry)), entry, staging, uid=uid, gid=gid)
+    if inst.get("user") and os.path.isdir(os.path.join(staging, "data")):
+        os.chmod(os.path.join(staging, "data"), 0o700)
     if os.path.isdir(live) and not os.path.exists(failed):
         os.rename(live, failed)                 # kept, never deleted: it holds what the new version wrote
     os.rename(os.path.join(staging, "data"), live)
@@ -8672,11 +8941,18 @@ def probe_fs(ctx: Context, facts: Facts) -> list[Finding]:
             out.append(f)
     for name in sorted(facts.instances):
         root, tdir = ctx.paths.instance_dir(name), os.path.join(ctx.paths.tls_dir, name)
-        group = ctx.config.get("service", "group")
-        wanted = [(root, 0o750, 0, gid, f"root:{group}"), (os.path.join(root, "config.json"), 0o640, 0, gid,
-                                                          f"root:{group}"),
-                  (os.path.join(root, "data"), 0o750, uid, gid, f"{ctx.config.get('service', 'user')}:{group}"),
-                  (tdir, 0o700, 0, 0, "root:root")]
+        entry = facts.instances[name]
+        i_user, i_group = run_as(ctx, entry)
+        iuid, igid = _lookup_ids(i_user, i_group)
+        if iuid is None or igid is None:
+            out.append(Finding("fs.owner", name, "fail", f"{name} runs as {i_user}, which does not exist",
+                               hint="run abssctl doctor --fix (it recreates the user), or restore the account"))
+            continue
+        uid, gid = iuid, igid
+        wanted = [(path, mode, 0 if owner == "root" else uid, gid, f"{owner}:{grp_name}")
+                  for path, mode, owner, grp_name in instance_layout(ctx, name, bool(entry.get("user")),
+                                                                      i_user, i_group)]
+        wanted += [(tdir, 0o700, 0, 0, "root:root")]
         wanted += [(os.path.join(tdir, f + prev), mode, 0, 0, "root:root") for f, mode in
                    (("privkey.pem", 0o600), ("fullchain.pem", 0o644)) for prev in ("", ".prev")]
         for path, mode, u, g, label in wanted:
@@ -8691,7 +8967,7 @@ def probe_fs(ctx: Context, facts: Facts) -> list[Finding]:
                 if os.lstat(p).st_uid != uid:
                     rooted.append(p)
         if rooted and uid != 0:
-            def chown_all(plan: Plan, rooted: list[str] = rooted) -> None:
+            def chown_all(plan: Plan, rooted: list[str] = rooted, uid: int = uid, gid: int = gid) -> None:
                 plan.add("fs.owner", f"give {len(rooted)} data file(s) back to the service user", rooted[0],
                          lambda: [os.chown(p, uid, gid, follow_symlinks=False) for p in rooted] and None)
             out.append(Finding("fs.data-owner", name, "fail", f"{len(rooted)} file(s) in {data} are not owned by "
@@ -8708,6 +8984,67 @@ def probe_fs(ctx: Context, facts: Facts) -> list[Finding]:
                 out.append(Finding("fs.data-aside", name, "warn", f"{os.path.join(root, left)} was kept by a restore "
                                    "or a failed upgrade", hint="delete it once you no longer need it"))
     return out or [_ok("fs.mode", None, "owners and modes are as they should be")]
+
+
+@probe("fs", timeout=5)
+def probe_users(ctx: Context, facts: Facts) -> list[Finding]:
+    """Each instance runs as its own user (DESIGN 11.5); an old-style one (the shared user) is moved by
+    --fix, one journal per instance (op_instance_own_user)."""
+    if not ctx.config.get("service", "user_prefix"):
+        return []
+    out = []
+    for name, entry in sorted(facts.instances.items()):
+        user = entry.get("user")
+        if user:
+            out.append(_ok("fs.user", name, f"{name} runs as its own user {user}"))
+            continue
+        try:
+            want = instance_account(ctx, name)
+        except UsageError as exc:
+            out.append(Finding("fs.user", name, "warn", f"{name} runs as the shared user: {exc.message}",
+                               hint="rename it to a shorter name (abssctl instance rename), then doctor --fix"))
+            continue
+        out.append(Finding("fs.user", name, "warn", f"{name} runs as the shared user "
+                           f"{ctx.config.get('service', 'user')}, so it could read the other instances' data",
+                           hint=f"abssctl doctor --fix moves it to its own user {want} (stop, chown, re-render, "
+                                "start behind the health gate)",
+                           fix=lambda plan: None, data={"user": ctx.config.get("service", "user"), "wanted": want}))
+    return out
+
+
+def systemd_booted() -> bool:
+    """systemd is PID 1 here (sd_booted's test): systemd-analyze security can ask it about units."""
+    return os.path.isdir("/run/systemd/system")
+
+
+EXPOSURE_RE = LazyRegex(r"Overall exposure level for \S+: ([0-9]+(?:\.[0-9]+)?) (\w+)")
+EXPOSURE_MAX = 2.5
+
+
+@probe("systemd", timeout=90)
+def probe_exposure(ctx: Context, facts: Facts) -> list[Finding]:
+    """systemd-analyze security per unit (slow-ish: one call each, on a small pool, 20 s each at most)."""
+    if not facts.instances or not systemd_booted() or not ctx.runner.available("systemd_analyze"):
+        return []
+
+    def one(name: str) -> list[Finding]:
+        unit = unit_name(name)
+        try:
+            res = ctx.runner.run("systemd_analyze", ["security", "--no-pager", unit], mutating=False, check=False)
+        except AbssctlError as exc:
+            return [Finding("systemd.exposure", name, "warn", f"systemd-analyze security {unit}: {exc.message}")]
+        m = EXPOSURE_RE.search(res.stdout)
+        if not m:
+            return [Finding("systemd.exposure", name, "warn", f"systemd-analyze security {unit} printed no "
+                            "exposure level", hint=f"run systemd-analyze security {unit}")]
+        level = float(m.group(1))
+        data = {"exposure": level, "label": m.group(2), "unit": unit}
+        if level > EXPOSURE_MAX:
+            return [Finding("systemd.exposure", name, "warn", f"{unit} has an exposure of {level} ({m.group(2)}), "
+                            f"above {EXPOSURE_MAX}", hint="the unit is not the hardened one: abssctl doctor --fix "
+                            "re-renders it", data=data)]
+        return [_ok("systemd.exposure", name, f"{unit}: exposure {level} ({m.group(2)})", data=data)]
+    return _each(sorted(facts.instances), one)
 
 
 @probe("ports")
@@ -8749,7 +9086,8 @@ def probe_systemd(ctx: Context, facts: Facts) -> list[Finding]:
         path = ctx.paths.unit_file(name)
         unit = facts.units.get(unit_name(name), {})
         try:
-            fresh = render_unit(ctx, name, int(entry["port"]), str(entry.get("resolved_version")), versions)
+            fresh = render_unit(ctx, name, int(entry["port"]), str(entry.get("resolved_version")), versions,
+                                run_as(ctx, entry))
         except AbssctlError as exc:
             out.append(Finding("systemd.unit", name, "fail", f"cannot render the unit of {name}: {exc.message}"))
             continue
@@ -9193,6 +9531,17 @@ def _doctor_doc(findings: Sequence[Finding], started: float) -> tuple[dict[str, 
             "probes": [f.as_dict() for f in findings]}, code
 
 
+def _move_to_own_users(ctx: Context, findings: Sequence[Finding]) -> bool:
+    """doctor --fix: each old-style instance moves to its own user in a mutation (and journal) of its own."""
+    changed = False
+    for f in findings:
+        if f.id == "fs.user" and f.fix and f.status != "ok" and f.target:
+            ctx.op_id, ctx.started, ctx.journal = new_op_id(), utc_now(), None
+            ctx.command = "doctor --fix"
+            changed = bool(op_instance_own_user(ctx, f.target).changed) or changed
+    return changed
+
+
 def op_doctor(ctx: Context, *, only: Sequence[str], exclude: Sequence[str], fix: bool) -> Result:
     """Probe everything, report the worst failure as the exit code; --fix repairs only what is safe."""
     for cat in list(only) + list(exclude):
@@ -9207,7 +9556,7 @@ def op_doctor(ctx: Context, *, only: Sequence[str], exclude: Sequence[str], fix:
         def build() -> Plan:
             plan = Plan("doctor --fix")
             for f in run_probes(ctx, only, exclude):
-                if f.fix and f.status != "ok":
+                if f.fix and f.status != "ok" and f.id != "fs.user":
                     f.fix(plan)
             return plan
         # run_mutation rolls dead journals back before it re-plans, so the plan no longer holds that
@@ -9229,6 +9578,7 @@ def op_doctor(ctx: Context, *, only: Sequence[str], exclude: Sequence[str], fix:
         changed = bool(res.changed) or bool(res.data.get("recovered"))
         if ctx.dry_run:
             return res
+        changed = _move_to_own_users(ctx, run_probes(ctx, only, exclude)) or changed
         findings = run_probes(ctx, only, exclude)
     doc, code = _doctor_doc(findings, started)
     doc["changed"] = changed
@@ -9366,7 +9716,9 @@ def op_support_bundle(ctx: Context, output: str | None, *, redact: bool) -> Resu
         raise UsageError(f"cannot write {dest}: give a file path in an existing directory")
     facts = Facts(ctx)
     domains = [str(e.get("domain")) for e in facts.instances.values()]
-    red = Redactor(redact, domains, [ctx.config.get("service", "user"), os.environ.get("SUDO_USER", "")])
+    accounts = {name: run_as(ctx, e) for name, e in facts.instances.items()}
+    red = Redactor(redact, domains, [ctx.config.get("service", "user"), os.environ.get("SUDO_USER", "")] +
+                   [u for u, _g in accounts.values()])
     members: dict[str, bytes] = {}
 
     def add_text(name: str, text: str) -> None:
@@ -9383,6 +9735,15 @@ def op_support_bundle(ctx: Context, output: str | None, *, redact: bool) -> Resu
     for name in REGISTRY_FILES:
         add_json(f"registry/{name}.json", ctx.registry(name).load() if name not in facts.errors else {})
     add_json("registry/backups.json", {"backups": facts.backups})
+    users = {}
+    for name, (user, group) in sorted(accounts.items()):
+        uid, gid = _lookup_ids(user, group)
+        data = os.path.join(ctx.paths.instance_dir(name), "data")
+        st = os.lstat(data) if os.path.lexists(data) else None
+        owned = {"uid": st.st_uid, "gid": st.st_gid, "mode": f"{st.st_mode & 0o7777:04o}"} if st else None
+        users[name] = {"user": user, "group": group, "uid": uid, "gid": gid,
+                       "own": bool(facts.instances[name].get("user")), "data": owned}
+    add_json("users.json", {"users": users})
     for name in sorted(facts.instances):
         cfg = os.path.join(ctx.paths.instance_dir(name), "config.json")
         if os.path.isfile(cfg):

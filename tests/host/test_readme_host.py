@@ -521,3 +521,189 @@ def test_auto_upgrade_moves_from_the_older_real_version_to_the_newer(readme_host
     info = h.client.https(h.cmd.domain, "/info")
     assert info.status == 200 and info.json()["build"]["version"] == now, info.describe()
     h.passed.add("auto-upgrade")
+
+
+# -- DESIGN §11.5: one instance cannot read another; the hardened unit on the real server -----------
+
+BIG = 30 * 1024 * 1024           # the upload the hardened server must take (30 MB)
+EXPOSURE_MAX = 2.5
+SANDBOX_KEYS = ("User", "Group", "UMask", "NoNewPrivileges", "CapabilityBoundingSet", "AmbientCapabilities",
+                "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts", "DevicePolicy",
+                "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
+                "ProtectClock", "ProtectHostname", "ProtectProc", "ProcSubset", "KeyringMode", "RemoveIPC",
+                "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime", "RestrictSUIDSGID",
+                "LockPersonality", "SystemCallArchitectures", "SystemCallFilter", "SystemCallErrorNumber",
+                "IPAddressDeny", "IPAddressAllow", "ReadWritePaths")
+
+
+def _names(h) -> list[str]:
+    return [h.cmd.name, SECOND[0]]
+
+
+def _domain(h, name: str) -> str:
+    return h.cmd.domain if name == h.cmd.name else SECOND[1]
+
+
+def _exposure(h, unit: str) -> tuple[float, str]:
+    res = h.guest.run(["systemd-analyze", "security", "--no-pager", unit], timeout=120)
+    line = next((x for x in res.stdout.splitlines() if "Overall exposure level" in x), "")
+    assert line, f"systemd-analyze security {unit} printed no overall level:\n{res.describe()}"
+    words = line.split(":", 1)[1].split()
+    return float(words[0]), words[1]
+
+
+def _unit_props(h, name: str) -> tuple[str, list[str]]:
+    """node's path and the sandbox lines of NAME's unit, as systemd-run -p arguments."""
+    text = h.guest.ok(["cat", f"/etc/systemd/system/abssctl-{name}.service"], timeout=30).stdout
+    node = next(x for x in text.splitlines() if x.startswith("ExecStart=")).split("=", 1)[1].split()[0]
+    return node, [x for x in text.splitlines() if x.split("=", 1)[0] in SANDBOX_KEYS]
+
+
+def _connect_from_sandbox(h, name: str) -> str:
+    """In a transient unit with NAME's sandbox, node opens a TCP connection to this guest's nginx on
+    127.0.0.1:443 and closes it: proof that an INET socket can be made and connected, with no traffic
+    leaving the machine. Returns what node printed."""
+    node, props = _unit_props(h, name)
+    script = ("const s=require('net').connect(443,'127.0.0.1',()=>{console.log('connected');s.end()});"
+              "s.on('error',e=>{console.log('error '+e.code);process.exit(1)})")
+    argv = ["systemd-run", "--wait", "--pipe", "--quiet", "--collect"]
+    for p in props:
+        argv += ["-p", p]
+    res = h.guest.run(argv + ["--", node, "-e", script], timeout=120)
+    return res.stdout.strip() + (f" (rc {res.rc}: {res.stderr.strip()[-300:]})" if res.rc else "")
+
+
+def test_each_instance_runs_as_its_own_user_and_cannot_read_the_other(readme_host) -> None:
+    h = readme_host
+    h.after("second")
+    home, two = _names(h)
+    show = {n: h.json("instance", "show", n)["instance"] for n in (home, two)}
+    for n in (home, two):
+        user = f"actual-{n}"
+        assert h.guest.run(["id", "-u", user], timeout=30).rc == 0, f"no system user {user}"
+        unit = h.guest.ok(["systemctl", "show", "-p", "User", "-p", "MainPID", f"abssctl-{n}.service"],
+                          timeout=30).stdout
+        assert f"User={user}" in unit, unit
+        pid = next(x for x in unit.splitlines() if x.startswith("MainPID=")).split("=")[1]
+        owner = h.guest.ok(["stat", "-c", "%U", f"/proc/{pid}"], timeout=30).stdout.strip()
+        assert owner == user, f"{n}'s server (pid {pid}) runs as {owner}"
+        data = show[n]["paths"]["data"]
+        st = h.guest.ok(["stat", "-c", "%a %U", data], timeout=30).stdout.strip()
+        assert st == f"700 {user}", f"{data}: {st}"
+    h.note("instance users", ", ".join(f"{n}: actual-{n}" for n in (home, two)))
+    other = show[two]["paths"]["data"]
+    account = f"{other}/server-files/account.sqlite"
+    # the control: two's own user reads both
+    assert h.guest.run(["runuser", "-u", f"actual-{two}", "--", "head", "-c", "16", account], timeout=30).rc == 0
+    assert h.guest.run(["runuser", "-u", f"actual-{two}", "--", "ls", f"{other}/user-files"], timeout=30).rc == 0
+    for argv in (["cat", account], ["ls", f"{other}/user-files"]):
+        res = h.guest.run(["runuser", "-u", f"actual-{home}", "--", *argv], timeout=30)
+        assert res.rc != 0 and "Permission denied" in res.stderr, f"as actual-{home}: {argv}: {res.describe()}"
+    doc = h.json("doctor", timeout=300)
+    users = {p["target"]: p for p in doc["probes"] if p["id"] == "fs.user"}
+    assert all(users[n]["status"] == "ok" and f"actual-{n}" in users[n]["message"] for n in (home, two)), users
+    h.passed.add("isolation")
+
+
+def test_each_unit_has_an_exposure_of_at_most_2_5(readme_host) -> None:
+    h = readme_host
+    h.after("second")
+    # before: the first edition's unit (NoNewPrivileges, ProtectSystem=strict, ProtectHome, PrivateTmp
+    # only), written beside the real ones under another name, analysed, never started, removed
+    text = h.guest.ok(["cat", f"/etc/systemd/system/abssctl-{h.cmd.name}.service"], timeout=30).stdout
+    old_keys = ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "ReadWritePaths")
+    old = "\n".join(x.replace("UMask=0077", "UMask=0027") for x in text.splitlines()
+                    if x.split("=", 1)[0] not in SANDBOX_KEYS or x.split("=", 1)[0] in old_keys + ("User", "Group"))
+    h.guest.ok(["python3", "-c", "import sys; open('/etc/systemd/system/abt-before-probe.service', 'w')"
+                ".write(sys.argv[1])", old + "\n"], timeout=30)
+    h.guest.ok(["systemctl", "daemon-reload"], timeout=60)
+    try:
+        before = _exposure(h, "abt-before-probe.service")
+    finally:
+        h.guest.run(["rm", "-f", "/etc/systemd/system/abt-before-probe.service"], timeout=30)
+        h.guest.run(["systemctl", "daemon-reload"], timeout=60)
+    h.note("exposure before (first edition's unit)", f"{before[0]} {before[1]}")
+    after = {n: _exposure(h, f"abssctl-{n}.service") for n in _names(h)}
+    h.note("exposure after", ", ".join(f"abssctl-{n}.service {v[0]} {v[1]}" for n, v in after.items()))
+    assert before[0] > EXPOSURE_MAX, before
+    assert all(v[0] <= EXPOSURE_MAX for v in after.values()), after
+    doc = h.json("doctor", timeout=300)
+    probed = {p["target"]: p for p in doc["probes"] if p["id"] == "systemd.exposure"}
+    assert all(probed[n]["status"] == "ok" and probed[n]["data"]["exposure"] == after[n][0] for n in _names(h)), probed
+    h.passed.add("exposure")
+
+
+def test_budgets_survive_restart_restore_and_a_version_switch_on_the_hardened_units(readme_host) -> None:
+    h = readme_host
+    h.after("second", "reboot", "set-version")
+    home, two = _names(h)
+    tokens = {home: login(h.client, _domain(h, home), PASSWORD),
+              two: bootstrap_and_login(h.client, _domain(h, two), PASSWORD)}
+    files = {home: h.memo["budget"], two: {"id": str(uuid.uuid4()), "body": os.urandom(BIG)}}
+    upload_user_file(h.client, _domain(h, two), tokens[two], files[two]["id"], "Big budget", files[two]["body"])
+
+    def intact(when: str) -> None:
+        for n in (home, two):
+            token = login(h.client, _domain(h, n), PASSWORD)
+            got = download_user_file(h.client, _domain(h, n), token, files[n]["id"])
+            assert got.status == 200 and got.body == files[n]["body"], (
+                f"{n} after {when}: HTTP {got.status}, {len(got.body)} bytes (want {len(files[n]['body'])})")
+    intact("the upload")
+    for n in (home, two):
+        with h.phase(f"instance restart {n}"):
+            h.json("instance", "restart", n)
+    intact("a restart")
+    with h.phase(f"backup create + restore {two}"):
+        backup = h.json("backup", "create", two)["backup"]
+        h.json("backup", "restore", backup["id"], "--yes")
+    data = h.json("instance", "show", two)["instance"]["paths"]["data"]
+    owner = h.guest.ok(["stat", "-c", "%a %U", data], timeout=30).stdout.strip()
+    assert owner == f"700 actual-{two}", f"{data} after the restore: {owner}"
+    intact("a backup and restore")
+    current = h.json("version", "list")["current"]
+    with h.phase(f"version switch {OTHER_VERSION} (every instance follows current)"):
+        h.json("version", "switch", OTHER_VERSION, "--yes", timeout=1800)
+    for n in (home, two):
+        info = h.client.https(_domain(h, n), "/info")
+        assert info.status == 200 and info.json()["build"]["version"] == OTHER_VERSION, info.describe()
+    intact(f"version switch {OTHER_VERSION}")
+    with h.phase(f"version switch {current} (back)"):
+        h.json("version", "switch", current, "--yes", timeout=1800)
+    intact(f"version switch back to {current}")
+    h.passed.add("budgets")
+
+
+def test_bank_sync_on_can_reach_out_and_off_is_loopback_only(readme_host) -> None:
+    h = readme_host
+    h.after("second")
+    home, two = _names(h)
+    show = h.guest.ok(["systemctl", "show", "-p", "IPAddressDeny", "-p", "IPAddressAllow", "-p",
+                       "RestrictAddressFamilies", f"abssctl-{home}.service"], timeout=30).stdout
+    props = dict(x.split("=", 1) for x in show.splitlines() if "=" in x)
+    assert props.get("IPAddressDeny", "") == "" and "AF_INET" in props.get("RestrictAddressFamilies", ""), props
+    assert "AF_INET6" in props["RestrictAddressFamilies"], props
+    reach = _connect_from_sandbox(h, home)
+    h.note("bank sync on: node in the unit's sandbox connects to 127.0.0.1:443", reach)
+    assert reach == "connected", reach
+    cfg = "/etc/abssctl/config.toml"
+    assert h.guest.run(["grep", "-qx", "# bank_sync = true", cfg], timeout=30).rc == 0, \
+        h.guest.run(["cat", cfg], timeout=30).stdout
+    h.guest.ok(["sed", "-i", "s/^# bank_sync = true$/bank_sync = false/", cfg], timeout=30)
+    with h.phase("bank_sync = false: doctor --fix re-renders the units"):
+        h.json("doctor", "--fix", "--yes", timeout=600)
+    for n in (home, two):
+        show = h.guest.ok(["systemctl", "show", "-p", "IPAddressDeny", "-p", "IPAddressAllow",
+                           f"abssctl-{n}.service"], timeout=30).stdout
+        props = dict(x.split("=", 1) for x in show.splitlines() if "=" in x)
+        assert set(props["IPAddressDeny"].split()) == {"0.0.0.0/0", "::/0"}, props     # any, in either order
+        assert {"127.0.0.0/8", "::1/128"} <= set(props["IPAddressAllow"].split()), props
+        h.note(f"bank sync off: abssctl-{n}.service", f"IPAddressDeny={props['IPAddressDeny']} "
+               f"IPAddressAllow={props['IPAddressAllow']}")
+        _health(h, _domain(h, n))
+    assert _connect_from_sandbox(h, two) == "connected"       # loopback stays allowed
+    off = {n: _exposure(h, f"abssctl-{n}.service") for n in (home, two)}
+    h.note("exposure with bank sync off", ", ".join(f"abssctl-{n}.service {v[0]} {v[1]}" for n, v in off.items()))
+    assert all(v[0] <= EXPOSURE_MAX for v in off.values()), off
+    doc = h.json("doctor", timeout=300)
+    bad = [p for p in doc["probes"] if p["id"] in ("systemd.unit", "systemd.exposure") and p["status"] != "ok"]
+    assert not bad, bad

@@ -293,7 +293,7 @@ class E2ESandbox:
         self.paths = {k: root / v for k, v in PATH_KEYS_E2E.items()}
         self.settings: dict[str, dict[str, Any]] = {
             "paths": {k: str(v) for k, v in self.paths.items()},
-            "service": {"user": "root", "group": "root"},
+            "service": {"user": "root", "group": "root", "user_prefix": ""},
             "commands": {"node": [str(node.node)], "npm": [str(HOST_NPM)]},
             "health": {"timeout": 120},
             "node": {"runtime": "system"},      # the rig supplies node itself

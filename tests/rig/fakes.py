@@ -1322,13 +1322,15 @@ sys.exit(main())
 
 FAKE_TOOLS: dict[str, str] = {
     "systemctl": _SYSTEMCTL, "journalctl": _JOURNALCTL, "nginx": _NGINX, "npm": _NPM,
-    "node": _NODE, "useradd": _PLAIN, "groupadd": _PLAIN, "openssl": _OPENSSL, "zstd": _ZSTD,
+    "node": _NODE, "useradd": _PLAIN, "groupadd": _PLAIN, "usermod": _PLAIN, "groupmod": _PLAIN,
+    "userdel": _PLAIN, "groupdel": _PLAIN, "openssl": _OPENSSL, "zstd": _ZSTD,
     "apt-get": _APT_GET, "make": _PLAIN, "g++": _PLAIN, "python3": _PLAIN,
 }
 # Debian package of each tool a fresh host may lack (what quickstart installs, DESIGN §11.3)
 HOST_TOOL_PACKAGES = {"nginx": "nginx-light", "npm": "npm", "node": "nodejs", "openssl": "openssl",
                       "zstd": "zstd", "make": "make", "g++": "g++", "python3": "python3"}
-DEFAULT_FAKES = ("systemctl", "journalctl", "nginx", "npm", "node", "useradd", "groupadd", "apt-get")
+DEFAULT_FAKES = ("systemctl", "journalctl", "nginx", "npm", "node", "useradd", "groupadd", "usermod", "groupmod",
+                 "userdel", "groupdel", "apt-get")
 OPTIONAL_FAKES = ("openssl", "zstd")
 
 
@@ -1413,11 +1415,13 @@ class Sandbox:
                 self.commands[tool] = [real]
         self.commands["useradd"] = [str(b / "useradd")]
         self.commands["groupadd"] = [str(b / "groupadd")]
+        for tool in ("usermod", "groupmod", "userdel", "groupdel"):
+            self.commands[tool] = [str(b / tool)]
         self.commands["apt_get"] = [str(b / "apt-get")]
         self.user, self.group = _unprivileged_account()
         self.settings: dict[str, dict[str, Any]] = {
             "paths": {k: str(v) for k, v in self.paths.items()},
-            "service": {"user": self.user, "group": self.group},
+            "service": {"user": self.user, "group": self.group, "user_prefix": ""},
             "commands": self.commands,
             "tls": {"system_cert": str(root / "etc/ssl/private/cert.pem"),
                     "system_key": str(root / "etc/ssl/private/cert.key")},

@@ -52,7 +52,7 @@ class Host:
         }
         self.settings: dict[str, dict[str, Any]] = {
             "paths": {k: str(v) for k, v in self.paths.items()},
-            "service": {"user": "root", "group": "root"},
+            "service": {"user": "root", "group": "root", "user_prefix": ""},
             "ports": {"base": 0, "max": 0},
             "nginx": {"http_port": nginx.http_port, "https_port": nginx.https_port},
             "npm": {"registry": registry.url, "allow_scripts": ["fake-native"]},
