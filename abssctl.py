@@ -6385,6 +6385,50 @@ def _certbot_leftovers(ctx: Context) -> dict[str, set[str]]:
     return out
 
 
+def _wait_challenge_served(ctx: Context, domain: str, seconds: float = 15.0) -> None:
+    """Before the CA is asked: nginx answers DOMAIN's challenge path on port 80 here, three requests
+    in a row (a reload returns before the new workers serve, and a validation that meets an old
+    worker fails). A probe file in the webroot is fetched with Host: DOMAIN, then removed."""
+    import http.client
+    import secrets
+    import time
+    where = os.path.join(ctx.paths.acme_webroot, CHALLENGE_PATH.strip("/"))
+    for path in (ctx.paths.acme_webroot, os.path.dirname(where), where):
+        ensure_dir(path, 0o755)
+    token = f"abssctl-probe-{ctx.op_id}"
+    body = secrets.token_hex(16).encode()
+    atomic_write(os.path.join(where, token), body, mode=0o644, tag=ctx.op_id)
+    port = int(ctx.config.get("nginx", "http_port"))
+    deadline = time.monotonic() + seconds
+    streak, last = 0, "no answer yet"
+    try:
+        while streak < 3:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", f"{CHALLENGE_PATH.rstrip('/')}/{token}", headers={"Host": domain})
+                resp = conn.getresponse()
+                got = resp.read()
+                ok = resp.status == 200 and got == body
+                streak, last = (streak + 1, "served") if ok else (0, f"HTTP {resp.status}")
+            except (OSError, http.client.HTTPException) as exc:
+                streak, last = 0, str(exc) or type(exc).__name__
+            finally:
+                conn.close()
+            if streak >= 3:
+                break
+            if time.monotonic() > deadline:
+                raise ProviderError(f"nginx does not serve the ACME challenge path of {domain} on port {port} "
+                                    f"here ({last}), so the CA could not validate it",
+                                    hint=f"check that nginx runs and that its port-80 server for {domain} has "
+                                         f"the location {CHALLENGE_PATH} (abssctl doctor --fix re-renders it)")
+            time.sleep(0.1)
+    finally:
+        try:
+            os.unlink(os.path.join(where, token))
+        except OSError:
+            pass
+
+
 def _issue_step(ctx: Context, plan: Plan, domain: str, email: str, server: str, staging: bool) -> None:
     """certbot certonly --webroot for ``domain``, then the new lineage verified. A refusal leaves
     nothing of its own behind (the unused key certbot wrote is removed); there is nothing to undo
@@ -6393,6 +6437,7 @@ def _issue_step(ctx: Context, plan: Plan, domain: str, email: str, server: str, 
     hook = deploy_hook_command(ctx)
 
     def do() -> None:
+        _wait_challenge_served(ctx, domain)
         before = _certbot_leftovers(ctx)
         try:
             certbot.certonly(domain, email, server, staging, hook, ctx.op_id)

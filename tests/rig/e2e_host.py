@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from rig.e2e import V25, V26, BuiltVersions, CliResult, E2ESandbox, NodeRuntime, PhaseTimings
-from rig.https_client import HttpReply, HttpsClient
+from rig.https_client import HTTP_TIMEOUT, HttpReply, HttpsClient
 from rig.nginx_sandbox import NginxSandbox, free_port
 from rig.nginx_sandbox import NGINX
 from rig.systemd_sandbox import SystemdSandbox, systemctl_script
@@ -96,9 +96,9 @@ class E2EHost(E2ESandbox):
     # -- HTTP through the sandbox nginx (an HttpsClient for 127.0.0.1:https_port) ----------------
 
     def https(self, domain: str, path: str, method: str = "GET", body: bytes | None = None,
-              headers: dict[str, str] | None = None) -> HttpReply:
+              headers: dict[str, str] | None = None, timeout: float = HTTP_TIMEOUT) -> HttpReply:
         """One request to 127.0.0.1:https_port with SNI and Host = DOMAIN (the cert is not checked)."""
-        return self.client.https(domain, path, method, body, headers)
+        return self.client.https(domain, path, method, body, headers, timeout)
 
     def https_json(self, domain: str, path: str, payload: Any = None, token: str | None = None,
                    headers: dict[str, str] | None = None) -> HttpReply:
