@@ -35,7 +35,9 @@ def test_sandbox_config_points_every_path_inside(e2e_sandbox: Any, node22: NodeR
     cfg = tomllib.loads(box.config.read_text(encoding="utf-8"))
     assert set(cfg["paths"]) == set(PATH_KEYS_E2E)
     assert all(value.startswith(str(box.root) + "/") for value in cfg["paths"].values())
-    assert cfg["service"] == {"user": "root", "group": "root"}
+    # root, and no per-instance users (empty user_prefix): the rig's servers run as root; the
+    # users of DESIGN §11.5 are checked in the integration and host tiers
+    assert cfg["service"] == {"user": "root", "group": "root", "user_prefix": ""}
     assert cfg["commands"]["node"] == [str(node22.node)]
     assert cfg["health"]["timeout"] == 120 and cfg["npm"]["registry"] == "http://127.0.0.1:9/"
     assert "npm_config_nodedir" not in box.env() and box.env()["npm_config_fetch_retries"] == "0"
