@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
-__all__ = ["abssctl_host", "Host", "HostRun"]
+__all__ = ["abssctl_host", "Host", "HostRun", "sqlite_writer"]
 
 
 class HostRun:
@@ -126,6 +126,32 @@ class Host:
                     else:
                         snap[str(path)] = (st.st_mode, 0, "")
         return snap
+
+
+@contextlib.contextmanager
+def sqlite_writer(db: Path, insert: str, most: int) -> Iterator[list[int]]:
+    """A thread that commits ``insert`` into ``db`` over and over (at most ``most`` times) while the
+    with-block runs, e.g. a hot snapshot; yields [commits so far]. It starts 0.1 s before the block."""
+    import sqlite3
+    import threading
+    import time
+    stop, written = threading.Event(), [0]
+
+    def writer() -> None:
+        con = sqlite3.connect(db, timeout=10)
+        while not stop.is_set() and written[0] < most:
+            con.execute(insert)
+            con.commit()
+            written[0] += 1
+        con.close()
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.1)
+        yield written
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 @pytest.fixture
