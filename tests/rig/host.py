@@ -84,6 +84,21 @@ class Host:
         self.settings.setdefault(section, {}).update(values)
         self.write_config()
 
+    def arm_crash_after_migrate(self, version: str) -> Path:
+        """[commands] node becomes a wrapper of the real node that, while the returned marker file
+        exists and ``version`` starts, tells the fake server to crash right after migrating (as a real
+        server would that dies after its one-way migrations); [health] timeout drops to 8 s."""
+        wrapper = self.root / "node-wrapper"
+        marker = self.root / "FAIL-NEW-VERSION"
+        wrapper.write_text(f"""#!/bin/sh
+case "$*" in *"/{version}/"*) [ -e {marker} ] && touch "$ACTUAL_DATA_DIR/CRASH_AFTER_MIGRATE";; esac
+exec /usr/bin/node "$@"
+""")
+        wrapper.chmod(0o755)
+        self.configure("commands", node=[str(wrapper)])
+        self.configure("health", timeout=8)
+        return marker
+
     def run(self, *argv: Any) -> HostRun:
         import abssctl
         out, err = io.StringIO(), io.StringIO()
