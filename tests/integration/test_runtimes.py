@@ -118,6 +118,14 @@ def unit_exec(host: Host, name: str) -> str:
     return next(line for line in text.splitlines() if line.startswith("ExecStart="))
 
 
+def create_served_by_runtime(host: Host, name: str, rt: Path) -> None:
+    """instance create NAME: UP, its unit runs RT's node, and nginx serves its /health."""
+    doc = host.ok("instance", "create", name, "--domain", f"{name}.example.test", "--tls", "self-signed")
+    assert doc["instance"]["health"] == "UP", doc
+    assert unit_exec(host, name).startswith(f"ExecStart={rt / 'bin' / 'node'} "), unit_exec(host, name)
+    assert eventually_status(host, f"{name}.example.test", "/health") == 200
+
+
 def test_managed_install_builds_and_runs_on_the_fetched_runtime(managed_host: Host) -> None:
     h = managed_host
     node_fv, npm_fv = served(h.registry, RUNTIME_PACKAGE), served(h.registry, "npm")
@@ -138,10 +146,7 @@ def test_managed_install_builds_and_runs_on_the_fetched_runtime(managed_host: Ho
     assert [c[1] for c in calls if c[:1] == ["pack"]] == [f"{RUNTIME_PACKAGE}@{node_fv.version}",
                                                           f"npm@{npm_fv.version}"], calls
     assert not [c for c in calls if c[:1] in (["install"], ["i"], ["ci"])], calls
-    doc = h.ok("instance", "create", "alice", "--domain", "alice.example.test", "--tls", "self-signed")
-    assert doc["instance"]["health"] == "UP", doc
-    assert unit_exec(h, "alice").startswith(f"ExecStart={rt / 'bin' / 'node'} "), unit_exec(h, "alice")
-    assert eventually_status(h, "alice.example.test", "/health") == 200
+    create_served_by_runtime(h, "alice", rt)
 
 
 def test_a_bundle_carries_the_runtime_to_a_host_without_node_npm_or_registry(
@@ -166,10 +171,7 @@ def test_a_bundle_carries_the_runtime_to_a_host_without_node_npm_or_registry(
     entry = other.registry_doc("runtimes")["runtimes"][rid]
     assert (entry["abi"], entry["npm"], entry["node"]["integrity"]) == (
         source_rt["abi"], source_rt["npm"], source_rt["node"]["integrity"])
-    doc = other.ok("instance", "create", "bob", "--domain", "bob.example.test", "--tls", "self-signed")
-    assert doc["instance"]["health"] == "UP", doc
-    assert unit_exec(other, "bob").startswith(f"ExecStart={rt / 'bin' / 'node'} "), unit_exec(other, "bob")
-    assert eventually_status(other, "bob.example.test", "/health") == 200
+    create_served_by_runtime(other, "bob", rt)
 
 
 def test_a_tampered_runtime_node_in_a_bundle_exits_3_and_leaves_nothing(
