@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -332,13 +333,19 @@ def test_export_carries_the_runtime_under_runtime_and_names_it_in_the_manifest(s
     assert list(sums) == sorted(sums)
 
 
-def test_system_mode_bundles_carry_no_runtime_and_stay_schema_1(sandbox: Sandbox) -> None:
+def system_bundle(sandbox: Sandbox, filename: str) -> Path:
+    """26.9.0 installed in system mode (no managed runtime) and exported to FILENAME in the sandbox."""
     sandbox.configure("service", user="root", group="root")
     assert sandbox.run("--json", "init").rc == 0
     sandbox.knob("node", eval_stdout=json.dumps({"better-sqlite3": "ok"}) + "\n")
     assert sandbox.run("--json", "version", "install", "26.9.0").rc == 0
-    bundle = sandbox.root / "b.tar.zst"
+    bundle = sandbox.root / filename
     assert sandbox.run("--json", "version", "export", "26.9.0", "-o", bundle).rc == 0
+    return bundle
+
+
+def test_system_mode_bundles_carry_no_runtime_and_stay_schema_1(sandbox: Sandbox) -> None:
+    bundle = system_bundle(sandbox, "b.tar.zst")
     names, data, _how = bundle_members(bundle)
     manifest = json.loads(data["abssctl-bundle.json"])
     assert manifest["schema_version"] == 1 and manifest["runtime"] is None
@@ -421,12 +428,7 @@ def test_a_bundle_whose_runtime_is_for_another_arch_is_refused(sandbox: Sandbox)
 
 
 def test_an_old_bundle_without_a_runtime_needs_an_installed_runtime_of_its_abi(sandbox: Sandbox) -> None:
-    sandbox.configure("service", user="root", group="root")
-    assert sandbox.run("--json", "init").rc == 0
-    sandbox.knob("node", eval_stdout=json.dumps({"better-sqlite3": "ok"}) + "\n")
-    assert sandbox.run("--json", "version", "install", "26.9.0").rc == 0
-    bundle = sandbox.root / "old.tar.zst"
-    assert sandbox.run("--json", "version", "export", "26.9.0", "-o", bundle).rc == 0   # schema 1
+    bundle = system_bundle(sandbox, "old.tar.zst")      # schema 1
     assert sandbox.run("--json", "--yes", "version", "uninstall", "26.9.0").rc == 0
     sandbox.knob("node", eval_stdout=None)
     sandbox.configure("node", runtime="managed")
