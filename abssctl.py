@@ -18,6 +18,7 @@ Sections (``grep -n '^# [0-9]' abssctl.py``):
     8d  operations: instances, TLS, quickstart          8e  operations: backups
     8f  operations: version switch and set-version
     8g  operations: doctor                              8h  operations: support bundle, discovery
+    8i  operations: running unattended (schedules, retention, copies, auto-upgrade, notify)
     9   CLI wiring
     10  main
 
@@ -5192,6 +5193,8 @@ def op_instance_own_user(ctx: Context, name: str) -> Result:
                                       outcome=lambda _x: [f"{name} runs as its own user {want}"]))
 
 
+# --- 8d.2 Instance files: server config, unit, vhost and TLS sources ---
+
 def server_config(root: str, port: int) -> bytes:
     """The server's config.json (§4.6.1); data lives under the instance, never under the package."""
     data = os.path.join(root, "data")
@@ -5387,6 +5390,8 @@ def make_self_signed(ctx: Context, name: str, domain: str, days: int) -> None:
         remove_tree(work)
     _write_key_and_cert(ctx, tp["dir"], key_data, cert_data)
 
+
+# --- 8d.3 Instance create ---
 
 class CreateRequest:
     """The validated arguments of instance create."""
@@ -5773,6 +5778,8 @@ def verify_pair(ctx: Context, cert: str, key: str, chain: str | None, domain: st
             "cert_blocks": len([b for b in blocks if "CERTIFICATE" in b]), "cert_contains_key": cert_has_key,
             "covers_domain": covers}
 
+
+# --- 8d.4 Running instances: lifecycle, status, changes, delete and TLS commands ---
 
 # -- lifecycle -------------------------------------------------------------------------
 
@@ -6582,7 +6589,7 @@ def op_tls_deploy_hook(ctx: Context) -> Result:
     return result
 
 
-# -- host packages (§11.3) ---------------------------------------------------------------
+# --- 8d.5 Host packages (DESIGN 11.3) ---
 
 # (what abssctl needs, the Debian package that brings it, how to look for it: "command" is a
 # [commands] key resolved by the Runner, "path" a program on PATH, "ca" the CA bundle).
@@ -6679,7 +6686,7 @@ def op_host_packages(ctx: Context, tls: str | None = None) -> Result:
     return Result({**data, "steps": record}, [f"installed Debian packages: {' '.join(pkgs)}"], changed=True)
 
 
-# -- quickstart ------------------------------------------------------------------------
+# --- 8d.6 Quickstart ---
 
 def op_quickstart(ctx: Context, name: str, domain: str, version: str, tls: str | None = None) -> Result:
     """Host packages, init, version install --set-current, instance create: each part idempotent,
@@ -7224,6 +7231,8 @@ def op_backup_list(ctx: Context, instance: str | None, copies: bool = False) -> 
     return Result({"backups": rows}, text)
 
 
+# --- 8e.2 Reading archives back: scan, verify, show ---
+
 def _backup_entry(ctx: Context, backup_id: str) -> dict[str, Any]:
     entry = ctx.registry("backups").load()["backups"].get(backup_id)
     if not isinstance(entry, dict):
@@ -7452,6 +7461,8 @@ def op_backup_verify(ctx: Context, backup_id: str | None, *, deep: bool) -> Resu
     return result
 
 
+# --- 8e.3 Retention and the index: prune, reconcile, adopt ---
+
 def op_backup_prune(ctx: Context, instance: str | None, *, keep: int | None, older_than: int | None) -> Result:
     """Drop old ok backups per instance; never the newest ok one, one labelled keep, or a journaled one."""
     import time
@@ -7609,7 +7620,7 @@ def adopt_archive(ctx: Context, path: str) -> None:
         doc["backups"][backup_id] = entry
 
 
-# -- restore -------------------------------------------------------------------------------
+# --- 8e.4 Restore ---
 
 def _check_restorable(ctx: Context, entry: Mapping[str, Any], version: str) -> None:
     """Every migration the backup's data went through must be known to the target version."""

@@ -63,9 +63,10 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable
+
+from benchlib import BenchError, load_fakes, need
 
 REPO = Path(__file__).resolve().parents[2]
 CREATE_RATIO = 1.25
@@ -89,31 +90,6 @@ BLOB_SIZES_MIB = (2, 5, 12, 3, 20, 8, 32, 4, 48, 16)      # cycled: "a few MiB t
 SQLITE_SPLIT = (("server-files/account.sqlite", 1), ("user-files/group-5f0c1a.sqlite", 2),
                 ("user-files/group-9b7e24.sqlite", 3))
 TIME_V = "/usr/bin/time"
-
-
-class BenchError(Exception):
-    """The bench cannot produce meaningful figures."""
-
-
-def _fakes() -> types.ModuleType:
-    """tests/rig/fakes.py; it imports pytest for its fixture, which /usr/bin/python3 may lack."""
-    try:
-        import pytest  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("pytest")
-        stub.fixture = lambda fn=None, **_kw: fn if fn else (lambda f: f)   # type: ignore[attr-defined]
-        stub.MonkeyPatch = object                                            # type: ignore[attr-defined]
-        sys.modules["pytest"] = stub
-    sys.path.insert(0, str(REPO / "tests" / "rig"))
-    import fakes
-    return fakes
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise BenchError(f"{tool} is not installed")
-    return path
 
 
 def _write_json(path: Path, doc: object) -> None:
@@ -264,7 +240,7 @@ class Host:
     """One sandboxed host: fakes on PATH, config.toml, registries, instance `bench`."""
 
     def __init__(self, root: Path, data_src: Path, python: str, program: Path) -> None:
-        fakes = _fakes()
+        fakes = load_fakes()
         self.root = root
         self.python = python
         self.program = program
@@ -282,8 +258,8 @@ class Host:
                                         "UnitFileState": "enabled"}},
             "builtin": ["nginx.service"], "fail_start": [], "next_pid": 4000, "daemon_reloads": 0,
             "reloads": {}})
-        self.zstd = _need("zstd")
-        self.tar = _need("tar")
+        self.zstd = need("zstd")
+        self.tar = need("tar")
         self._write_config()
         self._install_version()
         self._register()

@@ -28,6 +28,8 @@ import time
 import types
 from pathlib import Path
 
+from benchlib import BenchError, load_fakes, need
+
 REPO = Path(__file__).resolve().parents[2]
 BUDGET_S = 2.0
 TIMEOUT = 120
@@ -69,35 +71,10 @@ sys.stdin.read()          # until the bench closes our stdin
 '''
 
 
-class BenchError(Exception):
-    """The bench cannot produce meaningful figures."""
-
-
-def _fakes() -> types.ModuleType:
-    """tests/rig/fakes.py; it imports pytest for its fixture, which /usr/bin/python3 may lack."""
-    try:
-        import pytest  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("pytest")
-        stub.fixture = lambda fn=None, **_kw: fn if fn else (lambda f: f)   # type: ignore[attr-defined]
-        stub.MonkeyPatch = object                                            # type: ignore[attr-defined]
-        sys.modules["pytest"] = stub
-    sys.path.insert(0, str(REPO / "tests" / "rig"))
-    import fakes
-    return fakes
-
-
 def _abssctl() -> types.ModuleType:
     sys.path.insert(0, str(REPO))
     import abssctl
     return abssctl
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise BenchError(f"{tool} is not installed")
-    return path
 
 
 def _write_json(path: Path, doc: object, mode: int = 0o640) -> None:
@@ -121,7 +98,7 @@ class Host:
     """The sandbox: fakes, config, registries, instances, units, vhosts, a certificate, backups."""
 
     def __init__(self, root: Path, count: int, python: str) -> None:
-        self.fakes = _fakes()
+        self.fakes = load_fakes()
         self.root = root
         self.count = count
         self.python = python
@@ -168,7 +145,7 @@ class Host:
         https = _free_port()                # nothing listens: the served-certificate check is refused at once
         commands = {"systemctl": [f"{b}/systemctl"], "journalctl": [f"{b}/journalctl"],
                     "nginx": [f"{b}/nginx"], "nginx_reload": [f"{b}/nginx", "-s", "reload"],
-                    "node": [f"{b}/node"], "npm": [f"{b}/npm"], "openssl": [_need("openssl")],
+                    "node": [f"{b}/node"], "npm": [f"{b}/npm"], "openssl": [need("openssl")],
                     "zstd": [shutil.which("zstd") or "/usr/bin/zstd"]}
         lines = ["# abssctl doctor bench (tests/bench/doctor.py)", "", "[paths]"]
         lines += [f"{k} = {json.dumps(str(v))}" for k, v in self.paths.items()]
@@ -183,7 +160,7 @@ class Host:
 
     def _make_cert(self) -> None:
         self.cert.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([_need("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt",
+        done = subprocess.run([need("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt",
                                "ec_paramgen_curve:prime256v1", "-nodes", "-days", "365", "-subj",
                                "/CN=*.bench.example.org", "-addext",
                                "subjectAltName=DNS:*.bench.example.org,DNS:bench.example.org",

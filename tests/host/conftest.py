@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from rig.e2e import PhaseTimings
 from rig.https_client import HttpsClient
 from rig.nspawn import (Guest, GuestResult, ReadmeCommand, ensure_rootfs, ports_held, readme_run_command,
                         remove_stale_guests)
@@ -42,7 +43,7 @@ TOOLS = {"systemd-nspawn": "systemd-container", "nsenter": "util-linux", "deboot
          "git": "git", "openssl": "openssl"}
 
 _REPORT: dict[str, str] = {}
-_PHASES: dict[str, float] = {}
+_PHASES = PhaseTimings()
 
 
 class HostTier:
@@ -57,11 +58,10 @@ class HostTier:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        start = time.monotonic()
         try:
-            yield
+            with _PHASES.phase(name):
+                yield
         finally:
-            _PHASES[name] = round(time.monotonic() - start, 1)
             _write_report()
 
     def note(self, key: str, value: str) -> None:
@@ -98,16 +98,16 @@ class HostTier:
 def _write_report() -> None:
     lines = ["abssctl host tier (Debian 12 under systemd-nspawn, systemd as PID 1)"]
     lines += [f"{key}: {value}" for key, value in _REPORT.items()]
-    if _PHASES:
+    if _PHASES.phases:
         lines.append("phases:")
-        lines += [f"  {seconds:8.1f} s  {name}" for name, seconds in _PHASES.items()]
+        lines += [f"  {seconds:8.1f} s  {name}" for name, seconds in _PHASES.phases.items()]
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print the host tier's report (nothing when the tier did not run)."""
-    if not (_REPORT or _PHASES) or not REPORT.is_file():
+    if not (_REPORT or _PHASES.phases) or not REPORT.is_file():
         return
     terminalreporter.section("host tier report")
     for line in REPORT.read_text(encoding="utf-8").splitlines():
@@ -133,7 +133,7 @@ def readme_host() -> Iterator[HostTier]:
                 + "; ".join(f"port {p} is held by {who}" for p, who in sorted(held.items())))
     cmd = readme_run_command(REPO / "README.md")
     _REPORT.clear()
-    _PHASES.clear()
+    _PHASES.phases.clear()
     REPORT.unlink(missing_ok=True)
     base_override = os.environ.get("ABSSCTL_TEST_HOST_BASE")
     if base_override:
@@ -145,7 +145,7 @@ def readme_host() -> Iterator[HostTier]:
     else:
         start = time.monotonic()
         base, built = ensure_rootfs(CACHE)
-        _PHASES["rootfs (debootstrap)" if built else "rootfs (cached)"] = round(time.monotonic() - start, 1)
+        _PHASES.phases["rootfs (debootstrap)" if built else "rootfs (cached)"] = round(time.monotonic() - start, 1)
         _REPORT["base"] = f"{base} (debootstrap --variant=minbase bookworm)"
     # Not under pytest's basetemp: a concurrent pytest run prunes old basetemps, and the copy is big.
     guests = CACHE / "host" / "guests"

@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 
+from rig.acme import listener_cert_argv, pebble_config, served_steadily
 from rig.e2e_host import bootstrap_and_login, download_user_file, login, upload_user_file, user_files
 from rig.https_client import HttpReply
 
@@ -249,22 +250,8 @@ def _served_der(h, domain: str) -> bytes:
 
 
 def _wait_served(h, domain: str, want: bytes, seconds: float = SERVED_WITHIN) -> float:
-    """Seconds until the guest's nginx serves WANT for DOMAIN 5 times in a row (a reload is
-    asynchronous: old workers may answer for a moment); bounded."""
-    import hashlib
-    start = time.monotonic()
-    first, streak = 0.0, 0
-    while time.monotonic() - start < seconds:
-        if _served_der(h, domain) == want:
-            first = first or time.monotonic() - start
-            streak += 1
-            if streak == 5:
-                return first
-        else:
-            first, streak = 0.0, 0
-        time.sleep(0.05)
-    raise AssertionError(f"{domain}: nginx did not serve sha256 {hashlib.sha256(want).hexdigest()} within "
-                         f"{seconds:.0f} s (it serves {hashlib.sha256(_served_der(h, domain)).hexdigest()})")
+    """Seconds until the guest's nginx serves WANT for DOMAIN 5 times in a row; bounded."""
+    return served_steadily(lambda: _served_der(h, domain), domain, want, seconds)
 
 
 def _start_pebble(h, ports: dict[str, int]) -> str:
@@ -274,15 +261,9 @@ def _start_pebble(h, ports: dict[str, int]) -> str:
     import urllib.request
     d = PEBBLE_DIR
     h.guest.ok(["mkdir", "-p", d], timeout=30)
-    h.guest.ok(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-days", "30", "-subj", "/CN=pebble test listener", "-addext",
-                "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", f"{d}/listener.key",
-                "-out", f"{d}/listener.pem"], timeout=60)
-    config = {"pebble": {"listenAddress": f"127.0.0.1:{ports['acme']}",
-                         "managementListenAddress": f"127.0.0.1:{ports['mgmt']}",
-                         "certificate": f"{d}/listener.pem", "privateKey": f"{d}/listener.key",
-                         "httpPort": 80, "tlsPort": ports["tls"], "ocspResponderURL": "",
-                         "externalAccountBindingRequired": False}}
+    h.guest.ok(listener_cert_argv(f"{d}/listener.key", f"{d}/listener.pem"), timeout=60)
+    config = pebble_config(port=ports["acme"], mgmt_port=ports["mgmt"], http_port=80, tls_port=ports["tls"],
+                           cert=f"{d}/listener.pem", key=f"{d}/listener.key")
     h.guest.ok(["python3", "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])", f"{d}/pebble.json",
                 json.dumps(config)], timeout=30)
     env = [f"--property=Environment={kv}" for kv in PEBBLE_ENV]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from rig.acme import served_steadily
+
 pytestmark = pytest.mark.integration
 
 
@@ -36,21 +38,8 @@ def file_der(path: Path) -> bytes:
 
 
 def wait_served(h, domain: str, want: bytes, seconds: float = 15) -> float:
-    """Seconds until nginx serves ``want`` for ``domain`` (reload is asynchronous: old workers may
-    answer for a moment, so it must be served 5 times in a row); bounded."""
-    t0 = time.monotonic()
-    first, streak = 0.0, 0
-    while time.monotonic() - t0 < seconds:
-        if served_der(h, domain) == want:
-            first = first or time.monotonic() - t0
-            streak += 1
-            if streak == 5:
-                return first
-        else:
-            first, streak = 0.0, 0
-        time.sleep(0.05)
-    raise AssertionError(f"{domain}: nginx did not serve {fingerprint(want)} within {seconds} s "
-                         f"(serves {fingerprint(served_der(h, domain))})")
+    """Seconds until nginx serves ``want`` for ``domain`` 5 times in a row; bounded."""
+    return served_steadily(lambda: served_der(h, domain), domain, want, seconds)
 
 
 def verified_by_pebble(h, der: bytes, domain: str, tmp: Path) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from rig.host import sqlite_writer
 
 pytestmark = pytest.mark.integration
 
@@ -43,24 +43,8 @@ def alice(abssctl_host):
 def test_hot_backup_while_a_writer_commits(alice, compression: str) -> None:
     h, data = alice
     db = data / "server-files" / "account.sqlite"
-    stop = threading.Event()
-    written = [0]
-
-    def writer() -> None:
-        con = sqlite3.connect(db, timeout=10)
-        while not stop.is_set() and written[0] < 20000:
-            con.execute("INSERT INTO t (v) VALUES ('during backup')")
-            con.commit()
-            written[0] += 1
-        con.close()
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        time.sleep(0.1)
+    with sqlite_writer(db, "INSERT INTO t (v) VALUES ('during backup')", 20000) as written:
         doc = h.ok("backup", "create", "alice", "-m", "before tax season", "--compression", compression)
-    finally:
-        stop.set()
-        t.join(timeout=30)
     b = doc["backup"]
     assert b["compression"] == compression and b["reason"] == "manual" and written[0] > 0
     archive = Path(b["archive"])

@@ -118,6 +118,16 @@ def openssl_pair(h, name: str, days: int, where: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def pair_in_place(h, instance: str, name: str, days: int, where: Path) -> Path:
+    """A new pair for NAME's domain written over INSTANCE's fullchain.pem and privkey.pem in place (as
+    a renewal or a careless copy would, with no abssctl command); returns INSTANCE's TLS dir."""
+    cert, key = openssl_pair(h, name, days, where)
+    tdir = h.paths["tls_dir"] / instance
+    (tdir / "fullchain.pem").write_bytes(cert.read_bytes())
+    (tdir / "privkey.pem").write_bytes(key.read_bytes())
+    return tdir
+
+
 # -- the clean host --------------------------------------------------------------------
 
 def test_a_clean_host_has_no_failures(two) -> None:
@@ -530,10 +540,7 @@ def break_key_mismatch(h) -> Case:
 
 def break_cert_san(h) -> Case:
     """A valid pair for another name written in place (as a careless renewal would)."""
-    cert, key = openssl_pair(h, "carol", 30, h.root / "carol-pair")
-    tdir = h.paths["tls_dir"] / "alice"
-    (tdir / "fullchain.pem").write_bytes(cert.read_bytes())
-    (tdir / "privkey.pem").write_bytes(key.read_bytes())
+    pair_in_place(h, "alice", "carol", 30, h.root / "carol-pair")
     reload_nginx(h)
     return "tls.san", "alice", "warn", 0, False, None
 
@@ -636,10 +643,7 @@ def break_hung_server(h) -> Case:
 
 def break_served_cert(h) -> Case:
     """A renewal written in place (as on TurnKey) while nginx keeps serving the old certificate."""
-    cert, key = openssl_pair(h, "bob", 90, h.root / "renewed")
-    d = h.paths["tls_dir"] / "bob"
-    (d / "fullchain.pem").write_bytes(cert.read_bytes())
-    (d / "privkey.pem").write_bytes(key.read_bytes())
+    d = pair_in_place(h, "bob", "bob", 90, h.root / "renewed")
 
     def check(h) -> None:
         assert_served(h, "bob", (d / "fullchain.pem").read_text())

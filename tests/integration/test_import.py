@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import stat
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from rig.host import sqlite_writer
 from rig.nginx_sandbox import free_port
 
 pytestmark = pytest.mark.integration
@@ -162,24 +162,9 @@ def test_a_running_source_written_to_during_the_import(host: Any, tmp_path: Path
     with fake_server(host, NEW, data):
         seed(data, wal=True)
         db = data / "server-files" / "account.sqlite"
-        stop, written = threading.Event(), [0]
-
-        def writer() -> None:
-            con = sqlite3.connect(db, timeout=10)
-            while not stop.is_set() and written[0] < 50000:
-                con.execute("INSERT INTO log (v) VALUES ('during the import')")
-                con.commit()
-                written[0] += 1
-            con.close()
-        t = threading.Thread(target=writer)
-        t.start()
-        try:
-            time.sleep(0.1)
+        with sqlite_writer(db, "INSERT INTO log (v) VALUES ('during the import')", 50000) as written:
             doc = host.ok("instance", "import", "live", "--from", data, "--domain", "live.example.test",
                           "--tls", "self-signed")
-        finally:
-            stop.set()
-            t.join(timeout=30)
     assert written[0] > 0 and doc["instance"]["health"] == "UP", doc
     got = _rows(host.paths["instance_root"] / "live" / "data" / "server-files" / "account.sqlite")
     assert 200 <= got <= 200 + written[0]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from integration.test_instances import eventually_status
-from rig.host import Host
+from rig.host import MANAGED_NODE, Host, host_npm_env
 from rig.npm_registry import RUNTIME_PACKAGE
 
 pytestmark = pytest.mark.integration
@@ -35,24 +35,12 @@ os.execv({npm!r}, [{npm!r}, *sys.argv[1:]])
 '''
 
 
-def make_host(root: Path, nginx: Any, systemd: Any, registry: Any, cache: Path) -> Host:
-    host = Host(root, nginx, systemd, registry, cache)
-    host.configure("node", runtime="managed", default_major=20)
-    return host
-
-
 @pytest.fixture
 def managed_env(tmp_path: Path, real_nginx: Any, systemd_sandbox: Any, npm_registry: Any,
                 tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     if RUNTIME_PACKAGE not in npm_registry.packages or "npm" not in npm_registry.packages:
         pytest.skip("the runtime fixture packages need the host's /usr/bin/node and npm")
-    cache = tmp_path_factory.getbasetemp() / "npm-cache"
-    cache.mkdir(exist_ok=True)
-    monkeypatch.setenv("npm_config_cache", str(cache))
-    monkeypatch.setenv("npm_config_fetch_retries", "0")
-    monkeypatch.setenv("npm_config_update_notifier", "false")
-    for name in [n for n in os.environ if n.startswith("ABSSCTL_")]:
-        monkeypatch.delenv(name)
+    cache = host_npm_env(tmp_path_factory, monkeypatch)
     return {"tmp": tmp_path, "nginx": real_nginx, "systemd": systemd_sandbox, "registry": npm_registry,
             "cache": cache}
 
@@ -61,7 +49,7 @@ def managed_env(tmp_path: Path, real_nginx: Any, systemd_sandbox: Any, npm_regis
 def managed_host(managed_env: dict[str, Any]) -> Host:
     """A host in managed mode whose [commands] npm (used only to fetch) logs its calls."""
     e = managed_env
-    host = make_host(e["tmp"] / "host", e["nginx"], e["systemd"], e["registry"], e["cache"])
+    host = Host(e["tmp"] / "host", e["nginx"], e["systemd"], e["registry"], e["cache"], node=MANAGED_NODE)
     log = e["tmp"] / "npm-calls.jsonl"
     wrapper = e["tmp"] / "npm-logger"
     wrapper.write_text(NPM_LOGGER.format(python=sys.executable, log=str(log),
@@ -76,7 +64,7 @@ def managed_host(managed_env: dict[str, Any]) -> Host:
 
 def offline_host(e: dict[str, Any]) -> Host:
     """A second host: no node, no npm (nonexistent paths), and a registry that refuses connections."""
-    host = make_host(e["tmp"] / "airgapped", e["nginx"], e["systemd"], e["registry"], e["cache"])
+    host = Host(e["tmp"] / "airgapped", e["nginx"], e["systemd"], e["registry"], e["cache"], node=MANAGED_NODE)
     host.settings["commands"]["node"] = [str(e["tmp"] / "nowhere" / "node")]
     host.settings["commands"]["npm"] = [str(e["tmp"] / "nowhere" / "npm")]
     host.settings["npm"]["registry"] = e["registry"].dead_url()
@@ -130,6 +118,14 @@ def unit_exec(host: Host, name: str) -> str:
     return next(line for line in text.splitlines() if line.startswith("ExecStart="))
 
 
+def create_served_by_runtime(host: Host, name: str, rt: Path) -> None:
+    """instance create NAME: UP, its unit runs RT's node, and nginx serves its /health."""
+    doc = host.ok("instance", "create", name, "--domain", f"{name}.example.test", "--tls", "self-signed")
+    assert doc["instance"]["health"] == "UP", doc
+    assert unit_exec(host, name).startswith(f"ExecStart={rt / 'bin' / 'node'} "), unit_exec(host, name)
+    assert eventually_status(host, f"{name}.example.test", "/health") == 200
+
+
 def test_managed_install_builds_and_runs_on_the_fetched_runtime(managed_host: Host) -> None:
     h = managed_host
     node_fv, npm_fv = served(h.registry, RUNTIME_PACKAGE), served(h.registry, "npm")
@@ -150,10 +146,7 @@ def test_managed_install_builds_and_runs_on_the_fetched_runtime(managed_host: Ho
     assert [c[1] for c in calls if c[:1] == ["pack"]] == [f"{RUNTIME_PACKAGE}@{node_fv.version}",
                                                           f"npm@{npm_fv.version}"], calls
     assert not [c for c in calls if c[:1] in (["install"], ["i"], ["ci"])], calls
-    doc = h.ok("instance", "create", "alice", "--domain", "alice.example.test", "--tls", "self-signed")
-    assert doc["instance"]["health"] == "UP", doc
-    assert unit_exec(h, "alice").startswith(f"ExecStart={rt / 'bin' / 'node'} "), unit_exec(h, "alice")
-    assert eventually_status(h, "alice.example.test", "/health") == 200
+    create_served_by_runtime(h, "alice", rt)
 
 
 def test_a_bundle_carries_the_runtime_to_a_host_without_node_npm_or_registry(
@@ -178,10 +171,7 @@ def test_a_bundle_carries_the_runtime_to_a_host_without_node_npm_or_registry(
     entry = other.registry_doc("runtimes")["runtimes"][rid]
     assert (entry["abi"], entry["npm"], entry["node"]["integrity"]) == (
         source_rt["abi"], source_rt["npm"], source_rt["node"]["integrity"])
-    doc = other.ok("instance", "create", "bob", "--domain", "bob.example.test", "--tls", "self-signed")
-    assert doc["instance"]["health"] == "UP", doc
-    assert unit_exec(other, "bob").startswith(f"ExecStart={rt / 'bin' / 'node'} "), unit_exec(other, "bob")
-    assert eventually_status(other, "bob.example.test", "/health") == 200
+    create_served_by_runtime(other, "bob", rt)
 
 
 def test_a_tampered_runtime_node_in_a_bundle_exits_3_and_leaves_nothing(

@@ -28,17 +28,7 @@ def upgrade_host(abssctl_host):
     h.ok("instance", "create", "alice", "--domain", "alice.example.test", "--tls", "self-signed")
     data = h.paths["instance_root"] / "alice" / "data"
     (data / "user-files" / "budget.blob").write_bytes(os.urandom(50_000))
-    wrapper = h.root / "node-wrapper"
-    marker = h.root / "FAIL-NEW-VERSION"
-    # Runs the real node; when the marker exists and 1.1.0 starts, the fake server is told to crash
-    # right after migrating, as a real server would that dies after its one-way migrations.
-    wrapper.write_text(f"""#!/bin/sh
-case "$*" in *"/1.1.0/"*) [ -e {marker} ] && touch "$ACTUAL_DATA_DIR/CRASH_AFTER_MIGRATE";; esac
-exec /usr/bin/node "$@"
-""")
-    wrapper.chmod(0o755)
-    h.configure("commands", node=[str(wrapper)])
-    h.configure("health", timeout=8)
+    marker = h.arm_crash_after_migrate("1.1.0")
     return h, data, marker
 
 

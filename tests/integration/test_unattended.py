@@ -261,15 +261,7 @@ def test_restore_test_passes_on_a_good_backup_and_fails_without_a_blob(sched) ->
 def test_auto_upgrade_rolls_back_marks_the_version_and_does_not_retry(sched) -> None:
     h, data, _log, out = sched
     h.ok("version", "install", "1.1.0")        # installed before its crash is armed (the install smoke-starts it)
-    wrapper = h.root / "node-wrapper"
-    marker = h.root / "FAIL-NEW-VERSION"
-    wrapper.write_text(f"""#!/bin/sh
-case "$*" in *"/1.1.0/"*) [ -e {marker} ] && touch "$ACTUAL_DATA_DIR/CRASH_AFTER_MIGRATE";; esac
-exec /usr/bin/node "$@"
-""")
-    wrapper.chmod(0o755)
-    h.configure("commands", node=[str(wrapper)])
-    h.configure("health", timeout=8)
+    marker = h.arm_crash_after_migrate("1.1.0")
     h.ok("version", "auto-upgrade", "enable", "--to", "minor")
     assert "version upgrade --auto" in (h.paths["systemd_unit_dir"] / "abssctl-upgrade.service").read_text()
     marker.write_text("1")

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -246,6 +246,30 @@ def committed_at(steps: list[tuple[str, bool]], k: int) -> bool:
 
 def point_name(steps: list[tuple[str, bool]], k: int) -> str:
     return f"{k:2d} {'before ' + steps[0][0] if k == 0 else 'after ' + steps[k - 1][0]}"
+
+
+def boundary_matrix(h: RHost, sc: Any, label: str,
+                    probe: Callable[[dict, list[str], int, dict[str, Any], bool], tuple[list[str], str]]) -> list[str]:
+    """Scenario SC's command once per step boundary k (0 = before the first step), each time from the
+    saved start: probe(ctx, argv, k, before, committed) runs it there and returns its problems and the
+    outcome to record when there are none. Every row goes to MATRIX under LABEL; returns the failures
+    as "point: problems" lines."""
+    ctx: dict = {}
+    sc.setup(h, ctx)
+    h.save()
+    argv = sc.argv(ctx)
+    steps = steps_of(h.sb, ["--json", "-q", *argv])
+    assert steps, f"{sc.command} ran no steps"
+    failures = []
+    for k in range(len(steps) + 1):
+        h.restore()
+        before = snapshot_state(h.sb)
+        point = point_name(steps, k)
+        problems, outcome = probe(ctx, argv, k, before, committed_at(steps, k))
+        MATRIX.add(label, sc.command, point, "FAIL: " + "; ".join(problems) if problems else outcome)
+        if problems:
+            failures.append(f"{point}: {'; '.join(problems)}")
+    return failures
 
 
 # ----------------------------------------------------------------------------------------------

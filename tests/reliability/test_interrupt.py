@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from reliability.rigs import (MATRIX, RHost, committed_at, consistency_problems, point_name, rhost,  # noqa: F401
-                              rollback_problems, run_child, snapshot_state, steps_of)
+from reliability.rigs import (RHost, boundary_matrix, consistency_problems, rhost,  # noqa: F401
+                              rollback_problems, run_child)
 from reliability.scenarios import SCENARIOS, Scenario
 
 pytestmark = pytest.mark.reliability
@@ -33,18 +33,8 @@ def _json_doc(stdout: str, problems: list[str]) -> dict | None:
 
 
 def interrupt_matrix(h: RHost, sc: Scenario) -> list[str]:
-    ctx: dict = {}
-    sc.setup(h, ctx)
-    h.save()
-    argv = ["--json", "-q", *sc.argv(ctx)]
-    steps = steps_of(h.sb, argv)
-    failures = []
-    for k in range(len(steps) + 1):
-        h.restore()
-        before = snapshot_state(h.sb)
-        point = point_name(steps, k)
-        committed = committed_at(steps, k)
-        proc, note = run_child(h.sb, "int", k, argv)
+    def probe(ctx: dict, argv: list[str], k: int, before: dict, committed: bool) -> tuple[list[str], str]:
+        proc, note = run_child(h.sb, "int", k, ["--json", "-q", *argv])
         problems = []
         if "Traceback" in proc.stderr:
             problems.append("traceback on stderr")
@@ -73,14 +63,9 @@ def interrupt_matrix(h: RHost, sc: Scenario) -> list[str]:
         records = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
         if not records or records[-1].get("result") != want_result or records[-1].get("exit_code") != want_rc:
             problems.append(f"ops log does not record result {want_result}: {records[-1:]}")
-        if problems:
-            outcome = "FAIL: " + "; ".join(problems)
-        else:
-            outcome = "ok: cleanup finished, exit 0, completed state" if committed else "ok: exit 130, tree as before"
-        MATRIX.add("Ctrl-C", sc.command, point, outcome)
-        if problems:
-            failures.append(f"{point}: {'; '.join(problems)}")
-    return failures
+        return problems, ("ok: cleanup finished, exit 0, completed state" if committed
+                          else "ok: exit 130, tree as before")
+    return boundary_matrix(h, sc, "Ctrl-C", probe)
 
 
 @pytest.mark.parametrize("command", list(SCENARIOS))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability.rigs import (MATRIX, RHost, committed_at, consistency_problems, point_name,  # noqa: F401
+from reliability.rigs import (MATRIX, RHost, boundary_matrix, consistency_problems,  # noqa: F401
                               problems_after_kill, registry, rhost, rollback_problems, run_child,
                               snapshot_state, steps_of)
 from reliability.scenarios import SCENARIOS, Scenario, seed, alice_data
@@ -61,18 +61,7 @@ def finish(h: RHost, sc: Scenario, ctx: dict, argv: list[str]) -> list[str]:
 
 
 def kill_matrix(h: RHost, sc: Scenario) -> list[str]:
-    ctx: dict = {}
-    sc.setup(h, ctx)
-    h.save()
-    argv = sc.argv(ctx)
-    steps = steps_of(h.sb, ["--json", "-q", *argv])
-    assert steps, f"{sc.command} ran no steps"
-    failures = []
-    for k in range(len(steps) + 1):
-        h.restore()
-        before = snapshot_state(h.sb)
-        point = point_name(steps, k)
-        committed = committed_at(steps, k)
+    def probe(ctx: dict, argv: list[str], k: int, before: dict, committed: bool) -> tuple[list[str], str]:
         proc, note = run_child(h.sb, "kill", k, ["--json", "-q", *argv])
         if proc.returncode != -signal.SIGKILL:
             problems = [f"child was not killed (rc {proc.returncode}; the re-built plan differs?): "
@@ -84,16 +73,9 @@ def kill_matrix(h: RHost, sc: Scenario) -> list[str]:
             else:
                 problems += recover(h, before, sc)
                 problems += converge(h, sc, ctx, argv)
-        if problems:
-            outcome = "FAIL: " + "; ".join(problems)
-        elif committed:
-            outcome = "ok: journal left, recovery finished the cleanup, state complete"
-        else:
-            outcome = "ok: journal left, recovery restored the start, re-run converged"
-        MATRIX.add("kill -9", sc.command, point, outcome)
-        if problems:
-            failures.append(f"{point}: {'; '.join(problems)}")
-    return failures
+        return problems, ("ok: journal left, recovery finished the cleanup, state complete" if committed
+                          else "ok: journal left, recovery restored the start, re-run converged")
+    return boundary_matrix(h, sc, "kill -9", probe)
 
 
 @pytest.mark.parametrize("command", list(SCENARIOS))

@@ -15,18 +15,51 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
 from rig.nginx_sandbox import free_port
 
-__all__ = ["pebble", "acme_host", "Pebble"]
+__all__ = ["pebble", "acme_host", "Pebble", "listener_cert_argv", "pebble_config", "served_steadily"]
 
 PEBBLE = "/usr/bin/pebble"
 CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
 CERTBOT = "/usr/bin/certbot"
 START_TIMEOUT = 20.0
+
+
+def listener_cert_argv(key: str, cert: str) -> list[str]:
+    """openssl's argv for pebble's listener: a 30-day self-signed EC pair for 127.0.0.1 and localhost."""
+    return ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-days", "30", "-subj", "/CN=pebble test listener", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout", key, "-out", cert]
+
+
+def pebble_config(*, port: int, mgmt_port: int, http_port: int, tls_port: int, cert: str, key: str) -> dict[str, Any]:
+    """pebble.json: the ACME and management listeners on loopback, HTTP-01 validated on http_port."""
+    return {"pebble": {"listenAddress": f"127.0.0.1:{port}", "managementListenAddress": f"127.0.0.1:{mgmt_port}",
+                       "certificate": cert, "privateKey": key, "httpPort": http_port, "tlsPort": tls_port,
+                       "ocspResponderURL": "", "externalAccountBindingRequired": False}}
+
+
+def served_steadily(served: Callable[[], bytes | None], domain: str, want: bytes, seconds: float) -> float:
+    """Seconds until served() (the DER nginx serves for DOMAIN) is WANT 5 times in a row (a reload is
+    asynchronous: old workers may answer for a moment); AssertionError after SECONDS."""
+    import hashlib
+    start = time.monotonic()
+    first, streak = 0.0, 0
+    while time.monotonic() - start < seconds:
+        if served() == want:
+            first = first or time.monotonic() - start
+            streak += 1
+            if streak == 5:
+                return first
+        else:
+            first, streak = 0.0, 0
+        time.sleep(0.05)
+    raise AssertionError(f"{domain}: nginx did not serve sha256 {hashlib.sha256(want).hexdigest()} within "
+                         f"{seconds:.0f} s (it serves {hashlib.sha256(served() or b'').hexdigest()})")
 
 
 class Pebble:
@@ -51,15 +84,10 @@ class Pebble:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-days", "30", "-subj", "/CN=pebble test listener", "-addext",
-                        "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(self.listener_key),
-                        "-out", str(self.listener_cert)], check=True, capture_output=True, timeout=30)
-        config = {"pebble": {"listenAddress": f"127.0.0.1:{self.port}",
-                             "managementListenAddress": f"127.0.0.1:{self.mgmt_port}",
-                             "certificate": str(self.listener_cert), "privateKey": str(self.listener_key),
-                             "httpPort": self.http_port, "tlsPort": self.tls_port, "ocspResponderURL": "",
-                             "externalAccountBindingRequired": False}}
+        subprocess.run(listener_cert_argv(str(self.listener_key), str(self.listener_cert)), check=True,
+                       capture_output=True, timeout=30)
+        config = pebble_config(port=self.port, mgmt_port=self.mgmt_port, http_port=self.http_port,
+                               tls_port=self.tls_port, cert=str(self.listener_cert), key=str(self.listener_key))
         (self.root / "pebble.json").write_text(json.dumps(config))
         env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0")
         self._spawn([CHALLTESTSRV, "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "", "-dns01",

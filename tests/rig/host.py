@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
-__all__ = ["abssctl_host", "Host", "HostRun"]
+__all__ = ["abssctl_host", "Host", "HostRun", "MANAGED_NODE", "host_npm_env", "sqlite_writer"]
 
 
 class HostRun:
@@ -30,10 +30,15 @@ class HostRun:
         return f"HostRun(rc={self.rc}, err={self.err[-6000:]!r}, out={self.out[-500:]!r})"
 
 
-class Host:
-    """Paths, config and helpers of one sandboxed host."""
+MANAGED_NODE = {"runtime": "managed", "default_major": 20}     # Host(..., node=MANAGED_NODE)
 
-    def __init__(self, root: Path, nginx: Any, systemd: Any, registry: Any, npm_cache: Path) -> None:
+
+class Host:
+    """Paths, config and helpers of one sandboxed host. ``node`` is its [node] section (default
+    runtime = "system", so [commands] node/npm run the servers); MANAGED_NODE fetches runtimes."""
+
+    def __init__(self, root: Path, nginx: Any, systemd: Any, registry: Any, npm_cache: Path,
+                 node: dict[str, Any] | None = None) -> None:
         self.root = root
         self.nginx = nginx
         self.systemd = systemd
@@ -58,7 +63,7 @@ class Host:
             "npm": {"registry": registry.url, "allow_scripts": ["fake-native"]},
             "tls": {"system_cert": str(root / "etc/ssl/cert.pem"), "system_key": str(root / "etc/ssl/cert.key")},
             "health": {"timeout": 20, "interval": 0.1},
-            "node": {"runtime": "system"},
+            "node": dict(node or {"runtime": "system"}),
             "commands": {"systemctl": systemd.command, "journalctl": systemd.journalctl_command,
                          "nginx": nginx.command, "nginx_reload": nginx.reload_command,
                          "node": ["/usr/bin/node"], "npm": [shutil.which("npm") or "/usr/bin/npm"],
@@ -83,6 +88,21 @@ class Host:
     def configure(self, section: str, **values: Any) -> None:
         self.settings.setdefault(section, {}).update(values)
         self.write_config()
+
+    def arm_crash_after_migrate(self, version: str) -> Path:
+        """[commands] node becomes a wrapper of the real node that, while the returned marker file
+        exists and ``version`` starts, tells the fake server to crash right after migrating (as a real
+        server would that dies after its one-way migrations); [health] timeout drops to 8 s."""
+        wrapper = self.root / "node-wrapper"
+        marker = self.root / "FAIL-NEW-VERSION"
+        wrapper.write_text(f"""#!/bin/sh
+case "$*" in *"/{version}/"*) [ -e {marker} ] && touch "$ACTUAL_DATA_DIR/CRASH_AFTER_MIGRATE";; esac
+exec /usr/bin/node "$@"
+""")
+        wrapper.chmod(0o755)
+        self.configure("commands", node=[str(wrapper)])
+        self.configure("health", timeout=8)
+        return marker
 
     def run(self, *argv: Any) -> HostRun:
         import abssctl
@@ -128,10 +148,35 @@ class Host:
         return snap
 
 
-@pytest.fixture
-def abssctl_host(tmp_path: Path, real_nginx: Any, systemd_sandbox: Any, npm_registry: Any,
-                 tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
-    """A host with init run and the fake server 1.0.0 installed as current."""
+@contextlib.contextmanager
+def sqlite_writer(db: Path, insert: str, most: int) -> Iterator[list[int]]:
+    """A thread that commits ``insert`` into ``db`` over and over (at most ``most`` times) while the
+    with-block runs, e.g. a hot snapshot; yields [commits so far]. It starts 0.1 s before the block."""
+    import sqlite3
+    import threading
+    import time
+    stop, written = threading.Event(), [0]
+
+    def writer() -> None:
+        con = sqlite3.connect(db, timeout=10)
+        while not stop.is_set() and written[0] < most:
+            con.execute(insert)
+            con.commit()
+            written[0] += 1
+        con.close()
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.1)
+        yield written
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def host_npm_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The environment a Host runs in: npm's cache shared by the run (returned), no retries, no update
+    notifier, and no ABSSCTL_* variable of the caller's."""
     cache = tmp_path_factory.getbasetemp() / "npm-cache"
     cache.mkdir(exist_ok=True)
     monkeypatch.setenv("npm_config_cache", str(cache))
@@ -139,6 +184,14 @@ def abssctl_host(tmp_path: Path, real_nginx: Any, systemd_sandbox: Any, npm_regi
     monkeypatch.setenv("npm_config_update_notifier", "false")
     for name in [n for n in os.environ if n.startswith("ABSSCTL_")]:
         monkeypatch.delenv(name)
+    return cache
+
+
+@pytest.fixture
+def abssctl_host(tmp_path: Path, real_nginx: Any, systemd_sandbox: Any, npm_registry: Any,
+                 tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
+    """A host with init run and the fake server 1.0.0 installed as current."""
+    cache = host_npm_env(tmp_path_factory, monkeypatch)
     root = tmp_path / "host"
     host = Host(root, real_nginx, systemd_sandbox, npm_registry, cache)
     assert host.run("init").rc == 0

