@@ -5579,10 +5579,15 @@ def _instance_entry(ctx: Context, req: CreateRequest, tls: dict[str, Any], state
 
 def op_instance_create(ctx: Context, name: str, *, domain: str | None, port: int | None, version: str,
                        tls: str | None, cert: str | None, key: str | None, chain: str | None,
-                       start: bool) -> Result:
-    """Reserve, provision, write config, TLS and unit, start behind the gate, then publish the vhost."""
+                       start: bool, acme: Mapping[str, Any] | None = None) -> Result:
+    """Reserve, provision, write config, TLS and unit, start behind the gate, then publish the vhost.
+    ACME holds tls acme's --email/--staging/--server, which only --tls acme takes."""
+    if acme is not None and tls != "acme":
+        raise UsageError("--email, --staging and --server go with --tls acme",
+                         hint="add --tls acme, or leave them out")
     if tls == "acme":
-        return _create_with_acme(ctx, name, domain=domain, port=port, version=version, start=start)
+        return _create_with_acme(ctx, name, domain=domain, port=port, version=version, start=start,
+                                 acme=acme or {})
     req, same = _validate_create(ctx, name, domain, port, version, tls, cert, key, chain, start)
     gate: dict[str, Any] = {}
 
@@ -5621,12 +5626,12 @@ def op_instance_create(ctx: Context, name: str, *, domain: str | None, port: int
 
 
 def _create_with_acme(ctx: Context, name: str, *, domain: str | None, port: int | None, version: str,
-                      start: bool) -> Result:
+                      start: bool, acme: Mapping[str, Any]) -> Result:
     """instance create --tls acme: create the instance on a self-signed certificate (its port-80
     server must answer the challenge before any certificate exists), then tls acme. A refused
     challenge leaves a working instance on self-signed and exits 4 saying so: the next try is
     `abssctl tls acme NAME`, not a whole new create."""
-    acme_options(ctx, None, None)
+    acme_options(ctx, acme.get("email"), acme.get("server"))
     _require_certbot(ctx)
     created = op_instance_create(ctx, name, domain=domain, port=port, version=version, tls="self-signed",
                                  cert=None, key=None, chain=None, start=start)
@@ -5634,14 +5639,14 @@ def _create_with_acme(ctx: Context, name: str, *, domain: str | None, port: int 
         return created
     _next_op(ctx)
     try:
-        acme = op_tls_acme(ctx, name, None, False, None)
+        got = op_tls_acme(ctx, name, acme.get("email"), bool(acme.get("staging")), acme.get("server"))
     except ProviderError as exc:
         raise ProviderError(f"{name} was created and is served with a self-signed certificate, but the Let's "
                             f"Encrypt step failed: {exc.message}",
                             hint=f"{exc.hint + '; ' if exc.hint else ''}then run: abssctl tls acme {name}",
                             details=exc.details) from None
     inst = _instance_summary(ctx, Instances(ctx).get(name), {"health": created.data["instance"].get("health")})
-    return Result({**created.data, "instance": inst, "acme": acme.data}, _created_outcome(inst), changed=True)
+    return Result({**created.data, "instance": inst, "acme": got.data}, _created_outcome(inst), changed=True)
 
 
 def _created_outcome(inst: Mapping[str, Any]) -> list[str]:
@@ -6688,9 +6693,15 @@ def op_host_packages(ctx: Context, tls: str | None = None) -> Result:
 
 # --- 8d.6 Quickstart ---
 
-def op_quickstart(ctx: Context, name: str, domain: str, version: str, tls: str | None = None) -> Result:
+def op_quickstart(ctx: Context, name: str, domain: str, version: str, tls: str | None = None,
+                  acme: Mapping[str, Any] | None = None) -> Result:
     """Host packages, init, version install --set-current, instance create: each part idempotent,
-    so a re-run resumes."""
+    so a re-run resumes. ACME: tls acme's flags, as for instance create."""
+    if acme is not None and tls != "acme":
+        raise UsageError("--email, --staging and --server go with --tls acme",
+                         hint="add --tls acme, or leave them out")
+    if acme is not None:
+        acme_options(ctx, acme.get("email"), acme.get("server"))      # bad values exit 2 before apt runs
     if not ctx.runner.available("systemctl"):
         raise MissingTool("systemctl is not installed", hint=INSTALL_HINTS["systemctl"])
     systemd_hint(ctx)
@@ -6699,7 +6710,8 @@ def op_quickstart(ctx: Context, name: str, domain: str, version: str, tls: str |
     if ctx.dry_run:
         follow = [f"abssctl init{' --allow-create-user' if ctx.assume_yes else ''}",
                   f"abssctl version install {version} --set-current",
-                  f"abssctl instance create {name} --domain {domain} --version current --tls {source}",
+                  f"abssctl instance create {name} --domain {domain} --version current --tls {source}"
+                  + _acme_argv_text(acme),
                   f"abssctl instance start {name}"]
         text = (packages.text if packages.data.get("plan") else ["host packages: nothing to install"]) + \
             ["then, each with its own plan (dry-run them one by one to see it):"] + [f"  {c}" for c in follow]
@@ -6712,7 +6724,7 @@ def op_quickstart(ctx: Context, name: str, domain: str, version: str, tls: str |
     parts["version"] = installed.data.get("version", {}).get("version")
     _next_op(ctx)
     created = op_instance_create(ctx, name, domain=domain, port=None, version="current", tls=tls, cert=None,
-                                 key=None, chain=None, start=True)
+                                 key=None, chain=None, start=True, acme=acme)
     _next_op(ctx)
     started = op_instance_lifecycle(ctx, name, "start")      # a no-op when it already runs
     inst = dict(created.data.get("instance", {}), health=(started.data.get("instance") or {}).get("health")
@@ -6726,6 +6738,15 @@ def op_quickstart(ctx: Context, name: str, domain: str, version: str, tls: str |
                    "packages": packages.data["packages"]}, text,
                   changed=bool(packages.changed or parts["init"] or installed.changed or created.changed
                                or started.changed))
+
+
+def _acme_argv_text(acme: Mapping[str, Any] | None) -> str:
+    """The --email/--staging/--server of a dry-run's follow-up command line."""
+    import shlex
+    acme = acme or {}
+    return "".join([f" --email {shlex.quote(acme['email'])}" if acme.get("email") else "",
+                    " --staging" if acme.get("staging") else "",
+                    f" --server {shlex.quote(acme['server'])}" if acme.get("server") else ""])
 
 
 def _next_op(ctx: Context) -> None:
@@ -10893,7 +10914,7 @@ def cmd_history(ctx: Context, args: argparse.Namespace) -> Result:
 def cmd_instance_create(ctx: Context, args: argparse.Namespace) -> Result:
     return op_instance_create(ctx, args.name, domain=args.domain, port=args.port, version=args.binding,
                               tls=args.tls, cert=args.cert, key=args.key, chain=args.chain,
-                              start=not args.no_start)
+                              start=not args.no_start, acme=acme_flags(args))
 
 
 def cmd_instance_import(ctx: Context, args: argparse.Namespace) -> Result:
@@ -11051,7 +11072,7 @@ def cmd_tls_deploy_hook(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def cmd_quickstart(ctx: Context, args: argparse.Namespace) -> Result:
-    return op_quickstart(ctx, args.name, args.domain, args.version, args.tls)
+    return op_quickstart(ctx, args.name, args.domain, args.version, args.tls, acme=acme_flags(args))
 
 
 def cmd_instance_list(ctx: Context, args: argparse.Namespace) -> Result:
@@ -11282,6 +11303,7 @@ def _add_instance_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--key", metavar="FILE", help="with --tls custom: its key")
     p.add_argument("--chain", metavar="FILE", help="with --tls custom: intermediate certificates")
     p.add_argument("--no-start", action="store_true", help="do not start it (the vhost is still written)")
+    _add_acme_flags(p, "--tls acme")
     p = _verb(verbs, "import", "bring an existing server's data in as a new instance (a Docker volume, an npm "
               "install's data dir, or another host's backup)", cmd_instance_import,
               "abssctl instance import home --from /var/lib/docker/volumes/actual_data/_data --domain "
@@ -11460,14 +11482,26 @@ def _add_tls_parser(groups: argparse._SubParsersAction) -> None:
               "abssctl tls acme alice --staging", mutating=True)
     p.add_argument("name", type=_argtype(validate_name), help="instance name (its domain's DNS must point at this "
                    "host and port 80 be reachable)")
-    p.add_argument("--email", metavar="E", help="account email for expiry notices (default [tls] acme_email; "
-                   "none: certbot registers without one)")
-    p.add_argument("--staging", action="store_true", help="Let's Encrypt's staging CA (untrusted; for trying)")
-    p.add_argument("--server", metavar="URL", help="ACME directory URL (default [tls] acme_server, else "
-                   "certbot's: Let's Encrypt)")
+    _add_acme_flags(p)
     _verb(verbs, "deploy-hook", "run by certbot after a renewal: verify the new pair and reload nginx for the "
           "instances that serve it (RENEWED_LINEAGE, RENEWED_DOMAINS)", cmd_tls_deploy_hook,
           "RENEWED_LINEAGE=/etc/letsencrypt/live/alice.example.org abssctl tls deploy-hook", mutating=True)
+
+
+def _add_acme_flags(p: argparse.ArgumentParser, with_tls: str = "") -> None:
+    """certbot's account and CA flags: tls acme's, and instance create's and quickstart's with --tls acme."""
+    also = f" (with {with_tls})" if with_tls else ""
+    p.add_argument("--email", metavar="E", help=f"account email for expiry notices{also} (default [tls] "
+                   "acme_email; none: certbot registers without one)")
+    p.add_argument("--staging", action="store_true", help=f"Let's Encrypt's staging CA{also} (untrusted; for trying)")
+    p.add_argument("--server", metavar="URL", help=f"ACME directory URL{also} (default [tls] acme_server, else "
+                   "certbot's: Let's Encrypt)")
+
+
+def acme_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The --email/--staging/--server given to instance create or quickstart, or None."""
+    flags = {"email": args.email, "staging": args.staging, "server": args.server}
+    return flags if any(v not in (None, False) for v in flags.values()) else None
 
 
 def _add_quickstart_parser(groups: argparse._SubParsersAction) -> None:
@@ -11481,6 +11515,7 @@ def _add_quickstart_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--tls", choices=("auto", "system", "self-signed", "acme"),
                    help="certificate source (default [tls] default_source; acme: installs certbot and gets a "
                         "Let's Encrypt certificate: the domain's DNS must point here and port 80 be reachable)")
+    _add_acme_flags(p, "--tls acme")
 
 
 def _exact_version(value: str) -> str:

@@ -200,3 +200,25 @@ def test_rename_and_set_domain_of_a_letsencrypt_instance(acme_host) -> None:
     entry = h.registry_doc("instances")["instances"]["erin2"]
     assert entry["domain"] == "frank.example.test" and entry["tls"]["lineage"] == str(new_live)
     assert h.nginx.test().returncode == 0
+
+
+def test_create_passes_its_acme_flags_to_certbot_and_a_failed_step_leaves_it_served(acme_host) -> None:
+    """--server on instance create wins over [tls] acme_server (pebble, which works): a CA that is not
+    there fails the certificate step (exit 4), but the instance stays, served self-signed; tls acme
+    with the configured CA then finishes the job."""
+    from rig.nginx_sandbox import free_port
+    h = acme_host
+    domain = "gina.example.test"
+    res = h.run("--json", "instance", "create", "gina", "--domain", domain, "--tls", "acme",
+                "--server", f"https://127.0.0.1:{free_port()}/dir", "--email", "gina@example.test")
+    assert res.rc == 4, res
+    assert "self-signed certificate, but the Let's Encrypt step failed" in res.doc["error"]["message"], res.doc
+    assert "abssctl tls acme gina" in res.doc["error"]["hint"], res.doc
+    entry = h.registry_doc("instances")["instances"]["gina"]
+    assert entry["tls"]["source"] == "self-signed", entry
+    assert served_der(h, domain) is not None and h.nginx.test().returncode == 0
+    assert not (h.paths["letsencrypt_dir"] / "live" / domain).exists()
+    h.ok("tls", "acme", "gina")
+    live = h.paths["letsencrypt_dir"] / "live" / domain
+    wait_served(h, domain, file_der(live / "fullchain.pem"))
+    assert h.registry_doc("instances")["instances"]["gina"]["tls"]["source"] == "letsencrypt"

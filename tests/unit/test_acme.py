@@ -69,3 +69,25 @@ def test_deploy_hook_is_this_abssctl_with_its_config(host) -> None:
     hook = abssctl.deploy_hook_command(ctx)   # type: ignore[arg-type]
     assert hook.endswith(f"abssctl.py --config {host.config} tls deploy-hook"), hook
     assert hook.split()[0].startswith("/")
+
+
+def test_acme_flags_on_create_and_quickstart_need_tls_acme_and_are_checked_first(host) -> None:
+    before = host.tree()
+    for argv in (["instance", "create", "alice", "--domain", "alice.example.org", "--email", "a@example.org"],
+                 ["instance", "create", "alice", "--domain", "alice.example.org", "--tls", "self-signed", "--staging"],
+                 ["quickstart", "alice", "--domain", "alice.example.org", "--server", "https://ca.example/dir"]):
+        got = host.run("--json", *argv)
+        assert got.rc == 2 and "go with --tls acme" in got.doc["error"]["message"], (argv, got)
+    for argv in (["instance", "create", "alice", "--domain", "alice.example.org"],
+                 ["quickstart", "alice", "--domain", "alice.example.org"]):
+        got = host.run("--json", "--yes", *argv, "--tls", "acme", "--email", "not an email")
+        assert got.rc == 2 and "invalid email" in got.doc["error"]["message"], (argv, got)
+    assert host.tree() == before
+
+
+def test_quickstart_dry_run_carries_the_acme_flags_to_its_create_step(host) -> None:
+    res = host.run("--json", "--dry-run", "quickstart", "alice", "--domain", "alice.example.org", "--tls", "acme",
+                   "--email", "me@example.org", "--staging")
+    assert res.rc == 0, res
+    create = next(c for c in res.doc["then"] if c.startswith("abssctl instance create"))
+    assert create.endswith("--tls acme --email me@example.org --staging"), create
