@@ -5193,7 +5193,7 @@ def op_instance_own_user(ctx: Context, name: str) -> Result:
                                       outcome=lambda _x: [f"{name} runs as its own user {want}"]))
 
 
-# --- 8d.2 Instance files: server config, unit, vhost and TLS sources ---
+# --- 8d.1 Instance files: server config, unit, vhost and TLS sources ---
 
 def server_config(root: str, port: int) -> bytes:
     """The server's config.json (§4.6.1); data lives under the instance, never under the package."""
@@ -5391,7 +5391,7 @@ def make_self_signed(ctx: Context, name: str, domain: str, days: int) -> None:
     _write_key_and_cert(ctx, tp["dir"], key_data, cert_data)
 
 
-# --- 8d.3 Instance create ---
+# --- 8d.2 Instance create ---
 
 class CreateRequest:
     """The validated arguments of instance create."""
@@ -5784,7 +5784,7 @@ def verify_pair(ctx: Context, cert: str, key: str, chain: str | None, domain: st
             "covers_domain": covers}
 
 
-# --- 8d.4 Running instances: lifecycle, status, changes, delete and TLS commands ---
+# --- 8d.3 Running instances: lifecycle, status, changes, delete and TLS commands ---
 
 # -- lifecycle -------------------------------------------------------------------------
 
@@ -6329,7 +6329,7 @@ def op_tls_self_signed(ctx: Context, name: str, days: int) -> Result:
     return result
 
 
-# --- 8d.1 Certificates through certbot ---
+# --- 8d.4 Certificates through certbot ---
 
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
 
@@ -7252,7 +7252,7 @@ def op_backup_list(ctx: Context, instance: str | None, copies: bool = False) -> 
     return Result({"backups": rows}, text)
 
 
-# --- 8e.2 Reading archives back: scan, verify, show ---
+# --- 8e.1 Reading archives back: scan, verify, show ---
 
 def _backup_entry(ctx: Context, backup_id: str) -> dict[str, Any]:
     entry = ctx.registry("backups").load()["backups"].get(backup_id)
@@ -7482,7 +7482,7 @@ def op_backup_verify(ctx: Context, backup_id: str | None, *, deep: bool) -> Resu
     return result
 
 
-# --- 8e.3 Retention and the index: prune, reconcile, adopt ---
+# --- 8e.2 Retention and the index: prune, reconcile, adopt ---
 
 def op_backup_prune(ctx: Context, instance: str | None, *, keep: int | None, older_than: int | None) -> Result:
     """Drop old ok backups per instance; never the newest ok one, one labelled keep, or a journaled one."""
@@ -7641,7 +7641,7 @@ def adopt_archive(ctx: Context, path: str) -> None:
         doc["backups"][backup_id] = entry
 
 
-# --- 8e.4 Restore ---
+# --- 8e.3 Restore ---
 
 def _check_restorable(ctx: Context, entry: Mapping[str, Any], version: str) -> None:
     """Every migration the backup's data went through must be known to the target version."""
@@ -7798,7 +7798,7 @@ def _recreate_for_restore(ctx: Context, entry: Mapping[str, Any]) -> None:
                        chain=None, start=True)
 
 
-# --- 8e.1 Import of existing servers (instance import: a data dir or another host's backup) ---
+# --- 8e.4 Import of existing servers (instance import: a data dir or another host's backup) ---
 # DESIGN §11.6: `instance import` adopts an Actual server's data from a data dir (a Docker volume, a
 # plain npm install's data dir, a copied dir) or from another host's abssctl backup, then it is an
 # `instance create` with that data. The source is only ever read: SQLite files through the online-
