@@ -149,7 +149,9 @@ class Host:
                     "zstd": [shutil.which("zstd") or "/usr/bin/zstd"]}
         lines = ["# abssctl doctor bench (tests/bench/doctor.py)", "", "[paths]"]
         lines += [f"{k} = {json.dumps(str(v))}" for k, v in self.paths.items()]
-        lines += ["", "[service]", 'user = "root"', 'group = "root"', "",
+        # one shared account (no per-instance users: the sandbox makes no system users), as the
+        # first edition's hosts have; doctor's fs.user then has nothing to move over
+        lines += ["", "[service]", 'user = "root"', 'group = "root"', 'user_prefix = ""', "",
                   "[ports]", f"base = {min(self.ports)}", f"max = {max(self.ports)}", "",
                   "[nginx]", f"http_port = {_free_port()}", f"https_port = {https}", "",
                   "[tls]", f"system_cert = {json.dumps(str(self.cert))}", f"system_key = {json.dumps(str(self.key))}",
