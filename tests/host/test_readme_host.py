@@ -474,6 +474,12 @@ def test_a_failing_run_reaches_the_notify_command(readme_host) -> None:
     finally:
         _set_config(h, "backups", copy_to="")
         h.guest.run(["systemctl", "reset-failed", "abssctl-backup.service"], timeout=30)
+    # the copy problem gone, the next run is ok again and doctor no longer fails the schedule (the
+    # tests after this one need a doctor that exits 0)
+    rc, result = _start_oneshot(h, "abssctl-backup.service", 900)
+    assert rc == 0 and result == "success", (rc, result)
+    probes = {p["id"]: p for p in h.json("doctor", "--only", "unattended", timeout=300)["probes"]}
+    assert probes["unattended.schedule"]["status"] == "ok", probes["unattended.schedule"]
     h.passed.add("notify")
 
 
