@@ -192,3 +192,27 @@ def test_kill9_at_each_step_of_the_move_then_doctor_fix_converges(iso: Any) -> N
         assert not list(h.paths["state_dir"].glob("journal/*.json")), k
         h.ok("--yes", "instance", "delete", name, "--purge-data", "--no-backup")
         assert _accounts(h.prefix + name) == ([], [])
+
+
+def test_import_gives_the_data_to_the_new_instance_user(iso: Any) -> None:
+    """instance import, from a data dir and from a backup, makes the new instance's user and hands it
+    the data (the source is another instance here: its data dir, stopped, and its backup)."""
+    from .test_import import seed
+    h = iso
+    h.ok("instance", "create", "alice", "--domain", "alice.example.test", "--tls", "self-signed")
+    h.ok("instance", "stop", "alice")
+    data = h.paths["instance_root"] / "alice" / "data"
+    seed(data, wal=False)                                 # the account database and two budgets
+    bid = h.ok("backup", "create", "alice")["backup"]["id"]
+    doc = h.ok("instance", "import", "bob", "--from", str(data), "--domain", "bob.example.test",
+               "--tls", "self-signed")
+    assert doc["instance"]["health"] == "UP", doc
+    bob = assert_own_layout(h, "bob")
+    assert owner(data)[0] == pwd.getpwnam(h.prefix + "alice").pw_uid      # the source keeps its owner
+    blobs = sorted(p.name for p in (h.paths["instance_root"] / "bob" / "data" / "user-files").glob("*.blob"))
+    assert blobs == sorted(p.name for p in (data / "user-files").glob("*.blob")) and len(blobs) == 2
+    archive = h.paths["backup_root"] / "alice" / f"{bid}.tar.zst"
+    doc = h.ok("instance", "import", "carol", "--from-backup", str(archive), "--domain", "carol.example.test",
+               "--tls", "self-signed")
+    assert doc["instance"]["health"] == "UP", doc
+    assert assert_own_layout(h, "carol").pw_uid not in (bob.pw_uid, pwd.getpwnam(h.prefix + "alice").pw_uid)
