@@ -2930,20 +2930,26 @@ UNDO_HANDLERS: dict[str, Callable[[Context, Mapping[str, Any]], None]] = {
 }
 
 
-def http_get_json(port: int, path: str, timeout: float = 2.0) -> tuple[int, Any]:
-    """GET http://127.0.0.1:PORT/PATH; (status, parsed JSON or None). Raises OSError when down."""
+def http_get(port: int, path: str, headers: Mapping[str, str], timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET http://127.0.0.1:PORT/PATH; (status, the first MiB of the body). Raises OSError when down
+    (and http.client.HTTPException on a garbled answer)."""
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", path, headers={"Accept": "application/json"})
+        conn.request("GET", path, headers=dict(headers))
         resp = conn.getresponse()
-        body = resp.read(1 << 20)
+        return resp.status, resp.read(1 << 20)
     finally:
         conn.close()
+
+
+def http_get_json(port: int, path: str, timeout: float = 2.0) -> tuple[int, Any]:
+    """GET http://127.0.0.1:PORT/PATH; (status, parsed JSON or None). Raises OSError when down."""
+    status, body = http_get(port, path, {"Accept": "application/json"}, timeout)
     try:
-        return resp.status, json.loads(body)
+        return status, json.loads(body)
     except ValueError:
-        return resp.status, None
+        return status, None
 
 
 def free_loopback_port() -> int:
@@ -5582,9 +5588,7 @@ def op_instance_create(ctx: Context, name: str, *, domain: str | None, port: int
                        start: bool, acme: Mapping[str, Any] | None = None) -> Result:
     """Reserve, provision, write config, TLS and unit, start behind the gate, then publish the vhost.
     ACME holds tls acme's --email/--staging/--server, which only --tls acme takes."""
-    if acme is not None and tls != "acme":
-        raise UsageError("--email, --staging and --server go with --tls acme",
-                         hint="add --tls acme, or leave them out")
+    check_acme_flags(ctx, tls, acme)
     if tls == "acme":
         return _create_with_acme(ctx, name, domain=domain, port=port, version=version, start=start,
                                  acme=acme or {})
@@ -5631,7 +5635,7 @@ def _create_with_acme(ctx: Context, name: str, *, domain: str | None, port: int 
     server must answer the challenge before any certificate exists), then tls acme. A refused
     challenge leaves a working instance on self-signed and exits 4 saying so: the next try is
     `abssctl tls acme NAME`, not a whole new create."""
-    acme_options(ctx, acme.get("email"), acme.get("server"))
+    acme_options(ctx, acme.get("email"), acme.get("server"))      # with no flags: [tls]'s defaults
     _require_certbot(ctx)
     created = op_instance_create(ctx, name, domain=domain, port=port, version=version, tls="self-signed",
                                  cert=None, key=None, chain=None, start=start)
@@ -6334,6 +6338,17 @@ def op_tls_self_signed(ctx: Context, name: str, days: int) -> Result:
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
 
 
+def check_acme_flags(ctx: Context, tls: str | None, acme: Mapping[str, Any] | None) -> None:
+    """instance create's and quickstart's --email/--staging/--server (ACME, None when none was given):
+    only with --tls acme, and valid; exit 2 before anything runs."""
+    if acme is None:
+        return
+    if tls != "acme":
+        raise UsageError("--email, --staging and --server go with --tls acme",
+                         hint="add --tls acme, or leave them out")
+    acme_options(ctx, acme.get("email"), acme.get("server"))
+
+
 def acme_options(ctx: Context, email: str | None, server: str | None) -> tuple[str, str]:
     """The account email and ACME directory for tls acme: the flags, else [tls] acme_email/acme_server.
     Bad values exit 2 before anything runs."""
@@ -6414,20 +6429,15 @@ def _wait_challenge_served(ctx: Context, domain: str, seconds: float = 15.0) -> 
     deadline = time.monotonic() + seconds
     streak, last = 0, "no answer yet"
     try:
-        while streak < 3:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        while True:
             try:
-                conn.request("GET", f"{CHALLENGE_PATH.rstrip('/')}/{token}", headers={"Host": domain})
-                resp = conn.getresponse()
-                got = resp.read()
-                ok = resp.status == 200 and got == body
-                streak, last = (streak + 1, "served") if ok else (0, f"HTTP {resp.status}")
+                status, got = http_get(port, f"{CHALLENGE_PATH.rstrip('/')}/{token}", {"Host": domain}, timeout=5)
+                ok = status == 200 and got == body
+                streak, last = (streak + 1, "served") if ok else (0, f"HTTP {status}")
             except (OSError, http.client.HTTPException) as exc:
                 streak, last = 0, str(exc) or type(exc).__name__
-            finally:
-                conn.close()
             if streak >= 3:
-                break
+                return
             if time.monotonic() > deadline:
                 raise ProviderError(f"nginx does not serve the ACME challenge path of {domain} on port {port} "
                                     f"here ({last}), so the CA could not validate it",
@@ -6696,12 +6706,8 @@ def op_host_packages(ctx: Context, tls: str | None = None) -> Result:
 def op_quickstart(ctx: Context, name: str, domain: str, version: str, tls: str | None = None,
                   acme: Mapping[str, Any] | None = None) -> Result:
     """Host packages, init, version install --set-current, instance create: each part idempotent,
-    so a re-run resumes. ACME: tls acme's flags, as for instance create."""
-    if acme is not None and tls != "acme":
-        raise UsageError("--email, --staging and --server go with --tls acme",
-                         hint="add --tls acme, or leave them out")
-    if acme is not None:
-        acme_options(ctx, acme.get("email"), acme.get("server"))      # bad values exit 2 before apt runs
+    so a re-run resumes. ACME: tls acme's flags, as for instance create (checked before apt runs)."""
+    check_acme_flags(ctx, tls, acme)
     if not ctx.runner.available("systemctl"):
         raise MissingTool("systemctl is not installed", hint=INSTALL_HINTS["systemctl"])
     systemd_hint(ctx)

@@ -77,7 +77,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchlib import BenchError, load_fakes, need
+from benchlib import BenchError, build_pyz, load_fakes, need
 
 REPO = Path(__file__).resolve().parents[2]
 CREATE_RATIO = 1.25
@@ -607,16 +607,6 @@ def rss_probe(size_mib: int, scratch: Path, keep: bool, python: str, program: Pa
     return {k: max(v) for k, v in bench.rss.items()}
 
 
-def build_pyz(scratch: Path, python: str) -> Path:
-    """This checkout as admins get it: build_zipapp.py's abssctl.pyz, compiled for PYTHON."""
-    out = scratch / "abssctl.pyz"
-    done = subprocess.run([python, str(REPO / "build_zipapp.py"), "-o", str(out), "--python", python],
-                          capture_output=True, text=True, timeout=300, check=False)
-    if done.returncode != 0 or not out.is_file():
-        raise BenchError(f"build_zipapp.py exited {done.returncode}: {done.stderr[-500:]}")
-    return out
-
-
 def hash_seconds(data: Path, archive: Path) -> float:
     """CPU seconds of one sha256 pass over every file of DATA plus one over ARCHIVE, read in 1 MiB
     chunks as abssctl reads them (the best of three, so a busy moment does not count)."""
@@ -662,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         if fs == ["tmpfs"]:
             raise BenchError(f"{BASE} is tmpfs; the bench needs a real disk")
         data = cached_data(args.size_mib, scratch, args.keep)
-        program = args.abssctl.resolve() if args.abssctl else build_pyz(scratch, args.python)
+        program = args.abssctl.resolve() if args.abssctl else build_pyz(args.python, scratch / "abssctl.pyz")
         host = Host(scratch / "host", data, args.python, program)
         bench = Bench(host)
         version = subprocess.run([args.python, "--version"], capture_output=True, text=True).stdout.strip()

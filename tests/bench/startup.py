@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import BenchError, build_pyz
+
 REPO = Path(__file__).resolve().parents[2]
 INSTANCES = 50
 BUDGET_MS = 60.0
@@ -33,10 +35,6 @@ PATH_KEYS = ("state_dir", "log_dir", "run_dir", "install_root", "instance_root",
              "nginx_sites_enabled")
 SERVER_VERSION = "26.8.1"
 STAMP = "2026-11-26T10:02:11Z"
-
-
-class BenchError(Exception):
-    """The bench cannot produce meaningful figures."""
 
 
 def _env() -> dict[str, str]:
@@ -54,14 +52,6 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 # ============================================================================
 # Fixtures: the archive and a sandbox with 50 instances
 # ============================================================================
-
-def build_archive(python: str, out: Path) -> Path:
-    """dist/abssctl.pyz as build_zipapp.py makes it, with its self-check."""
-    proc = _run([python, str(REPO / "build_zipapp.py"), "-o", str(out), "--python", python])
-    if proc.returncode != 0:
-        raise BenchError(f"build_zipapp.py failed:\n{proc.stderr.strip()}")
-    return out
-
 
 def _instance(name: str, port: int, paths: dict[str, Path]) -> dict[str, object]:
     """One registry entry in the shape of DESIGN.md §3.6."""
@@ -213,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--runs must be at least 1")
     try:
         with tempfile.TemporaryDirectory(prefix="abssctl-bench-") as tmp:
-            pyz = build_archive(args.python, Path(tmp, "abssctl.pyz"))
+            pyz = build_pyz(args.python, Path(tmp, "abssctl.pyz"))
             cfg = make_sandbox(Path(tmp, "sandbox"))
             rows = commands(args.python, pyz, cfg)
             check_list(rows[2][1])
