@@ -44,6 +44,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from rig.nginx_sandbox import free_port
 from rig.npm_registry import npm_env
 
 __all__ = [
@@ -444,12 +445,6 @@ def dead_registry() -> Iterator[str]:
 # ----------------------------------------------------------------------------------------------
 # Running an installed tree
 # ----------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def package_dir(version_tree: Path) -> Path:
     """``<install_root>/<ver>`` -> its ``node_modules/@actual-app/sync-server``."""

@@ -61,9 +61,7 @@ class E2EHost(E2ESandbox):
         self.paths.update(systemd_unit_dir=systemd.unit_dir,
                           nginx_sites_available=nginx.sites_available,
                           nginx_sites_enabled=nginx.sites_enabled)
-        base = free_port()
-        while base > 60000:
-            base = free_port()
+        base = free_port(span=41)
         self.port_range = (base, base + 40)
         self.settings["paths"] = {k: str(v) for k, v in self.paths.items()}
         self.settings["ports"] = {"base": base, "max": base + 40}

@@ -71,9 +71,7 @@ class Host:
                          "zstd": [shutil.which("zstd") or "/usr/bin/zstd"]},
         }
         from rig.nginx_sandbox import free_port
-        base = free_port()
-        while base > 60000:
-            base = free_port()
+        base = free_port(span=41)
         self.settings["ports"] = {"base": base, "max": base + 40}
         self.write_config()
 

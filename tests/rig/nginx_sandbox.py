@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -58,24 +59,50 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def free_port() -> int:
-    """A high TCP port now free on the IPv4 wildcard (and on [::] when the host has IPv6)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("0.0.0.0", 0))
-            port = sock.getsockname()[1]
-        if port < 20000:
-            continue
-        if socket.has_ipv6:
-            try:
-                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock6:
-                    sock6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock6.bind(("::", port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    continue
-        return port
-    raise RuntimeError("no free high TCP port found in 50 tries")
+# Test ports come from below the kernel's ephemeral range (net.ipv4.ip_local_port_range), so no
+# outgoing connection can be given one between the pick and the bind. That gap is long here: the
+# sandbox nginx binds its ports only at the reload that publishes the first vhost, after a whole
+# `instance create`. Ports already handed out in this process are not handed out again.
+LOW_PORT = 10000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_floor() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii")
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    """PORT is free on the IPv4 wildcard, and on [::] when the host has IPv6."""
+    families = [(socket.AF_INET, "0.0.0.0")] + ([(socket.AF_INET6, "::")] if socket.has_ipv6 else [])
+    for family, address in families:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address, port))
+        except OSError as exc:
+            if family == socket.AF_INET or exc.errno == errno.EADDRINUSE:
+                return False
+    return True
+
+
+def free_port(span: int = 1) -> int:
+    """A TCP port (the first of SPAN in a row) free now, below the ephemeral range, and not handed
+    out before in this process."""
+    top = _ephemeral_floor() - span
+    if top <= LOW_PORT:  # an ephemeral range that starts low: any high port will do
+        top = 65535 - span
+    for _ in range(200):
+        base = random.randrange(LOW_PORT, top)
+        ports = range(base, base + span)
+        if _handed_out.isdisjoint(ports) and all(_bindable(port) for port in ports):
+            _handed_out.update(ports)
+            return base
+    raise RuntimeError(f"no {span} free TCP port(s) in a row found below {top + span} in 200 tries")
 
 
 def _children(pid: int) -> list[int]:
