@@ -4002,12 +4002,13 @@ def _service_user(ctx: Context) -> str | None:
 
 
 def smoke_start(ctx: Context, pkg: str, bin_path: str, version: str, work: str,
-                runner: Runner | None = None) -> tuple[list[str], str]:
+                runner: Runner | None = None, user: str | None = None) -> tuple[list[str], str]:
     """Start the staged server on a free loopback port with throwaway data; wait for /health UP and
-    /info = version; return the migration titles it recorded in .migrate. ``runner`` picks the node."""
+    /info = version; return the migration titles it recorded in .migrate. ``runner`` picks the node;
+    ``user`` (default: the service user) is who the server runs as."""
     import pwd
     runner = runner or ctx.runner
-    user = _service_user(ctx)
+    user = user or _service_user(ctx)
     data = os.path.join(work, "data")
     for sub in ("", "server-files", "user-files"):
         ensure_dir(os.path.join(data, sub), 0o750)
@@ -10301,10 +10302,22 @@ def missing_blobs(data: str) -> tuple[int, list[str]]:
     return len(ids), [i for i in ids if not os.path.isfile(os.path.join(data, "user-files", f"file-{i}.blob"))]
 
 
+def _drill_user(ctx: Context, entry: Mapping[str, Any]) -> str | None:
+    """Who a restore test runs the server as: the backup's instance's own user while that instance has
+    one (the drill then reads the data with the permissions the live server has, and no other user gets
+    the copy); else None, smoke_start's service user."""
+    inst = ctx.registry("instances").load()["instances"].get(str(entry.get("instance")))
+    user = (inst or {}).get("user")
+    if not user or os.geteuid() != 0 or None in _lookup_ids(str(user), str(user)):
+        return None
+    return str(user)
+
+
 def restore_test(ctx: Context, entry: Mapping[str, Any]) -> dict[str, Any]:
     """Extract a backup into a temp dir, start its own server version on a free loopback port as the
-    service user (smoke_start), require /health UP, check every listed user file has its blob, then
-    remove everything. Raises (exit 4) when the server or a blob fails; the index records the result."""
+    instance's user (smoke_start; the service user for an old-style or deleted instance), require
+    /health UP, check every listed user file has its blob, then remove everything. Raises (exit 4) when
+    the server or a blob fails; the index records the result."""
     import time
     versions = Versions(ctx)
     version = str(entry.get("server_version"))
@@ -10330,7 +10343,7 @@ def restore_test(ctx: Context, entry: Mapping[str, Any]) -> dict[str, Any]:
             raise ChecksumMismatch(f"{entry['id']}: the archive sha256 does not match the index")
         ctx.out.progress(f"restore test {entry['id']}: starting {version} on its data")
         _migrations, info = smoke_start(ctx, pkg, os.path.join(pkg, ventry["bin"]), version, work,
-                                        runner=runner_for(ctx, ventry))
+                                        runner=runner_for(ctx, ventry), user=_drill_user(ctx, entry))
         listed, missing = missing_blobs(os.path.join(work, "data"))
         result.update(health="UP", info_version=info, user_files=listed, missing_blobs=missing)
         if missing:
@@ -11427,7 +11440,8 @@ def _add_backup_parser(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true")
     p.add_argument("--deep", action="store_true", help="extract to a temp dir and run integrity_check")
     p.add_argument("--restore-test", action="store_true", help="also start the backup's server version on its "
-                   "data: /health UP and every user file's blob present; then remove it all")
+                   "data, as the instance's user: /health UP and every user file's blob present; then "
+                   "remove it all")
     p = _verb(verbs, "prune", "remove old backups (lists them, then asks)", cmd_backup_prune,
               "abssctl backup prune --keep 5", "abssctl backup prune --older-than 90 --dry-run", mutating=True)
     p.add_argument("--instance", metavar="NAME", type=_argtype(validate_name))

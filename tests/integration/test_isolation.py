@@ -216,3 +216,21 @@ def test_import_gives_the_data_to_the_new_instance_user(iso: Any) -> None:
                "--tls", "self-signed")
     assert doc["instance"]["health"] == "UP", doc
     assert assert_own_layout(h, "carol").pw_uid not in (bob.pw_uid, pwd.getpwnam(h.prefix + "alice").pw_uid)
+
+
+def test_restore_test_runs_the_server_as_the_instance_user(iso: Any) -> None:
+    h = iso
+    seen = h.root / "node-users.log"
+    seen.touch()
+    os.chmod(seen, 0o666)                               # every instance user appends to it
+    wrapper = h.root / "node-who"
+    wrapper.write_text(f'#!/bin/sh\necho "$(id -un) $*" >> {seen}\nexec /usr/bin/node "$@"\n')
+    wrapper.chmod(0o755)
+    h.configure("commands", node=[str(wrapper)])
+    h.ok("instance", "create", "alice", "--domain", "alice.example.test", "--tls", "self-signed")
+    bid = h.ok("backup", "create", "alice")["backup"]["id"]
+    doc = h.ok("backup", "verify", bid, "--restore-test")
+    assert doc["restore_test"]["health"] == "UP", doc
+    drills = [line.split()[0] for line in seen.read_text().splitlines() if ".smoke-restore-test-" in line]
+    assert drills == [h.prefix + "alice"], seen.read_text()
+    assert not list(h.paths["install_root"].glob(".smoke-restore-test-*"))
