@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
 import time
@@ -22,6 +21,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from rig.nginx_sandbox import free_port
 from rig.npm_registry import (
     NATIVE_PACKAGE,
     PACKAGE,
@@ -71,12 +71,6 @@ class Installs:
 @pytest.fixture(scope="session")
 def installs(npm_registry: NpmRegistry, tmp_path_factory: pytest.TempPathFactory) -> Installs:
     return Installs(npm_registry, tmp_path_factory.mktemp("npm-installs"))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_env(**extra: str) -> dict[str, str]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from rig.fakes import (DEFAULT_FAKES, FAKE_NODE, FAKE_NPM_VERSION, PATH_KEYS, Sandbox,
                        fake_integrity, write_fake)
+from rig.nginx_sandbox import free_port
 
 PKG = "@actual-app/sync-server"
 
@@ -371,12 +371,6 @@ def test_node_answers(sandbox: Sandbox) -> None:
     sandbox.knob("node", modules="127", eval="fail")
     assert sh("node", "-p", "process.versions.modules").stdout == "127\n"
     assert sh("node", "-e", "require('better-sqlite3')").returncode == 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_node_serves_like_the_sync_server(sandbox: Sandbox) -> None:
