@@ -9451,6 +9451,22 @@ def probe_tls_served(ctx: Context, facts: Facts) -> list[Finding]:
     return _each(sorted(facts.instances), one) if https in facts.listeners else []
 
 
+def _renew_hook_fix(ctx: Context, conf: str, text: str) -> Callable[[Plan], None] | None:
+    """doctor --fix for a renewal conf that runs no hook at all: add abssctl's deploy hook under
+    [renewalparams], where certbot records --deploy-hook itself. None (a hint only) when the conf has no
+    such section, or the command holds a character certbot's conf syntax would read otherwise."""
+    command = deploy_hook_command(ctx)
+    lines = text.splitlines(keepends=True)
+    at = next((i for i, line in enumerate(lines) if line.strip() == "[renewalparams]"), None)
+    if at is None or re.search(r"[\"'#,]", command):
+        return None
+    lines[at] = lines[at].rstrip("\r\n") + "\n"
+    data = "".join([*lines[:at + 1], f"renew_hook = {command}\n", *lines[at + 1:]]).encode()
+    st = os.stat(conf)
+    return lambda plan: _file_step(ctx, plan, "tls.renew-hook", conf, data, st.st_mode & 0o7777, st.st_gid,
+                                   f"add abssctl's deploy hook to {conf}", uid=st.st_uid)
+
+
 @probe("tls", timeout=10)
 def probe_tls_renewal(ctx: Context, facts: Facts) -> list[Finding]:
     """Instances on a certbot lineage: its renewal conf runs abssctl's deploy hook, and certbot.timer
@@ -9471,21 +9487,26 @@ def probe_tls_renewal(ctx: Context, facts: Facts) -> list[Finding]:
                      if re.match(r"^\s*(renew_hook|deploy_hook)\s*=", line)), "")
         if "tls deploy-hook" in hook:
             out.append(_ok("tls.deploy-hook", name, f"{conf} runs the deploy hook: {hook}"))
-        else:
-            out.append(Finding("tls.deploy-hook", name, "warn", f"{conf if text else 'no renewal conf ' + conf} "
-                               "does not run abssctl's deploy hook: after a renewal nginx keeps serving the old "
-                               "certificate until it is reloaded", hint=f"run: abssctl tls acme {name} --server "
-                               "<the lineage's server> after certbot renew --force-renewal, or add under "
-                               f"[renewalparams]: renew_hook = {deploy_hook_command(ctx)}"))
+            continue
+        fix = None if hook else _renew_hook_fix(ctx, conf, text)
+        why = f"{conf if text else 'no renewal conf ' + conf} does not run abssctl's deploy hook" + \
+            (f" (it runs {hook})" if hook else "")
+        out.append(Finding("tls.deploy-hook", name, "warn", f"{why}: after a renewal nginx keeps serving the old "
+                           "certificate until it is reloaded", fix=fix, hint=(
+                               "abssctl doctor --fix adds it" if fix else f"run: abssctl tls acme {name} --server "
+                               "<the lineage's server> after certbot renew --force-renewal, or add")
+                           + f" under [renewalparams]: renew_hook = {deploy_hook_command(ctx)}"))
     if ctx.runner.available("systemctl"):
         done = ctx.runner.run("systemctl", ["is-enabled", "certbot.timer"], mutating=False, check=False, timeout=8)
         state = done.stdout.strip() or "not found"
         if state == "enabled":
             out.append(_ok("tls.renewal-timer", None, "certbot.timer is enabled"))
         else:
+            missing = state == "not found"      # Debian's certbot package ships the timer
             out.append(Finding("tls.renewal-timer", None, "warn", f"certbot.timer is {state}, so certificates of "
-                               f"{', '.join(users)} are not renewed", hint="systemctl enable --now certbot.timer "
-                               "(doctor --fix does it)", fix=lambda plan: plan.add(
+                               f"{', '.join(users)} are not renewed", hint="apt-get install certbot (its package "
+                               "ships the timer)" if missing else "systemctl enable --now certbot.timer "
+                               "(doctor --fix does it)", fix=None if missing else lambda plan: plan.add(
                                    "systemctl.enable", "systemctl enable --now certbot.timer", "certbot.timer",
                                    lambda: ctx.runner.run("systemctl", ["enable", "--now", "certbot.timer"],
                                                           mutating=True))))

@@ -184,6 +184,20 @@ def test_auto_picks_up_a_lineage_made_by_hand(acme_host) -> None:
     doctor = h.run("--json", "doctor", "--only", "tls")
     found = {(f["id"], f["target"]): f for f in doctor.doc["probes"]}
     assert found[("tls.deploy-hook", "dave")]["status"] == "warn", doctor.doc
+    assert found[("tls.deploy-hook", "dave")]["fixable"] is True, doctor.doc
+    # doctor --fix records the hook in certbot's renewal conf; certbot itself then runs it on renewal
+    conf = h.paths["letsencrypt_dir"] / "renewal" / f"{domain}.conf"
+    mode = conf.stat().st_mode
+    fixed = h.run("--json", "doctor", "--only", "tls", "--fix", "--yes")
+    found = {(f["id"], f["target"]): f for f in fixed.doc["probes"]}
+    assert found[("tls.deploy-hook", "dave")]["status"] == "ok", fixed.doc
+    assert conf.stat().st_mode == mode and not list(conf.parent.glob(".abssctl-tmp-*"))
+    before = served_der(h, domain)
+    done = certbot(h, "renew", "--force-renewal", "--no-random-sleep-on-renew", "--cert-name", domain)
+    assert done.returncode == 0, done.stdout + done.stderr
+    renewed = file_der(live / "fullchain.pem")
+    assert renewed != before
+    wait_served(h, domain, renewed)         # no reload by the test: only the hook reloads nginx
 
 
 def test_rename_and_set_domain_of_a_letsencrypt_instance(acme_host) -> None:

@@ -71,6 +71,23 @@ def test_deploy_hook_is_this_abssctl_with_its_config(host) -> None:
     assert hook.split()[0].startswith("/")
 
 
+def test_the_renew_hook_fix_adds_only_a_missing_hook_under_renewalparams(host, tmp_path) -> None:
+    cfg, _ = abssctl.load_config(str(host.config), {}, {})
+    ctx = type("C", (), {"config": cfg, "op_id": "t"})()
+    conf = tmp_path / "a.example.org.conf"
+    text = "version = 2.1.0\narchive_dir = /x\n\n[renewalparams]\nauthenticator = webroot\n[[webroot_map]]\n"
+    conf.write_text(text)
+    fix = abssctl._renew_hook_fix(ctx, str(conf), text)   # type: ignore[arg-type]
+    plan = abssctl.Plan("doctor --fix")
+    fix(plan)
+    plan.steps[0].do()
+    lines = conf.read_text().splitlines()
+    at = lines.index("[renewalparams]")
+    assert lines[at + 1] == f"renew_hook = {abssctl.deploy_hook_command(ctx)}", lines   # type: ignore[arg-type]
+    assert conf.read_text().replace(lines[at + 1] + "\n", "") == text
+    assert abssctl._renew_hook_fix(ctx, str(conf), "version = 2.1.0\n") is None   # type: ignore[arg-type]
+
+
 def test_acme_flags_on_create_and_quickstart_need_tls_acme_and_are_checked_first(host) -> None:
     before = host.tree()
     for argv in (["instance", "create", "alice", "--domain", "alice.example.org", "--email", "a@example.org"],
