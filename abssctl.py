@@ -9477,6 +9477,12 @@ def probe_tls_renewal(ctx: Context, facts: Facts) -> list[Finding]:
         return []
     out = []
     for name, lineage in users.items():
+        cert = str(facts.instances[name]["tls"].get("cert", ""))
+        if cert != os.path.join(lineage, "fullchain.pem"):     # left there by a refused renewal
+            out.append(Finding("tls.pinned", name, "warn", f"{name} is served from {cert}, not from {lineage}: "
+                               "tls deploy-hook refused a renewed pair, so renewals do not reach it",
+                               hint=f"certbot renew --force-renewal --cert-name {os.path.basename(lineage)}; "
+                                    "the deploy hook serves the lineage again once its pair verifies"))
         conf = os.path.join(ctx.paths.letsencrypt_dir, "renewal", os.path.basename(lineage) + ".conf")
         try:
             with open(conf, encoding="utf-8", errors="replace") as f:

@@ -134,6 +134,16 @@ def test_a_broken_renewed_pair_is_refused_and_the_old_one_stays_served(acme_host
     # another reload keeps serving the old pair (the vhost no longer points at the broken live/ files)
     assert h.nginx.reload().returncode == 0
     assert served_der(h, domain) == served
+    # doctor names the pin; a good renewal (its deploy hook) serves the lineage again and the pin is gone
+    def pinned() -> list[dict]:
+        doc = h.run("--json", "doctor", "--only", "tls").doc
+        return [f for f in doc["probes"] if f["id"] == "tls.pinned" and f["target"] == "bob"]
+    assert [f["status"] for f in pinned()] == ["warn"] and "--cert-name bob.example.test" in pinned()[0]["hint"]
+    done = certbot(h, "renew", "--force-renewal", "--no-random-sleep-on-renew", "--cert-name", domain)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert h.registry_doc("instances")["instances"]["bob"]["tls"]["cert"] == str(live / "fullchain.pem")
+    wait_served(h, domain, file_der(live / "fullchain.pem"))
+    assert pinned() == []
 
 
 def test_an_unreachable_challenge_exits_4_and_changes_nothing(acme_host, tmp_path: Path) -> None:
