@@ -234,3 +234,27 @@ def test_restore_test_runs_the_server_as_the_instance_user(iso: Any) -> None:
     drills = [line.split()[0] for line in seen.read_text().splitlines() if ".smoke-restore-test-" in line]
     assert drills == [h.prefix + "alice"], seen.read_text()
     assert not list(h.paths["install_root"].glob(".smoke-restore-test-*"))
+
+
+def test_a_changed_user_prefix_is_for_new_users_and_running_instances_keep_theirs(iso: Any) -> None:
+    h = iso
+    h.ok("instance", "create", "alice", "--domain", "alice.example.test", "--tls", "self-signed")
+    alice = assert_own_layout(h, "alice")
+    first = h.prefix
+    h.prefix = first + "n"             # still under the fixture's prefix, so its teardown removes these too
+    h.configure("service", user_prefix=h.prefix)
+    h.ok("instance", "create", "bob", "--domain", "bob.example.test", "--tls", "self-signed")
+    assert_own_layout(h, "bob")
+    # set-port re-renders alice's unit with the user she has, not one made from the new prefix
+    port = h.ok("instance", "show", "alice")["instance"]["port"]
+    h.ok("instance", "set-port", "alice", str(port + 7))
+    unit = (h.systemd.unit_dir / "abssctl-alice.service").read_text()
+    assert f"\nUser={first}alice\n" in unit, unit
+    assert owner(h.paths["instance_root"] / "alice" / "data")[:2] == (alice.pw_uid, alice.pw_gid)
+    assert h.ok("instance", "status", "alice")["instances"][0]["health"] == "UP"
+    doc = h.run("--json", "doctor", "--only", "fs").doc
+    assert [f["status"] for f in doc["probes"] if f["id"] == "fs.user"] == ["ok", "ok"], doc
+    # a rename takes the prefix of today: the same uid under the new name
+    h.ok("--yes", "instance", "rename", "alice", "carol")
+    assert assert_own_layout(h, "carol").pw_uid == alice.pw_uid
+    assert _accounts(first + "alice") == ([], [])
