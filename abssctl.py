@@ -9477,7 +9477,7 @@ def probe_tls_renewal(ctx: Context, facts: Facts) -> list[Finding]:
         return []
     out = []
     for name, lineage in users.items():
-        cert = str(facts.instances[name]["tls"].get("cert", ""))
+        cert = os.path.normpath(str(facts.instances[name]["tls"].get("cert") or ""))
         if cert != os.path.join(lineage, "fullchain.pem"):     # left there by a refused renewal
             out.append(Finding("tls.pinned", name, "warn", f"{name} is served from {cert}, not from {lineage}: "
                                "tls deploy-hook refused a renewed pair, so renewals do not reach it",
