@@ -3989,10 +3989,13 @@ def _bin_of(manifest: Mapping[str, Any]) -> str:
     return os.path.normpath(b)               # "./build/bin/x.js" and "build/bin/x.js" are one path
 
 
-def _service_user(ctx: Context) -> str | None:
-    """Who the smoke start runs as: the service user, else nobody; None means 'as we are'."""
+def _service_user(ctx: Context, own: str | None = None) -> str | None:
+    """Who a smoke start runs as: OWN (an instance's own user) if that account exists, else the service
+    user, else nobody; None means 'as we are'."""
     import pwd
-    for name in (ctx.config.get("service", "user"), "nobody"):
+    for name in (own, ctx.config.get("service", "user"), "nobody"):
+        if not name:
+            continue
         try:
             uid = pwd.getpwnam(name).pw_uid
         except KeyError:
@@ -4005,10 +4008,10 @@ def smoke_start(ctx: Context, pkg: str, bin_path: str, version: str, work: str,
                 runner: Runner | None = None, user: str | None = None) -> tuple[list[str], str]:
     """Start the staged server on a free loopback port with throwaway data; wait for /health UP and
     /info = version; return the migration titles it recorded in .migrate. ``runner`` picks the node;
-    ``user`` (default: the service user) is who the server runs as."""
+    ``user`` (an instance's own user) is tried before the service user (_service_user)."""
     import pwd
     runner = runner or ctx.runner
-    user = user or _service_user(ctx)
+    user = _service_user(ctx, user)
     data = os.path.join(work, "data")
     for sub in ("", "server-files", "user-files"):
         ensure_dir(os.path.join(data, sub), 0o750)
@@ -9451,11 +9454,10 @@ def probe_tls_served(ctx: Context, facts: Facts) -> list[Finding]:
     return _each(sorted(facts.instances), one) if https in facts.listeners else []
 
 
-def _renew_hook_fix(ctx: Context, conf: str, text: str) -> Callable[[Plan], None] | None:
+def _renew_hook_fix(ctx: Context, conf: str, text: str, command: str) -> Callable[[Plan], None] | None:
     """doctor --fix for a renewal conf that runs no hook at all: add abssctl's deploy hook under
     [renewalparams], where certbot records --deploy-hook itself. None (a hint only) when the conf has no
-    such section, or the command holds a character certbot's conf syntax would read otherwise."""
-    command = deploy_hook_command(ctx)
+    such section, or COMMAND holds a character certbot's conf syntax would read otherwise."""
     lines = text.splitlines(keepends=True)
     at = next((i for i, line in enumerate(lines) if line.strip() == "[renewalparams]"), None)
     if at is None or re.search(r"[\"'#,]", command):
@@ -9494,14 +9496,15 @@ def probe_tls_renewal(ctx: Context, facts: Facts) -> list[Finding]:
         if "tls deploy-hook" in hook:
             out.append(_ok("tls.deploy-hook", name, f"{conf} runs the deploy hook: {hook}"))
             continue
-        fix = None if hook else _renew_hook_fix(ctx, conf, text)
+        command = deploy_hook_command(ctx)
+        fix = None if hook else _renew_hook_fix(ctx, conf, text, command)
         why = f"{conf if text else 'no renewal conf ' + conf} does not run abssctl's deploy hook" + \
             (f" (it runs {hook})" if hook else "")
         out.append(Finding("tls.deploy-hook", name, "warn", f"{why}: after a renewal nginx keeps serving the old "
                            "certificate until it is reloaded", fix=fix, hint=(
                                "abssctl doctor --fix adds it" if fix else f"run: abssctl tls acme {name} --server "
                                "<the lineage's server> after certbot renew --force-renewal, or add")
-                           + f" under [renewalparams]: renew_hook = {deploy_hook_command(ctx)}"))
+                           + f" under [renewalparams]: renew_hook = {command}"))
     if ctx.runner.available("systemctl"):
         done = ctx.runner.run("systemctl", ["is-enabled", "certbot.timer"], mutating=False, check=False, timeout=8)
         state = done.stdout.strip() or "not found"
@@ -10329,17 +10332,6 @@ def missing_blobs(data: str) -> tuple[int, list[str]]:
     return len(ids), [i for i in ids if not os.path.isfile(os.path.join(data, "user-files", f"file-{i}.blob"))]
 
 
-def _drill_user(ctx: Context, entry: Mapping[str, Any]) -> str | None:
-    """Who a restore test runs the server as: the backup's instance's own user while that instance has
-    one (the drill then reads the data with the permissions the live server has, and no other user gets
-    the copy); else None, smoke_start's service user."""
-    inst = ctx.registry("instances").load()["instances"].get(str(entry.get("instance")))
-    user = (inst or {}).get("user")
-    if not user or os.geteuid() != 0 or None in _lookup_ids(str(user), str(user)):
-        return None
-    return str(user)
-
-
 def restore_test(ctx: Context, entry: Mapping[str, Any]) -> dict[str, Any]:
     """Extract a backup into a temp dir, start its own server version on a free loopback port as the
     instance's user (smoke_start; the service user for an old-style or deleted instance), require
@@ -10369,8 +10361,10 @@ def restore_test(ctx: Context, entry: Mapping[str, Any]) -> dict[str, Any]:
         if scan.sha256 != entry.get("sha256"):
             raise ChecksumMismatch(f"{entry['id']}: the archive sha256 does not match the index")
         ctx.out.progress(f"restore test {entry['id']}: starting {version} on its data")
+        # as the instance's own user: the drill reads the data with the live server's permissions
+        owner = (ctx.registry("instances").load()["instances"].get(str(entry.get("instance"))) or {}).get("user")
         _migrations, info = smoke_start(ctx, pkg, os.path.join(pkg, ventry["bin"]), version, work,
-                                        runner=runner_for(ctx, ventry), user=_drill_user(ctx, entry))
+                                        runner=runner_for(ctx, ventry), user=owner)
         listed, missing = missing_blobs(os.path.join(work, "data"))
         result.update(health="UP", info_version=info, user_files=listed, missing_blobs=missing)
         if missing:

@@ -58,9 +58,6 @@ py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile=sys.argv[3], doraise=Tr
                    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
 """
 PYC_DFILE = "abssctl.pyz/abssctl.py"
-# The bytecode is stored, not deflated: inflating its ~1 MB took ~4 ms of every start, a tenth of
-# the start-up budget (DESIGN.md §8); the archive grows by ~0.6 MB.
-STORED_MEMBERS = {BYTECODE: zipfile.ZIP_STORED}
 PYC_FLAGS_UNCHECKED_HASH = 0b01
 
 # Asks the target interpreter which file zipimport loaded abssctl from.
@@ -246,7 +243,9 @@ def write_archive(path: Path, members: Mapping[str, bytes], python: str, stamp: 
             for name in sorted(members):
                 info = zipfile.ZipInfo(name, date_time=when)
                 info.external_attr = 0o644 << 16
-                info.compress_type = STORED_MEMBERS.get(name, zipfile.ZIP_DEFLATED)
+                # The bytecode is stored, not deflated: inflating its ~1 MB took ~4 ms of every start,
+                # a tenth of the start-up budget (DESIGN.md §8); the archive grows by ~0.6 MB.
+                info.compress_type = zipfile.ZIP_STORED if name == BYTECODE else zipfile.ZIP_DEFLATED
                 zf.writestr(info, members[name])
     os.chmod(path, 0o755)
 

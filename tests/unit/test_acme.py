@@ -77,15 +77,16 @@ def test_the_renew_hook_fix_adds_only_a_missing_hook_under_renewalparams(host, t
     conf = tmp_path / "a.example.org.conf"
     text = "version = 2.1.0\narchive_dir = /x\n\n[renewalparams]\nauthenticator = webroot\n[[webroot_map]]\n"
     conf.write_text(text)
-    fix = abssctl._renew_hook_fix(ctx, str(conf), text)   # type: ignore[arg-type]
+    command = abssctl.deploy_hook_command(ctx)   # type: ignore[arg-type]
+    fix = abssctl._renew_hook_fix(ctx, str(conf), text, command)   # type: ignore[arg-type]
     plan = abssctl.Plan("doctor --fix")
     fix(plan)
     plan.steps[0].do()
     lines = conf.read_text().splitlines()
     at = lines.index("[renewalparams]")
-    assert lines[at + 1] == f"renew_hook = {abssctl.deploy_hook_command(ctx)}", lines   # type: ignore[arg-type]
+    assert lines[at + 1] == f"renew_hook = {command}", lines
     assert conf.read_text().replace(lines[at + 1] + "\n", "") == text
-    assert abssctl._renew_hook_fix(ctx, str(conf), "version = 2.1.0\n") is None   # type: ignore[arg-type]
+    assert abssctl._renew_hook_fix(ctx, str(conf), "version = 2.1.0\n", command) is None   # type: ignore[arg-type]
 
 
 def test_acme_flags_on_create_and_quickstart_need_tls_acme_and_are_checked_first(host) -> None:
